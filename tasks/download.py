@@ -1,0 +1,387 @@
+"""Download stage: verified, resumable transfers of the source archives.
+
+The seed's `maybe_download` saved whatever came back (a 422-byte "403 Forbidden" page, a cut-off
+transfer) and then failed its size check with no way forward but deleting the file and starting the
+247 MB again. Here bytes go to `<name>.part` and every retry or rerun continues from there with an
+HTTP Range request; only a file that passes the size and sha256 checks is renamed into place.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+from urllib.request import url2pathname
+
+import requests
+import urllib3
+from filelock import FileLock
+from prefect import task
+from prefect.tasks import exponential_backoff
+
+from storage.atomic import remove, write_json
+from tasks.errors import DownloadError, PermanentDownloadError, VerificationError
+from tasks.reporting import Progress, artifact_key, stage_logger
+
+CHUNK_BYTES = 1 << 20
+HASH_CHUNK_BYTES = 8 << 20
+SYNC_EVERY_BYTES = 32 << 20
+# Answers worth another try (RFC 9110: 408 timeout, 429 rate limit, 5xx server trouble).
+TRANSIENT_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+
+
+class Action(enum.Enum):
+    """What a call to `download_file` has to do, decided before any request."""
+
+    REUSE = "reuse"  # a verified file is already in place
+    RESUME = "resume"  # continue `<name>.part` from its last byte
+    START = "start"  # fetch from byte 0
+
+
+@dataclass(frozen=True)
+class PartState:
+    """What we knew about the remote file when `<name>.part` was started (its sidecar JSON)."""
+
+    url: str
+    etag: str | None = None
+    last_modified: str | None = None
+
+    @property
+    def validator(self) -> str | None:
+        """The If-Range value: the ETag when the server gave a strong one, else Last-Modified."""
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified
+
+
+def file_name_from_url(url: str) -> str:
+    """The last path component of `url`, e.g. `notMNIST_small.tar.gz`."""
+    name = unquote(urlparse(url).path).rstrip("/").rsplit("/", 1)[-1]
+    if not name or name in {".", ".."}:
+        raise PermanentDownloadError(f"Cannot tell a file name from {url!r}: give a URL that ends in a file name.")
+    return name
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in large chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(path: Path, *, expected_bytes: int | None, sha256: str | None, digest: str | None = None) -> str | None:
+    """Return a description of how `path` fails the checks, or None when it passes.
+
+    `digest` is the sha256 already computed while streaming; without it the file is hashed whole.
+    """
+    size = path.stat().st_size
+    if expected_bytes is not None and size != expected_bytes:
+        return f"expected {expected_bytes:,} bytes, got {size:,}"
+    if sha256 is not None:
+        actual = digest or sha256_of(path)
+        if actual.lower() != sha256.lower():
+            return f"expected sha256 {sha256.lower()}, got {actual}"
+    return None
+
+
+def plan_download(
+    target: Path, part: Path, state: PartState | None, url: str, *, expected_bytes: int | None, sha256: str | None
+) -> Action:
+    """Decide what to do from what is on disk; the only inputs are files, so reruns are safe."""
+    if target.exists() and verify(target, expected_bytes=expected_bytes, sha256=sha256) is None:
+        return Action.REUSE
+    if part.exists() and part.stat().st_size > 0 and state is not None and state.url == url:
+        if expected_bytes is None or part.stat().st_size <= expected_bytes:
+            return Action.RESUME
+    return Action.START
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed attempt is worth retrying (Prefect `retry_condition_fn` uses this too)."""
+    transient = (DownloadError, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+    return isinstance(error, transient)
+
+
+def backoff_seconds(attempt: int, base_seconds: float) -> float:
+    """Exponential backoff with full jitter: a random wait in [0.5, 1.0] x base x 2**attempt."""
+    return base_seconds * (2**attempt) * random.uniform(0.5, 1.0)
+
+
+class _Transfer:
+    """One file's transfer into `<name>.part`, kept across retries so the running hash survives."""
+
+    def __init__(self, url: str, part: Path, progress: Progress, timeout: tuple[float, float], hashing: bool):
+        self.url = url
+        self.hashing = hashing  # only worth the CPU when a sha256 is expected
+        self.part = part
+        self.sidecar = part.with_name(part.name + ".json")
+        self.progress = progress
+        self.timeout = timeout
+        self.hasher: hashlib._Hash | None = None
+        self.hashed_bytes = 0
+        self.fetched_bytes = 0
+
+    def load_state(self) -> PartState | None:
+        try:
+            return PartState(**json.loads(self.sidecar.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def restart(self, state: PartState) -> None:
+        """Drop whatever `.part` holds and start at byte 0 with a fresh running hash."""
+        self.part.write_bytes(b"")
+        write_json(self.sidecar, state.__dict__)
+        self.hasher = hashlib.sha256() if self.hashing else None
+        self.hashed_bytes = 0
+        self.progress.reset(0)
+
+    def digest(self) -> str | None:
+        """The streamed sha256 when it covers the whole `.part`, else None (hash the file whole)."""
+        if self.hasher is not None and self.hashed_bytes == self.part.stat().st_size:
+            return self.hasher.hexdigest()
+        return None
+
+    def append(self, chunks) -> None:
+        # Two helper threads keep this one free to receive: sha256 (hashlib frees the GIL) and
+        # flushing written data to disk as it accumulates, so the final fsync has little left to do.
+        # Waiting for the previous chunk's hash keeps at most two chunks in memory.
+        pending_hash = pending_sync = None
+        unsynced = 0
+        with open(self.part, "ab") as handle, ThreadPoolExecutor(2) as helpers:
+            try:
+                for chunk in chunks:
+                    handle.write(chunk)
+                    if self.hasher is not None:
+                        if pending_hash is not None:
+                            pending_hash.result()
+                        pending_hash = helpers.submit(self.hasher.update, chunk)
+                        self.hashed_bytes += len(chunk)
+                    unsynced += len(chunk)
+                    if unsynced >= SYNC_EVERY_BYTES and (pending_sync is None or pending_sync.done()):
+                        handle.flush()
+                        pending_sync = helpers.submit(_data_sync, handle.fileno())
+                        unsynced = 0
+                    self.fetched_bytes += len(chunk)
+                    self.progress.advance(len(chunk))
+            finally:
+                for pending in (pending_hash, pending_sync):
+                    if pending is not None:
+                        pending.result()
+
+    def copy_local(self, source: Path) -> None:
+        """Copy a local file (a `file://` URL or a path) into `.part`, resuming like HTTP does."""
+        have = self.part.stat().st_size if self.part.exists() else 0
+        if have > source.stat().st_size:
+            self.restart(PartState(self.url))
+            have = 0
+        elif have == 0:
+            self.restart(PartState(self.url))
+        with open(source, "rb") as handle:
+            handle.seek(have)
+            self.append(iter(lambda: handle.read(CHUNK_BYTES), b""))
+
+    def fetch(self, session: requests.Session, expected_bytes: int | None) -> None:
+        """One HTTP attempt: resume when `.part` and its validator allow it, else start over."""
+        state = self.load_state()
+        have = self.part.stat().st_size if self.part.exists() else 0
+        headers = {"Accept-Encoding": "identity"}  # byte offsets must be those of the file itself
+        if have and state is not None:
+            headers["Range"] = f"bytes={have}-"
+            if state.validator:
+                headers["If-Range"] = state.validator
+        with session.get(self.url, headers=headers, stream=True, timeout=self.timeout) as response:
+            status = response.status_code
+            if status == 416 and have:
+                total = _content_range_total(response.headers.get("Content-Range"))
+                if total == have or (total is None and expected_bytes == have):
+                    return  # `.part` already holds the whole file: verify it, fetch nothing
+                self.restart(state or PartState(self.url))
+                raise DownloadError(f"{self.url}: the server refused to resume at byte {have:,}; starting over")
+            if status in TRANSIENT_STATUSES:
+                raise DownloadError(f"{self.url} answered HTTP {status} {response.reason}")
+            if status >= 400:
+                raise PermanentDownloadError(
+                    f"{self.url} answered HTTP {status} {response.reason}: check the URL "
+                    "(and that the file is still published there)."
+                )
+            remote = PartState(self.url, response.headers.get("ETag"), response.headers.get("Last-Modified"))
+            if status == 206:
+                start = _content_range_start(response.headers.get("Content-Range"))
+                changed = state is not None and state.validator and remote.validator not in (None, state.validator)
+                if start != have or changed:
+                    # Appending this body would splice two different files or duplicate bytes.
+                    self.restart(remote)
+                    raise DownloadError(f"{self.url}: the server's partial answer does not continue byte {have:,}")
+                if self.hashed_bytes != have:
+                    self.hasher = None  # resumed from an earlier process: hash the whole file at the end
+                self.progress.reset(have)
+            else:  # 200: the whole body, even if we asked for a range
+                self.restart(remote)
+            self.append(_body_chunks(response))
+            total = _content_range_total(response.headers.get("Content-Range"))
+            if status == 200 and response.headers.get("Content-Length", "").isdigit():
+                total = int(response.headers["Content-Length"])
+            if total is not None and self.part.stat().st_size < total:
+                raise DownloadError(f"{self.url}: the connection ended at byte {self.part.stat().st_size:,} of {total:,}")
+
+
+# fdatasync skips the metadata flush; macOS and Windows only have fsync.
+_data_sync = getattr(os, "fdatasync", os.fsync)
+
+
+def _body_chunks(response: requests.Response):
+    """The body as it arrives: `read1` hands over what came before a dropped connection, so no byte is lost."""
+    try:
+        while chunk := response.raw.read1(CHUNK_BYTES):
+            yield chunk
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        raise DownloadError(f"{response.url}: the transfer broke off ({error})") from error
+
+
+def _content_range_start(header: str | None) -> int | None:
+    try:
+        return int(header.split()[1].split("-")[0])  # "bytes 100-199/200"
+    except (AttributeError, IndexError, ValueError):
+        return None
+
+
+def _content_range_total(header: str | None) -> int | None:
+    try:
+        return int(header.rsplit("/", 1)[1])  # "bytes */200"
+    except (AttributeError, IndexError, ValueError):
+        return None
+
+
+def _local_source(url: str) -> Path | None:
+    """The local file behind a `file://` URL or a plain path; None for http(s)."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https"):
+        return None
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    if len(parsed.scheme) <= 1:  # no scheme, or a Windows drive letter
+        return Path(url)
+    raise PermanentDownloadError(f"{url}: unsupported URL scheme {parsed.scheme!r}; use http(s), file:// or a path.")
+
+
+def download_file(
+    url: str,
+    dest_dir: Path,
+    *,
+    expected_bytes: int | None = None,
+    sha256: str | None = None,
+    retries: int = 5,
+    backoff_base_seconds: float = 1.0,
+    connect_timeout: float = 10.0,
+    read_timeout: float = 60.0,
+    session: requests.Session | None = None,
+) -> Path:
+    """Fetch `url` into `dest_dir/<file name>` verified by size and sha256, resuming any `.part`.
+
+    Args:
+        url: http(s) or file:// URL, or a local path (copied with the same checks).
+        dest_dir: folder for the file, its `.part` and its lock.
+        expected_bytes: the exact size the file must have (the seed's check).
+        sha256: the hex digest the file must have.
+        retries: further attempts after a transient failure (connection, timeout, 408, 429, 5xx).
+        backoff_base_seconds: first wait between attempts; doubles each time, with jitter.
+
+    Returns:
+        The path of the verified file.
+    """
+    logger = stage_logger(__name__)
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    target = dest_dir / file_name_from_url(url)
+    part = target.with_name(target.name + ".part")
+    source = _local_source(url)
+    if source is not None and not source.is_file():
+        raise PermanentDownloadError(f"{url}: no such file.")
+
+    # Two processes fetching into one folder: the second waits here, then finds the verified file.
+    with FileLock(str(part) + ".lock"):
+        with Progress(f"download {target.name}", expected_bytes, key=artifact_key("download", target.name), unit="bytes") as progress:
+            transfer = _Transfer(url, part, progress, (connect_timeout, read_timeout), hashing=sha256 is not None)
+            action = plan_download(
+                target, part, transfer.load_state(), url, expected_bytes=expected_bytes, sha256=sha256
+            )
+            if action is Action.REUSE:
+                logger.info("Found and verified %s", target)
+                return target
+            if target.exists():
+                logger.warning("%s is in place but fails verification; fetching it again", target)
+            if action is Action.START:
+                remove(part)
+            else:
+                logger.info("Resuming %s from byte %s", target.name, f"{part.stat().st_size:,}")
+
+            for attempt in range(retries + 1):
+                try:
+                    if source is not None:
+                        transfer.copy_local(source)
+                    else:
+                        transfer.fetch(session or _session(), expected_bytes)
+                    break
+                except Exception as error:
+                    if not is_transient(error):
+                        raise
+                    if attempt == retries:
+                        raise DownloadError(
+                            f"{url}: still failing after {retries + 1} attempts ({error}). "
+                            f"{part.name} keeps the {part.stat().st_size if part.exists() else 0:,} bytes "
+                            "received; rerun to resume."
+                        ) from error
+                    wait = backoff_seconds(attempt, backoff_base_seconds)
+                    logger.warning("Attempt %d for %s failed (%s); retrying in %.1f s", attempt + 1, url, error, wait)
+                    time.sleep(wait)
+
+            problem = verify(part, expected_bytes=expected_bytes, sha256=sha256, digest=transfer.digest())
+            if problem is not None:
+                remove(part)
+                remove(transfer.sidecar)
+                raise VerificationError(
+                    f"{url}: {problem}. Deleted the bad download; check the URL and the expected "
+                    "size/sha256, then rerun."
+                )
+            with open(part, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(part, target)
+            remove(transfer.sidecar)
+            logger.info("Downloaded and verified %s (%s bytes)", target, f"{target.stat().st_size:,}")
+            return target
+
+
+def _session() -> requests.Session:
+    session = requests.Session()
+    session.headers["User-Agent"] = "notmnist-pipeline"
+    return session
+
+
+def _retry_if_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry network trouble, never a 404 or a failed verification."""
+    try:
+        state.result()
+    except Exception as error:
+        return is_transient(error)
+    return False
+
+
+@task(
+    name="download",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_retry_if_transient,
+)
+def download_task(url: str, dest_dir: Path, expected_bytes: int | None = None, sha256: str | None = None) -> Path:
+    """Prefect task: `download_file` with run-level retries on top of its own."""
+    return download_file(url, dest_dir, expected_bytes=expected_bytes, sha256=sha256)

@@ -1,0 +1,25 @@
+"""Project exceptions: each names what went wrong and what the user can do about it."""
+
+
+class PipelineError(Exception):
+    """A stage failed for a reason the user can act on; the message says how."""
+
+
+class DownloadError(PipelineError):
+    """A transfer failed in a way that may succeed on a retry (network, 5xx, 408, 429)."""
+
+
+class PermanentDownloadError(PipelineError):
+    """A transfer that retrying cannot fix: 4xx answers, bad URLs, a file that fails verification."""
+
+
+class VerificationError(PermanentDownloadError):
+    """A complete file whose size or sha256 differs from what was expected."""
+
+
+class UnsafeArchiveError(PipelineError):
+    """An archive member that could write outside the destination, or an archive past its limits."""
+
+
+class ArchiveError(PipelineError):
+    """An archive that is corrupt, truncated, or not laid out as expected."""
