@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.http_server import FileServer
+from flows.loopback import FileServer
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import requests
 
 from tasks.download import Action, PartState, download_file, is_transient, plan_download
 from tasks.errors import DownloadError, PermanentDownloadError, VerificationError
-from tests.http_server import Fault, FileServer
+from flows.loopback import Fault, FileServer
 
 CONTENT = os.urandom(300_000)
 SHA256 = hashlib.sha256(CONTENT).hexdigest()

@@ -1,9 +1,10 @@
-"""A real HTTP file server on 127.0.0.1 with byte ranges, validators and injectable faults.
+"""An HTTP file server on 127.0.0.1 with byte ranges, validators and injectable faults.
 
-Serves the files of one folder. Each request may consume one scripted `Fault` for its path, so a
-test can say "drop the connection after 1,000 bytes, then answer 503 twice, then behave". Every
-request is recorded (headers, status, body bytes sent) for assertions. Used by the tests and the
-benchmarks; nothing here talks to anything but loopback.
+Serves the files of one folder, as the archive host would: `notmnist demo` serves its generated
+archives with it, and the tests and benchmarks use it as the far end of every download. Each
+request may consume one scripted `Fault` for its path ("drop the connection after 1,000 bytes,
+then answer 503 twice, then behave"), and every request is recorded (headers, status, body bytes
+sent). It binds to loopback only.
 """
 
 from __future__ import annotations
