@@ -40,16 +40,29 @@ def atomic_path(path: Path) -> Iterator[Path]:
     temporary = temporary_sibling(path)
     try:
         yield temporary
-        if path.is_dir() and not path.is_symlink():
-            aside = temporary_sibling(path)
-            os.replace(path, aside)
-            os.replace(temporary, path)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(temporary, path)
+        replace(temporary, path)
     except BaseException:
         remove(temporary)
         raise
+
+
+def replace(temporary: Path, path: Path) -> None:
+    """Rename a finished file or folder onto `path`, replacing what is there."""
+    if path.is_dir() and not path.is_symlink():
+        aside = temporary_sibling(path)
+        os.replace(path, aside)
+        os.replace(temporary, path)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(temporary, path)
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Delete temporary files and folders that an interrupted run left in `folder`."""
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if is_temporary(entry):
+                remove(entry)
 
 
 def remove(path: Path) -> None:

@@ -1,0 +1,282 @@
+"""Decode stage: every letter's PNGs into Parquet shards, in parallel, every reject accounted for.
+
+The seed's `load_letter`/`maybe_pickle` decoded each folder serially into float32 pickles and
+stopped on any error but IOError. Here batches of a letter's images go to a process pool; each
+worker writes one shard and returns only counts, rejects and a pixel histogram, so the parent holds
+a bounded number of images. A letter's shards and manifest are written into a temporary folder and
+renamed into place together; the manifest records the input's fingerprint, so a rerun skips letters
+that are done and redoes the rest.
+
+Input is the folder the extraction stage made, or the archive itself (read in one pass, no
+extraction; see `storage.tar_stream`). Rows come out in the same order either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict
+from pathlib import Path
+
+from filelock import FileLock
+from prefect import task
+
+from storage.atomic import read_json, remove, remove_leftovers, replace, temporary_sibling, write_json
+from storage.layout import DataRoot, archive_stem
+from storage.tar_stream import iter_files
+from tasks.errors import ArchiveError, PipelineError
+from tasks.images import BatchJob, BatchResult, decode_batch, warm_up
+from tasks.reporting import Progress, artifact_key, stage_logger
+
+LETTERS = "ABCDEFGHIJ"  # notMNIST's classes; label = position (the seed enumerates sorted folders)
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+BATCH_ROWS = 8192
+# Member limits for reading an archive directly: comfortably above notMNIST_large (529,119 members).
+MAX_MEMBERS = 2_000_000
+MAX_TOTAL_BYTES = 4 << 30
+
+
+class TooFewImagesError(PipelineError):
+    """A letter has fewer usable images than `min_images`."""
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def folder_fingerprint(letter_dir: Path) -> str:
+    """Identity of a letter folder: names, sizes and modification times of its files."""
+    digest = hashlib.sha256()
+    for entry in sorted(os.scandir(letter_dir), key=lambda e: e.name):
+        stat = entry.stat()
+        digest.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def archive_fingerprint(archive: Path) -> str:
+    """Identity of an archive: its sha256."""
+    digest = hashlib.sha256()
+    with open(archive, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def letter_is_done(letter_out: Path, source_fingerprint: str) -> bool:
+    """True when the letter's manifest matches the input and every shard has its recorded sha256."""
+    try:
+        manifest = read_json(letter_out / MANIFEST)
+    except (OSError, ValueError):
+        return False
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("source", {}).get("fingerprint") != source_fingerprint:
+        return False
+    return all(
+        (letter_out / shard["file"]).is_file() and _sha256(letter_out / shard["file"]) == shard["sha256"]
+        for shard in manifest["shards"]
+    )
+
+
+def _letter_manifest(letter: str, source: dict, results: list[BatchResult], folder: Path) -> dict:
+    """Summarise a letter's batches; statistics are exact, from the pixel histograms."""
+    counts = [sum(column) for column in zip(*(r.histogram for r in results))] or [0] * 256
+    pixels = sum(counts)
+    normalised = [(value - 127.5) / 255 for value in range(256)]  # the seed's (x - 127.5) / 255
+    mean = sum(c * v for c, v in zip(counts, normalised)) / pixels if pixels else math.nan
+    variance = sum(c * (v - mean) ** 2 for c, v in zip(counts, normalised)) / pixels if pixels else math.nan
+    rejected = [asdict(item) for result in results for item in result.rejected]
+    reasons: dict[str, int] = {}
+    for item in rejected:
+        reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
+    return {
+        "format": MANIFEST_FORMAT,
+        "letter": letter,
+        "label": LETTERS.index(letter),
+        "source": source,
+        "images": sum(r.rows for r in results),
+        "rejected": rejected,
+        "rejected_by_reason": reasons,
+        "mean": mean,
+        "std": math.sqrt(variance),
+        "shards": [
+            {"file": Path(r.shard_path).name, "rows": r.rows, "sha256": _sha256(folder / Path(r.shard_path).name)}
+            for r in results
+            if r.shard_path
+        ],
+    }
+
+
+def _batches(members: Iterable[tuple[str, str, bytes | Path]], folders: dict[str, Path]) -> Iterator[BatchJob]:
+    """Group `(letter, name, payload)` members into per-letter jobs of up to BATCH_ROWS, in order.
+
+    Every letter yields at least one job, so a letter with no member still gets a manifest.
+    """
+    pending: dict[str, list] = {letter: [] for letter in folders}
+    numbers = dict.fromkeys(folders, 0)
+
+    def job(letter: str) -> BatchJob:
+        items = pending[letter]
+        shard = str(folders[letter] / f"part-{numbers[letter]:05d}.parquet")
+        numbers[letter] += 1
+        pending[letter] = []
+        files = [name for name, _ in items]
+        if items and isinstance(items[0][1], bytes):
+            return BatchJob(LETTERS.index(letter), shard, files, blobs=[data for _, data in items])
+        return BatchJob(LETTERS.index(letter), shard, files, paths=[str(path) for _, path in items])
+
+    for letter, name, payload in members:
+        pending[letter].append((name, payload))
+        if len(pending[letter]) == BATCH_ROWS:
+            yield job(letter)
+    for letter in folders:
+        if pending[letter] or numbers[letter] == 0:
+            yield job(letter)
+
+
+def _folder_members(top: Path, letters: Iterable[str]) -> Iterator[tuple[str, str, Path]]:
+    for letter in letters:
+        for name in sorted(entry.name for entry in os.scandir(top / letter)):
+            yield letter, f"{top.name}/{letter}/{name}", top / letter / name
+
+
+def _archive_members(archive: Path, wanted: Iterable[str]) -> Iterator[tuple[str, str, bytes]]:
+    """Members of the wanted letters, in archive order."""
+    wanted = set(wanted)
+    for name, data in iter_files(archive, max_members=MAX_MEMBERS, max_total_bytes=MAX_TOTAL_BYTES):
+        parts = name.strip("/").split("/")
+        if len(parts) != 3 or parts[1] not in LETTERS:
+            raise ArchiveError(f"{archive}: member {name!r} is not <top>/<letter A-J>/<file>")
+        if parts[1] in wanted:
+            yield parts[1], name, data
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """A process pool, or None to decode in this process when one worker is asked for."""
+    if workers <= 1:
+        yield None
+        return
+    # spawn: the parent may run Prefect's threads, which fork() would copy in unknown states.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=warm_up) as pool:
+        pool.in_flight = 2 * workers  # jobs queued at once: bounds the images the parent holds
+        yield pool
+
+
+def _run_jobs(jobs: Iterable[BatchJob], pool: ProcessPoolExecutor | None, progress: Progress) -> dict[str, BatchResult]:
+    """Run decode jobs on `pool` (or here when None); returns their results keyed by shard path."""
+    results: dict[str, BatchResult] = {}
+    pending: dict[Future, BatchJob] = {}
+
+    def collect(futures: Iterable[Future]) -> None:
+        for future in futures:
+            job = pending.pop(future)
+            results[job.shard_path] = future.result()
+            progress.advance(len(job.files))
+
+    for job in jobs:
+        if pool is None:
+            results[job.shard_path] = decode_batch(job)
+            progress.advance(len(job.files))
+            continue
+        if len(pending) >= pool.in_flight:
+            collect(wait(pending, return_when=FIRST_COMPLETED).done)
+        pending[pool.submit(decode_batch, job)] = job
+    collect(list(pending))
+    return results
+
+
+def _decode_group(
+    source: Path, group: list[str], out_dir: Path, sources: dict[str, dict], min_images: int,
+    pool: ProcessPoolExecutor | None, progress: Progress,
+) -> list[dict]:
+    """Decode some letters and put each one passing `min_images` in place; returns those that fall short."""
+    logger = stage_logger(__name__)
+    temporary = {letter: temporary_sibling(out_dir / letter) for letter in group}
+    short = []
+    try:
+        for folder in temporary.values():
+            folder.mkdir()
+        members = _archive_members(source, group) if source.is_file() else _folder_members(source, group)
+        by_shard = _run_jobs(_batches(members, temporary), pool, progress)
+        for letter, folder in temporary.items():
+            results = [by_shard[key] for key in sorted(by_shard) if Path(key).parent == folder]
+            manifest = _letter_manifest(letter, sources[letter], results, folder)
+            logger.info("Letter %s: %s images, %d rejected", letter, f"{manifest['images']:,}", len(manifest["rejected"]))
+            if manifest["images"] < min_images:
+                short.append(manifest)
+                continue
+            write_json(folder / MANIFEST, manifest)  # written last: a letter with a manifest is complete
+            replace(folder, out_dir / letter)
+    finally:
+        for folder in temporary.values():
+            remove(folder)
+    return short
+
+
+def _sources(source: Path, letters: str) -> dict[str, dict]:
+    """Each letter's input identity: the archive's sha256, or its folder's listing fingerprint."""
+    if source.is_file():
+        fingerprint = archive_fingerprint(source)
+        return {letter: {"kind": "archive", "path": str(source), "fingerprint": fingerprint} for letter in letters}
+    return {
+        letter: {"kind": "folder", "path": str(source / letter), "fingerprint": folder_fingerprint(source / letter)}
+        for letter in letters
+    }
+
+
+def decode_to_shards(
+    source: Path, out_dir: Path, *, min_images: int = 0, workers: int | None = None, letters: str = LETTERS
+) -> dict[str, dict]:
+    """Decode an extracted notMNIST folder, or a .tar.gz read directly, into `out_dir/<letter>/`.
+
+    Args:
+        source: the extracted top folder (e.g. extracted/notMNIST_large) or the archive itself.
+        out_dir: where each letter's folder of shards and manifest goes.
+        min_images: fewest usable images a letter may have (the seed: 45,000 large, 1,800 small).
+        workers: decode processes; default one per core.
+        letters: which letters to decode (all ten by default).
+
+    Returns:
+        Each letter's manifest.
+    """
+    logger = stage_logger(__name__)
+    source, out_dir = Path(source), Path(out_dir)
+    if not source.exists():
+        raise PipelineError(f"{source} does not exist: give an extracted notMNIST folder or its .tar.gz")
+    if source.is_dir():
+        found = sorted(p.name for p in source.iterdir() if p.is_dir())
+        if set(letters) - set(found):
+            raise ArchiveError(f"{source} should hold folders {', '.join(letters)}; found {found or 'none'}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    with FileLock(str(out_dir / ".lock")):
+        remove_leftovers(out_dir)
+        sources = _sources(source, letters)
+        todo = [letter for letter in letters if not letter_is_done(out_dir / letter, sources[letter]["fingerprint"])]
+        if len(todo) < len(letters):
+            logger.info("Already decoded from this input, skipped: %s", "".join(sorted(set(letters) - set(todo))))
+        # From a folder each letter is put in place as soon as it is done, so a crash keeps the
+        # finished ones; an archive is read once for all letters.
+        groups = [todo] if source.is_file() else [[letter] for letter in todo]
+        total = None if source.is_file() else sum(len(os.listdir(source / letter)) for letter in todo)
+        short: list[dict] = []
+        with (
+            _worker_pool(workers or os.cpu_count() or 1) as pool,
+            Progress(f"decode {source.name}", total, key=artifact_key("decode", source.name), unit="images") as progress,
+        ):
+            for group in filter(None, groups):
+                short += _decode_group(source, group, out_dir, sources, min_images, pool, progress)
+
+    if short:
+        details = "; ".join(f"letter {m['letter']} has {m['images']:,}" for m in short)
+        raise TooFewImagesError(
+            f"{details} usable images, fewer than min_images={min_images:,} (rejected files: "
+            f"{sum(len(m['rejected']) for m in short):,}). Check the archive, or lower min_images."
+        )
+    return {letter: read_json(out_dir / letter / MANIFEST) for letter in letters}

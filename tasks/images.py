@@ -1,0 +1,114 @@
+"""Decoding one batch of PNGs into a shard: the work each decode process does.
+
+Kept free of Prefect and TensorFlow so a worker process starts in a fraction of a second.
+
+Policy for images that are not 28x28 8-bit grayscale ("L"), applied the same way everywhere:
+they are rejected, never converted. notMNIST holds only "L" images, so an RGB, RGBA, palette or
+16-bit file means a different source, and silently converting it would hide that. Each rejected
+file is listed in the letter's manifest with one of these reasons:
+
+    empty        the file has no bytes
+    unreadable   not a PNG Pillow can decode (the real archives hold 7 such files)
+    wrong size   a PNG that is not 28x28
+    wrong mode   a 28x28 PNG that is not 8-bit grayscale (e.g. RGB, RGBA, P, I;16)
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from storage.shards import IMAGE_SIDE, PIXELS_PER_IMAGE, write_shard
+
+EMPTY, UNREADABLE, WRONG_SIZE, WRONG_MODE = "empty", "unreadable", "wrong size", "wrong mode"
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A file that did not become a row, and why."""
+
+    file: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class BatchJob:
+    """Up to a few thousand images of one letter, going into one shard."""
+
+    label: int
+    shard_path: str
+    files: list[str]  # names inside the archive, e.g. notMNIST_large/A/xyz.png
+    blobs: list[bytes] | None = None  # the PNG bytes, when read straight from the archive
+    paths: list[str] | None = None  # or where to read them, from an extracted folder
+
+
+@dataclass
+class BatchResult:
+    """What a batch produced: its shard (if any row survived), rejects and pixel statistics."""
+
+    shard_path: str | None
+    rows: int
+    rejected: list[Rejected] = field(default_factory=list)
+    histogram: list[int] = field(default_factory=lambda: [0] * 256)  # exact counts of each pixel value
+
+
+def decode_png(data: bytes) -> tuple[bytes | None, Rejected | None]:
+    """The 784 pixel bytes of a 28x28 grayscale PNG, or why it is rejected (file left blank)."""
+    if not data:
+        return None, Rejected("", EMPTY)
+    try:
+        with Image.open(io.BytesIO(data), formats=("PNG",)) as image:
+            if image.size != (IMAGE_SIDE, IMAGE_SIDE):
+                return None, Rejected("", WRONG_SIZE, "{}x{}".format(*image.size))
+            if image.mode != "L":
+                return None, Rejected("", WRONG_MODE, image.mode)
+            pixels = image.tobytes()  # decodes now: a truncated file fails here, not at open
+    except UnidentifiedImageError:
+        return None, Rejected("", UNREADABLE, "cannot identify image file")  # Pillow's text names a buffer
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        return None, Rejected("", UNREADABLE, str(error))
+    if len(pixels) != PIXELS_PER_IMAGE:
+        return None, Rejected("", UNREADABLE, f"{len(pixels)} pixel bytes")
+    return pixels, None
+
+
+def warm_up() -> None:
+    """Pay a worker's one-time costs (Pillow's PNG plugin, Parquet's zstd writer) before work arrives."""
+    image = io.BytesIO()
+    Image.new("L", (IMAGE_SIDE, IMAGE_SIDE)).save(image, format="PNG")
+    pixels, _ = decode_png(image.getvalue())
+    write_shard(io.BytesIO(), ["warm-up"], 0, np.frombuffer(pixels, dtype=np.uint8))
+
+
+def decode_batch(job: BatchJob) -> BatchResult:
+    """Decode a batch and write its shard; runs in a worker process."""
+    kept_files: list[str] = []
+    kept_pixels: list[bytes] = []
+    rejected: list[Rejected] = []
+    for index, name in enumerate(job.files):
+        if job.blobs is not None:
+            data = job.blobs[index]
+        else:
+            try:
+                data = Path(job.paths[index]).read_bytes()
+            except OSError as error:
+                rejected.append(Rejected(name, UNREADABLE, str(error)))
+                continue
+        pixels, problem = decode_png(data)
+        if problem is not None:
+            rejected.append(Rejected(name, problem.reason, problem.detail))
+            continue
+        kept_files.append(name)
+        kept_pixels.append(pixels)
+
+    if not kept_files:
+        return BatchResult(None, 0, rejected)
+    array = np.frombuffer(b"".join(kept_pixels), dtype=np.uint8).reshape(len(kept_files), PIXELS_PER_IMAGE)
+    write_shard(Path(job.shard_path), kept_files, job.label, array)
+    histogram = np.bincount(array.reshape(-1), minlength=256).tolist()
+    return BatchResult(job.shard_path, len(kept_files), rejected, histogram)
