@@ -25,8 +25,13 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def load_npy(path: Path, *, mmap: bool = True) -> np.ndarray:
-    """Load an NPY file, memory-mapped by default; pickled object arrays raise ValueError."""
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    """Load an NPY file, memory-mapped by default; an array of pickled objects raises ValueError."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as error:
+        if "object" in str(error) or "pickle" in str(error):
+            raise ValueError(f"{path} holds Python objects, which would need pickle to load; refusing it") from error
+        raise
 
 
 def array_digest(array: np.ndarray) -> str:

@@ -1,0 +1,51 @@
+"""NPY helpers and the data root layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from storage.arrays import array_digest, create_npy, load_npy, save_npy
+from storage.atomic import atomic_path, is_temporary
+from storage.layout import DataRoot, archive_stem
+
+
+def test_pickled_object_arrays_are_refused_on_save_and_on_load(tmp_path):
+    with pytest.raises(TypeError, match="need pickle"):
+        save_npy(tmp_path / "a.npy", np.array([{"a": 1}], dtype=object))
+    np.save(tmp_path / "evil.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickle"):
+        load_npy(tmp_path / "evil.npy")
+
+
+def test_memmap_written_arrays_load_back_and_hash_by_content(tmp_path):
+    array = create_npy(tmp_path / "x.npy", (5, 28, 28), np.uint8)
+    array[:] = np.arange(5 * 784, dtype=np.uint32).reshape(5, 28, 28) % 251
+    array.flush()
+    loaded = load_npy(tmp_path / "x.npy")
+    assert isinstance(loaded, np.memmap) and np.array_equal(loaded, array)
+    assert array_digest(loaded) == array_digest(np.array(loaded)) != array_digest(loaded[:4])
+
+
+def test_atomic_path_leaves_nothing_on_failure_and_replaces_folders(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temporary:
+            temporary.mkdir()
+            (temporary / "half").write_text("x")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+    for content in ("first", "second"):
+        with atomic_path(target) as temporary:
+            temporary.mkdir()
+            (temporary / "file").write_text(content)
+            assert is_temporary(temporary)
+    assert (target / "file").read_text() == "second"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_layout_names_every_folder_under_the_root(tmp_path):
+    layout = DataRoot(tmp_path)
+    assert archive_stem("notMNIST_large.tar.gz") == "notMNIST_large"
+    assert layout.shards("notMNIST_small.tar.gz") == tmp_path / "shards" / "notMNIST_small"
+    assert {layout.raw.parent, layout.extracted.parent, layout.splits("k").parent.parent} == {tmp_path}
