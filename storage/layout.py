@@ -46,8 +46,13 @@ class DataRoot:
         """Shards of one archive, named after it (`shards/notMNIST_large`)."""
         return self.root / "shards" / archive_stem(archive)
 
+    @property
+    def splits_root(self) -> Path:
+        """Where split folders go, one per input and parameter set."""
+        return self.root / "splits"
+
     def splits(self, key: str) -> Path:
-        return self.root / "splits" / key
+        return self.splits_root / key
 
     def models(self, key: str) -> Path:
         return self.root / "models" / key
