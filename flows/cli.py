@@ -34,10 +34,91 @@ def _extract(args: argparse.Namespace) -> dict[str, Any]:
     return {"folder": str(top), "classes": sorted(p.name for p in top.iterdir() if p.is_dir())}
 
 
+def _shards(args: argparse.Namespace) -> dict[str, Any]:
+    from storage.layout import DataRoot, archive_stem
+    from tasks.decode import decode_to_shards
+    from tasks.extract import extract_archive
+
+    layout = DataRoot(args.data_dir)
+    source = args.source
+    if source.is_file() and not args.from_archive:
+        source = extract_archive(source, layout.extracted)
+    manifests = decode_to_shards(
+        source, layout.shards(archive_stem(args.source)), min_images=args.min_images, workers=args.workers
+    )
+    return {
+        "shards": str(layout.shards(archive_stem(args.source))),
+        "images": sum(m["images"] for m in manifests.values()),
+        "rejected": sum(len(m["rejected"]) for m in manifests.values()),
+        "per_letter": {letter: m["images"] for letter, m in manifests.items()},
+    }
+
+
+def _splits(args: argparse.Namespace) -> dict[str, Any]:
+    from storage.layout import DataRoot
+    from tasks.splits import build_splits
+
+    layout = DataRoot(args.data_dir)
+    manifest = build_splits(
+        layout.shards("notMNIST_large"), layout.shards("notMNIST_small"), layout.splits_root,
+        train_size=args.train_size, valid_size=args.valid_size, test_size=args.test_size,
+        seed=args.seed, dedup=args.dedup,
+    )
+    return {
+        "folder": manifest["folder"],
+        "fingerprint": manifest["fingerprint"],
+        "rows": {split: info["rows"] for split, info in manifest["splits"].items()},
+        "overlap_seed_sampling": manifest["overlap"]["seed_sampling"],
+        "overlap_after_dedup": manifest["overlap"]["after_dedup"],
+    }
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.notmnist import notmnist_pipeline
+
+    return notmnist_pipeline(
+        base_url=args.base_url, data_dir=str(args.data_dir), large_sha256=args.large_sha256,
+        small_sha256=args.small_sha256, min_images_large=args.min_images_large,
+        min_images_small=args.min_images_small, train_size=args.train_size, valid_size=args.valid_size,
+        test_size=args.test_size, dedup=args.dedup, seed=args.seed, epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, workers=args.workers,
+        train_deployment=args.train_deployment,
+    )
+
+
+def _add_split_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--train-size", type=int, default=200_000, help="training rows (size // 10 per class)")
+    sub.add_argument("--valid-size", type=int, default=10_000, help="validation rows")
+    sub.add_argument("--test-size", type=int, default=10_000, help="test rows")
+    sub.add_argument("--seed", type=int, default=133, help="seed of the shuffles and of training (the seed's value)")
+    sub.add_argument(
+        "--dedup", choices=("none", "cross-split", "all"), default="cross-split",
+        help="none: the seed's sampling; cross-split: no valid/test image in train, no test image in valid; "
+        "all: also no repeats within a split",
+    )
+
+
+def _add_training_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--epochs", type=int, default=2, help="training epochs (the seed's value)")
+    sub.add_argument("--batch-size", type=int, default=128, help="training batch size (the seed's value)")
+    sub.add_argument(
+        "--learning-rate", type=float, default=1.0, help="Adadelta learning rate (Keras 1's default, as in the seed)"
+    )
+
+
 def _demo(args: argparse.Namespace) -> dict[str, Any]:
     from flows.demo import run_demo
 
     return run_demo(args.data_dir, per_letter=args.per_letter)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, or an off flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -53,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="notmnist",
         description="Download, verify, decode and train on notMNIST (and the seed's MNIST and iris models).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -62,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name, help=help_text, description=help_text, parents=[common],
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         sub.set_defaults(handler=handler)
         return sub
@@ -80,6 +161,37 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument(
         "--expected-classes", type=int, default=10, help="class folders the archive must hold (0: do not check)"
     )
+
+    shards = command("shards", _shards, "Decode a notMNIST archive or extracted folder into Parquet shards.")
+    shards.add_argument("source", type=Path, metavar="ARCHIVE_OR_FOLDER", help="a .tar.gz or its extracted top folder")
+    shards.add_argument("--data-dir", type=Path, default=Path("data"), help="data root (shards go to shards/<archive>)")
+    shards.add_argument("--min-images", type=int, default=0, help="fail when a letter has fewer usable images")
+    shards.add_argument("--workers", type=int, default=None, help="decode processes (default: one per core)")
+    shards.add_argument(
+        "--from-archive", action="store_true",
+        help="read the PNGs straight from the archive instead of extracting it first (faster)",
+    )
+
+    splits = command(
+        "splits", _splits,
+        "Build class-balanced train/valid (from notMNIST_large) and test (from notMNIST_small) splits.",
+    )
+    splits.add_argument("--data-dir", type=Path, default=Path("data"), help="data root holding shards/")
+    _add_split_options(splits)
+
+    run = command("run", _run, "Run the whole notMNIST pipeline as a Prefect flow (download to trained model).")
+    run.add_argument("--data-dir", type=Path, default=Path("data"), help="data root")
+    run.add_argument("--base-url", default="https://commondatastorage.googleapis.com/books1000/",
+                     help="where notMNIST_large.tar.gz and notMNIST_small.tar.gz are published")
+    run.add_argument("--large-sha256", default=None, help="sha256 notMNIST_large.tar.gz must have")
+    run.add_argument("--small-sha256", default=None, help="sha256 notMNIST_small.tar.gz must have")
+    run.add_argument("--min-images-large", type=int, default=45_000, help="fewest usable images per letter, large")
+    run.add_argument("--min-images-small", type=int, default=1_800, help="fewest usable images per letter, small")
+    run.add_argument("--workers", type=int, default=None, help="decode processes (default: one per core)")
+    run.add_argument("--train-deployment", default=None,
+                     help="send training to this deployment (e.g. train/gpu) instead of training here")
+    _add_split_options(run)
+    _add_training_options(run)
 
     demo = command("demo", _demo, "Run the pipeline offline on generated archives served from 127.0.0.1.")
     demo.add_argument("--data-dir", type=Path, default=Path("data/demo"), help="data root for the demo")
