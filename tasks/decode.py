@@ -27,8 +27,8 @@ from filelock import FileLock
 from prefect import task
 
 from storage.atomic import read_json, remove, remove_leftovers, replace, temporary_sibling, write_json
-from storage.layout import DataRoot, archive_stem
 from storage.tar_stream import iter_files
+from tasks.caching import stage_cache
 from tasks.errors import ArchiveError, PipelineError
 from tasks.images import BatchJob, BatchResult, decode_batch, warm_up
 from tasks.reporting import Progress, artifact_key, stage_logger
@@ -280,3 +280,24 @@ def decode_to_shards(
             f"{sum(len(m['rejected']) for m in short):,}). Check the archive, or lower min_images."
         )
     return {letter: read_json(out_dir / letter / MANIFEST) for letter in letters}
+
+
+def _decode_inputs(parameters: dict) -> list[Path]:
+    """The files whose identity stands for a decode input: the archive, or the extraction record."""
+    source = Path(parameters["source"])
+    return [source] if source.suffix in (".gz", ".tgz", ".tar") else [source / ".extracted.json"]
+
+
+@task(
+    name="decode-shards",
+    cache_policy=stage_cache(reads=_decode_inputs, ignore=("workers",)),
+    persist_result=True,
+)
+def shards_task(source: Path, out_dir: Path, min_images: int = 0, workers: int | None = None) -> dict[str, dict]:
+    """Prefect task: `decode_to_shards`, cached on the input's identity and the parameters."""
+    return decode_to_shards(source, out_dir, min_images=min_images, workers=workers)
+
+
+def shards_are_there(out_dir: Path) -> bool:
+    """Whether every letter's manifest is on disk (a cached result is only as good as its files)."""
+    return all((Path(out_dir) / letter / MANIFEST).is_file() for letter in LETTERS)

@@ -28,6 +28,7 @@ from prefect.tasks import exponential_backoff
 
 from storage.atomic import remove, write_json
 from tasks.errors import DownloadError, PermanentDownloadError, VerificationError
+from tasks.caching import stage_cache
 from tasks.reporting import Progress, artifact_key, stage_logger
 
 CHUNK_BYTES = 1 << 20
@@ -377,6 +378,8 @@ def _retry_if_transient(task, task_run, state) -> bool:
 
 @task(
     name="download",
+    cache_policy=stage_cache(),
+    persist_result=True,
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=10),
     retry_jitter_factor=0.5,
@@ -385,3 +388,9 @@ def _retry_if_transient(task, task_run, state) -> bool:
 def download_task(url: str, dest_dir: Path, expected_bytes: int | None = None, sha256: str | None = None) -> Path:
     """Prefect task: `download_file` with run-level retries on top of its own."""
     return download_file(url, dest_dir, expected_bytes=expected_bytes, sha256=sha256)
+
+
+def download_is_there(url: str, dest_dir: Path, expected_bytes: int | None) -> bool:
+    """Whether the file a (cached) download returned is still in place, by its size alone (no hashing)."""
+    target = Path(dest_dir) / file_name_from_url(url)
+    return target.is_file() and (expected_bytes is None or target.stat().st_size == expected_bytes)

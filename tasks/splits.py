@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from prefect import task
 
 from storage.arrays import IMAGE_SHAPE, array_digest, create_npy, load_npy
 from storage.atomic import atomic_path, read_json, remove_leftovers, write_json
 from storage.shards import pixels_of, read_shard
 from tasks.decode import LETTERS, MANIFEST
+from tasks.caching import stage_cache
 from tasks.errors import PipelineError
 from tasks.reporting import stage_logger
 
@@ -208,6 +210,24 @@ def _write_split(folder: Path, split: str, parts: list[tuple[_Letter, np.ndarray
     }
 
 
+def split_folder(
+    large_shards: Path, small_shards: Path, splits_root: Path, *, train_size: int, valid_size: int,
+    test_size: int, seed: int, dedup: str,
+) -> Path:
+    """The folder that holds the splits of these inputs and parameters (one folder per combination)."""
+    fingerprints = [input_identity(Path(large_shards)), input_identity(Path(small_shards))]
+    inputs_key = hashlib.sha256(json.dumps(fingerprints).encode()).hexdigest()[:12]
+    return Path(splits_root) / f"train{train_size}-valid{valid_size}-test{test_size}-seed{seed}-{dedup}-{inputs_key}"
+
+
+def splits_are_there(**parameters) -> bool:
+    """Whether the split folder for these parameters (those of `split_folder`) is complete on disk."""
+    try:
+        return _is_complete(split_folder(**parameters)) is not None
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def _is_complete(folder: Path) -> dict | None:
     """The manifest of a finished split folder whose arrays are all there, else None."""
     try:
@@ -259,37 +279,45 @@ def build_splits(
         "notMNIST_large": {"shards": str(large_shards), "fingerprint": input_identity(large_shards)},
         "notMNIST_small": {"shards": str(small_shards), "fingerprint": input_identity(small_shards)},
     }
-    inputs_key = hashlib.sha256(json.dumps([i["fingerprint"] for i in inputs.values()]).encode()).hexdigest()[:12]
-    folder = Path(splits_root) / f"train{train_size}-valid{valid_size}-test{test_size}-seed{seed}-{dedup}-{inputs_key}"
+    folder = split_folder(
+        large_shards, small_shards, splits_root, train_size=train_size, valid_size=valid_size,
+        test_size=test_size, seed=seed, dedup=dedup,
+    )
     if (manifest := _is_complete(folder)) is not None:
         logger.info("Splits already built for these inputs and parameters: %s", folder)
         return manifest
 
-    remove_leftovers(Path(splits_root))
-    large = [_read_letter(Path(large_shards), letter) for letter in LETTERS]
-    small = [_read_letter(Path(small_shards), letter) for letter in LETTERS]
-    rng = np.random.RandomState(seed)
-    chosen = choose_rows(large, small, per_class, dedup, rng)
-    after = overlap_report(chosen)
-    before = overlap_report(choose_rows(large, small, per_class, "none", np.random.RandomState(seed)))
-    with atomic_path(folder) as temporary:
-        temporary.mkdir()
-        written = {split: _write_split(temporary, split, chosen[split], rng) for split in ("train", "test", "valid")}
-        fingerprint = hashlib.sha256(
-            json.dumps({split: [written[split]["x_sha256"], written[split]["y_sha256"]] for split in SPLITS}).encode()
-        ).hexdigest()
-        manifest = {
-            "format": SPLIT_FORMAT,
-            "folder": str(folder),
-            "fingerprint": fingerprint,
-            "seed": seed,
-            "dedup": dedup,
-            "requested_sizes": sizes,
-            "splits": {split: written[split] for split in SPLITS},
-            "inputs": inputs,
-            "overlap": {"seed_sampling": before, "after_dedup": after},
-        }
-        write_json(temporary / "manifest.json", manifest)
+    Path(splits_root).mkdir(parents=True, exist_ok=True)
+    # One build at a time per splits root: leftovers are then surely a dead run's, and a second
+    # process asking for the same folder finds it finished instead of building it again.
+    with FileLock(str(Path(splits_root) / ".lock")):
+        if (manifest := _is_complete(folder)) is not None:
+            return manifest
+        remove_leftovers(Path(splits_root))
+        large = [_read_letter(Path(large_shards), letter) for letter in LETTERS]
+        small = [_read_letter(Path(small_shards), letter) for letter in LETTERS]
+        rng = np.random.RandomState(seed)
+        chosen = choose_rows(large, small, per_class, dedup, rng)
+        after = overlap_report(chosen)
+        before = overlap_report(choose_rows(large, small, per_class, "none", np.random.RandomState(seed)))
+        with atomic_path(folder) as temporary:
+            temporary.mkdir()
+            written = {split: _write_split(temporary, split, chosen[split], rng) for split in ("train", "test", "valid")}
+            fingerprint = hashlib.sha256(
+                json.dumps({split: [written[split]["x_sha256"], written[split]["y_sha256"]] for split in SPLITS}).encode()
+            ).hexdigest()
+            manifest = {
+                "format": SPLIT_FORMAT,
+                "folder": str(folder),
+                "fingerprint": fingerprint,
+                "seed": seed,
+                "dedup": dedup,
+                "requested_sizes": sizes,
+                "splits": {split: written[split] for split in SPLITS},
+                "inputs": inputs,
+                "overlap": {"seed_sampling": before, "after_dedup": after},
+            }
+            write_json(temporary / "manifest.json", manifest)
     logger.info(
         "Splits %s: train %s, valid %s, test %s rows; test images also in train: %d before, %d after dedup",
         folder.name, *(f"{written[s]['rows']:,}" for s in SPLITS), before["test_in_train"], after["test_in_train"],
@@ -297,7 +325,12 @@ def build_splits(
     return manifest
 
 
-@task(name="splits")
+def _splits_inputs(parameters: dict) -> list[Path]:
+    """The letter manifests of both shard sets: rewritten whenever their shards are."""
+    return [Path(parameters[name]) / letter / MANIFEST for name in ("large_shards", "small_shards") for letter in LETTERS]
+
+
+@task(name="splits", cache_policy=stage_cache(reads=_splits_inputs), persist_result=True)
 def splits_task(
     large_shards: Path, small_shards: Path, splits_root: Path, train_size: int = 200_000,
     valid_size: int = 10_000, test_size: int = 10_000, seed: int = 133, dedup: str = "cross-split",
