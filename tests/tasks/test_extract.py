@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import storage.tar_stream as tar_stream
 import tasks.extract as extract
 from storage.atomic import read_json, temporary_sibling
 from tasks.errors import ArchiveError, UnsafeArchiveError
@@ -79,7 +80,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 )
 def test_extracts_byte_exact_layout_and_records_the_archive(tmp_path, monkeypatch, mode, tar_format):
     # Small chunks make members straddle chunk boundaries and take the large-member path.
-    monkeypatch.setattr(extract, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(tar_stream, "CHUNK_BYTES", 1000)
     files = notmnist_files()
     files[f"{TOP}/I/large.png"] = os.urandom(5000)
     # Over 100 characters: a GNU long name, a pax path record, or the ustar prefix field.
@@ -217,7 +218,7 @@ def test_wrong_number_of_class_folders_lists_them_and_writes_nothing(tmp_path):
 )
 def test_corrupt_or_truncated_archive_says_to_download_again_and_writes_nothing(tmp_path, monkeypatch, mode, damage):
     # Small chunks let the end-of-archive marker arrive before a damaged gzip trailer is read.
-    monkeypatch.setattr(extract, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(tar_stream, "CHUNK_BYTES", 4096)
     archive = build(tmp_path / NAME, notmnist_files(per_letter=20), mode=mode)
     archive.write_bytes(damage(archive.read_bytes()))
     with pytest.raises(ArchiveError, match="corrupt or truncated .*delete it and download again"):
