@@ -1,0 +1,115 @@
+"""Keras callbacks of the training stage: each epoch's metrics to the log, the progress bar and disk."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import keras
+
+from storage.atomic import read_json, write_json
+from tasks.reporting import Progress
+
+
+def load_history(path: Path) -> list[dict]:
+    """Per-epoch entries saved by an earlier, interrupted run (empty when there are none)."""
+    try:
+        entries = read_json(path)
+    except (OSError, ValueError):
+        return []
+    return entries if isinstance(entries, list) else []
+
+
+def history_columns(entries: list[dict]) -> dict[str, list[float]]:
+    """Entries (one dict per epoch) as columns (one list per measure), in epoch order."""
+    names = [name for name in entries[0] if name != "epoch"] if entries else []
+    return {name: [entry.get(name) for entry in entries] for name in names}
+
+
+class BatchProgress(keras.callbacks.Callback):
+    """Advances a `Progress` by one for every training batch.
+
+    On backends that run batch hooks in a thread pool (JAX, PyTorch; not TensorFlow), an unmarked
+    batch hook makes Keras wait for each step's results before starting the next; marked
+    `async_safe`, the hooks may overlap, hence the lock.
+    """
+
+    async_safe = True
+
+    def __init__(self, progress: Progress):
+        super().__init__()
+        self.progress = progress
+        self._lock = threading.Lock()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        with self._lock:
+            self.progress.advance(1)
+
+
+class EpochBackup(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` saving once per epoch, marked `async_safe` since its batch hook then does nothing.
+
+    Unmarked, its empty batch hook would make Keras wait for every step where `BatchProgress` says.
+    """
+
+    async_safe = True
+
+    def __init__(self, backup_dir: Path):
+        super().__init__(str(backup_dir), save_freq="epoch", double_checkpoint=True, delete_checkpoint=False)
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    """Logs each epoch's metrics, restarts the progress where a resumed run begins, keeps the history on disk.
+
+    The history file lives beside the backup checkpoint, so a resumed run reports every epoch, not
+    only those it ran itself. Place it before `BackupAndRestore`: the history is written first, and
+    an entry for an epoch whose checkpoint never landed is dropped when that epoch runs again.
+    """
+
+    def __init__(
+        self, history_path: Path, *, logger: logging.Logger | logging.LoggerAdapter, progress: Progress,
+        epochs: int, steps_per_epoch: int, samples_per_epoch: int,
+    ):
+        super().__init__()
+        self.history_path = Path(history_path)
+        self.logger = logger
+        self.progress = progress
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.samples_per_epoch = samples_per_epoch
+        self.entries = load_history(self.history_path)
+        self.first_epoch_run: int | None = None
+        self._epoch_started = 0.0
+        self._training_seconds: float | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self.first_epoch_run is None:
+            self.first_epoch_run = epoch
+            self.entries = [entry for entry in self.entries if entry["epoch"] < epoch]
+            if epoch:
+                self.logger.info("Resuming from the checkpoint after epoch %d of %d", epoch, self.epochs)
+            self.progress.reset(epoch * self.steps_per_epoch)
+        self._training_seconds = None
+        self._epoch_started = time.perf_counter()
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        # Validation runs inside the epoch; samples per second counts the training steps alone.
+        if self._training_seconds is None:
+            self._training_seconds = time.perf_counter() - self._epoch_started
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        seconds = self._training_seconds if self._training_seconds is not None else time.perf_counter() - self._epoch_started
+        measures = {name: float(value) for name, value in sorted((logs or {}).items())}
+        entry = {"epoch": epoch, **measures, "seconds": seconds, "samples_per_second": self.samples_per_epoch / seconds}
+        self.entries = [e for e in self.entries if e["epoch"] < epoch] + [entry]
+        write_json(self.history_path, self.entries)
+        self.logger.info(
+            "Epoch %d/%d: %s (%.1f s, %.0f samples/s)", epoch + 1, self.epochs,
+            ", ".join(f"{name} {value:.4f}" for name, value in measures.items()), seconds, entry["samples_per_second"],
+        )
+
+    def completed_entries(self) -> list[dict]:
+        """The history of epochs 0..epochs-1, whether run now or before an interruption."""
+        return [entry for entry in self.entries if entry["epoch"] < self.epochs]

@@ -1,0 +1,294 @@
+"""The training stage on small split folders of separable patterns: input, accuracy, determinism, resume, outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tracemalloc
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from storage.arrays import save_npy
+from tasks.batches import NORMALISATIONS, SplitBatches, epoch_permutation, load_split, open_splits, read_split_manifest
+from tasks.errors import PipelineError
+from tasks.models import build_one_layer_cnn
+from tasks.reporting import Progress
+from tasks.train import backup_folder, train_model
+from tasks.training_callbacks import BatchProgress, EpochBackup
+from tasks.training_record import git_commit
+from tests.tasks.synthetic_splits import write_split_folder
+
+FAST = {"epochs": 2, "batch_size": 32}
+
+
+class Interrupted(Exception):
+    """Stands for a killed process: raised from inside `fit`, after a checkpoint has been written."""
+
+
+class InterruptAfterEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise Interrupted(f"stopped after epoch {epoch + 1}")
+
+
+class EpochsBegun(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs: list[int] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+@pytest.fixture(scope="module")
+def split_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("splits") / "patterns"
+    write_split_folder(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(split_dir, tmp_path_factory) -> dict:
+    """One uninterrupted training run, shared by the tests that only read its outputs."""
+    return train_model(split_dir, tmp_path_factory.mktemp("models") / "reference", **FAST)
+
+
+def read(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# --- the input pipeline -------------------------------------------------------------------------
+
+
+def test_batches_are_float32_normalised_with_a_channel_axis_and_one_hot_labels(split_dir):
+    manifest = read_split_manifest(split_dir)
+    batches = open_splits(split_dir, manifest, experiment="notmnist", classes=10, batch_size=32, seed=133)
+    train = batches["train"]
+    pixels, targets = train[0]
+    rows = train.batch_rows(0)
+    assert pixels.dtype == np.float32 and pixels.shape == (32, 28, 28, 1)
+    assert targets.dtype == np.float32 and targets.shape == (32, 10)
+    np.testing.assert_allclose(pixels[..., 0], (train.images[rows].astype(np.float32) - 127.5) / 255, rtol=1e-6)
+    assert targets.argmax(axis=1).tolist() == train.labels[rows].tolist()
+    last_pixels, _ = train[len(train) - 1]
+    assert len(last_pixels) == train.rows - (len(train) - 1) * 32  # 300 rows: a last batch of 12
+
+
+@pytest.mark.parametrize(
+    ("experiment", "low", "high"), [("notmnist", -0.5, 0.5), ("mnist", 0.0, 1.0)], ids=["notmnist-centred", "mnist-unit"]
+)
+def test_each_experiment_uses_the_seeds_normalisation(experiment, low, high):
+    images = np.array([[[0] * 28] * 28, [[255] * 28] * 28], dtype=np.uint8)
+    batches = SplitBatches(images, np.array([0, 1]), batch_size=2, classes=10, normalisation=NORMALISATIONS[experiment])
+    pixels, _ = batches[0]
+    assert (pixels[0].min(), pixels[1].max()) == pytest.approx((low, high))
+
+
+def test_the_dataset_holds_the_memory_map_and_never_a_float_copy_of_the_split(split_dir):
+    images, labels = load_split(split_dir, "train", classes=10)
+    batches = SplitBatches(images, labels, batch_size=32, classes=10, normalisation=(127.5, 255.0), shuffle_seed=1)
+    assert isinstance(batches.images, np.memmap) and isinstance(batches.labels, np.memmap)
+    whole_as_float = images.size * 4
+    tracemalloc.start()
+    try:
+        for index in range(len(batches)):
+            batches[index]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # A batch is 32 x 784 float32 (100 KB); the whole split as float32 would be 940 KB.
+    assert peak < whole_as_float / 4, f"peak {peak:,} bytes while a float copy is {whole_as_float:,}"
+
+
+def test_each_epoch_has_its_own_order_and_the_same_seed_and_epoch_give_the_same_one(split_dir):
+    images, labels = load_split(split_dir, "train", classes=10)
+    batches = SplitBatches(images, labels, batch_size=32, classes=10, normalisation=(127.5, 255.0), shuffle_seed=133)
+    epoch_zero = [batches.batch_rows(i).tolist() for i in range(len(batches))]
+    batches.set_epoch(1)
+    epoch_one = [batches.batch_rows(i).tolist() for i in range(len(batches))]
+    assert epoch_zero != epoch_one
+    assert sorted(sum(epoch_zero, [])) == list(range(300)) == sorted(sum(epoch_one, []))
+    assert all(rows == sorted(rows) for rows in epoch_one)  # read forward through the file
+    batches.set_epoch(0)
+    assert [batches.batch_rows(i).tolist() for i in range(len(batches))] == epoch_zero
+    assert epoch_permutation(300, 133, 1).tolist() != epoch_permutation(300, 134, 1).tolist()
+
+
+def test_validation_and_test_batches_keep_file_order(split_dir):
+    batches = open_splits(split_dir, read_split_manifest(split_dir), experiment="notmnist", classes=10, batch_size=32, seed=1)
+    batches["test"].set_epoch(5)
+    assert batches["test"].batch_rows(1) == slice(32, 60)
+    assert batches["valid"].batch_rows(0) == slice(0, 32)
+
+
+def _damage_labels(folder: Path) -> None:
+    save_npy(folder / "train_y.npy", np.full(300, 10, dtype=np.int64))
+
+
+def _float_images(folder: Path) -> None:
+    save_npy(folder / "valid_x.npy", np.zeros((60, 28, 28), dtype=np.float32))
+
+
+def _short_labels(folder: Path) -> None:
+    save_npy(folder / "test_y.npy", np.zeros(59, dtype=np.int64))
+
+
+def _no_manifest(folder: Path) -> None:
+    (folder / "manifest.json").unlink()
+
+
+def _pickled_labels(folder: Path) -> None:
+    np.save(folder / "train_y.npy", np.array([object()] * 300, dtype=object), allow_pickle=True)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_damage_labels, r"labels span 10\.\.10, outside 0\.\.9"),
+        (_float_images, r"expected uint8 images"),
+        (_short_labels, r"expected 60 integer labels"),
+        (_no_manifest, r"build the splits first"),
+        (_pickled_labels, r"Python objects"),
+    ],
+    ids=["label-out-of-range", "float-images", "label-count", "no-manifest", "pickled-labels"],
+)
+def test_a_damaged_split_folder_fails_with_a_clear_error(tmp_path, damage, message):
+    folder = tmp_path / "splits"
+    write_split_folder(folder)
+    damage(folder)
+    with pytest.raises(PipelineError, match=message):
+        train_model(folder, tmp_path / "model", **FAST)
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"experiment": "cifar"}, "Unknown experiment"), ({"epochs": 0}, "epochs must be"),
+     ({"batch_size": 0}, "batch_size must be"), ({"optimizer": "lbfgs"}, "Unknown optimizer")],
+    ids=["experiment", "epochs", "batch-size", "optimizer"],
+)
+def test_bad_parameters_are_refused(split_dir, tmp_path, options, message):
+    with pytest.raises(PipelineError, match=message):
+        train_model(split_dir, tmp_path / "model", **{**FAST, **options})
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def test_the_cnn_learns_the_patterns_well_above_chance(reference):
+    assert reference["test_accuracy"] > 0.5  # ten classes: chance is 0.1
+    assert reference["val_accuracy"] > 0.5
+    assert reference["epochs_run"] == 2
+
+
+def test_the_same_seed_gives_the_same_metrics_twice(split_dir, reference, tmp_path):
+    again = train_model(split_dir, tmp_path / "again", **FAST)
+    first, second = read(reference["metrics_path"]), read(again["metrics_path"])
+    assert second["test_loss"] == first["test_loss"]
+    for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert second["history"][name] == first["history"][name]
+    assert second["confusion_matrix"] == first["confusion_matrix"]
+
+
+def test_an_interrupted_training_resumes_from_its_last_finished_epoch(split_dir, reference, tmp_path):
+    model_dir = tmp_path / "model"
+    with pytest.raises(Interrupted):
+        train_model(split_dir, model_dir, **FAST, extra_callbacks=[InterruptAfterEpoch(0)])
+    assert not model_dir.exists()  # nothing that looks finished
+    assert (backup_folder(model_dir) / "history.json").exists()
+
+    begun = EpochsBegun()
+    resumed = train_model(split_dir, model_dir, **FAST, extra_callbacks=[begun])
+    assert begun.epochs == [1]  # epoch 0 came from the checkpoint
+    assert resumed["epochs_run"] == 1
+    metrics = read(resumed["metrics_path"])
+    assert metrics["resumed_from_epoch"] == 1
+    assert len(metrics["history"]["val_accuracy"]) == 2  # the epoch run before the interruption is reported too
+    # Weights, optimizer state and the epoch's shuffle all came back: the result equals an uninterrupted run.
+    expected = read(reference["metrics_path"])
+    assert metrics["history"]["loss"] == pytest.approx(expected["history"]["loss"], rel=1e-5)
+    assert metrics["test_loss"] == pytest.approx(expected["test_loss"], rel=1e-5)
+    assert not backup_folder(model_dir).exists()
+
+
+def test_a_checkpoint_made_with_other_parameters_is_not_resumed(split_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    with pytest.raises(Interrupted):
+        train_model(split_dir, model_dir, **FAST, seed=1, extra_callbacks=[InterruptAfterEpoch(0)])
+    begun = EpochsBegun()
+    result = train_model(split_dir, model_dir, **FAST, seed=2, extra_callbacks=[begun])
+    assert begun.epochs == [0, 1] and result["epochs_run"] == 2
+
+
+def test_a_finished_model_folder_is_reused_without_training(split_dir, reference):
+    begun = EpochsBegun()
+    again = train_model(split_dir, Path(reference["model_path"]).parent, **FAST, extra_callbacks=[begun])
+    assert begun.epochs == []
+    assert again == reference
+
+
+def test_metrics_json_is_complete(reference):
+    metrics = read(reference["metrics_path"])
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0
+    assert metrics["test_accuracy"] == reference["test_accuracy"]
+    assert set(metrics["history"]) >= {"loss", "accuracy", "val_loss", "val_accuracy", "seconds", "samples_per_second"}
+    assert all(len(values) == 2 for values in metrics["history"].values())
+    assert metrics["val_accuracy"] == metrics["history"]["val_accuracy"][-1]
+    matrix = np.array(metrics["confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == 60
+    assert np.trace(matrix) / 60 == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert list(metrics["per_class_accuracy"]) == list("ABCDEFGHIJ")
+    assert metrics["per_class_accuracy"]["A"] == pytest.approx(matrix[0, 0] / matrix[0].sum())
+    assert metrics["samples_per_second"] > 0 and metrics["training_seconds"] > 0
+    assert metrics["device"] == "CPU" or re.fullmatch(r"GPU:0 \(.+\).*", metrics["device"])
+    assert Path(reference["model_path"]).is_file()
+    assert keras.saving.load_model(reference["model_path"]).output_shape == (None, 10)
+
+
+def test_record_json_says_what_produced_the_model(split_dir, reference):
+    record = read(reference["record_path"])
+    assert record["dataset"]["fingerprint"] == read_split_manifest(split_dir)["fingerprint"] == reference["dataset_fingerprint"]
+    assert record["parameters"] == {"experiment": "notmnist", "epochs": 2, "batch_size": 32, "optimizer": "adadelta",
+                                    "learning_rate": 1.0, "seed": 133}
+    versions = record["versions"]
+    assert {"python", "keras", "keras_backend", "numpy", "prefect", "project"} <= set(versions)
+    assert versions["keras"] == keras.__version__ and versions[versions["keras_backend"]]
+    assert record["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", record["git_commit"])
+    assert record["seed_reported"]["test_accuracy"] == 0.941 and record["seed_reported"]["val_accuracy"] == 0.8782
+    assert record["device"] == reference["device"]
+    assert record["dataset"]["rows"] == {"train": 300, "valid": 60, "test": 60}
+
+
+def test_each_epoch_reaches_the_log(split_dir, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="tasks.train"):
+        train_model(split_dir, tmp_path / "model", **FAST)
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["Epoch 1/2", "Epoch 2/2"]
+    assert all("val_accuracy" in line and "samples/s" in line for line in epochs)
+
+
+@pytest.mark.parametrize("where", ["not-a-checkout", "no-git"], ids=["outside-a-repository", "git-missing"])
+def test_the_commit_is_null_rather_than_an_error_when_git_cannot_tell(tmp_path, monkeypatch, where):
+    if where == "no-git":
+        monkeypatch.setenv("PATH", str(tmp_path))
+    assert git_commit(tmp_path) is None
+
+
+def test_progress_counts_every_batch(split_dir, tmp_path):
+    images, labels = load_split(split_dir, "train", classes=10)
+    batches = SplitBatches(images, labels, batch_size=64, classes=10, normalisation=(127.5, 255.0), shuffle_seed=1)
+    model = build_one_layer_cnn()
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    with Progress("train", 2 * len(batches)) as progress:
+        callbacks = [BatchProgress(progress), EpochBackup(tmp_path / "backup")]
+        model.fit(batches, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
+    assert progress.completed == 2 * len(batches) == 10
+    assert (tmp_path / "backup" / "latest.weights.h5").is_file()  # kept after fit, until the outputs are in place
