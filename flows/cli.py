@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -86,6 +87,49 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.train import train_here_or_there
+    from storage.atomic import read_json
+    from storage.layout import DataRoot
+
+    layout = DataRoot(args.data_dir)
+    split_dir = args.split_dir or _newest_split_folder(layout.splits_root)
+    training = dict(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed)
+    return train_here_or_there(
+        layout, "notmnist", read_json(Path(split_dir) / "manifest.json"), training, args.train_deployment, 6 * 3600
+    )
+
+
+def _newest_split_folder(splits_root: Path) -> Path:
+    from tasks.errors import PipelineError
+
+    folders = sorted(
+        (manifest.parent for manifest in splits_root.glob("train*/manifest.json")), key=lambda p: p.stat().st_mtime
+    )
+    if not folders:
+        raise PipelineError(f"No notMNIST splits under {splits_root}: run `notmnist splits` (or `notmnist run`) first.")
+    return folders[-1]
+
+
+def _mnist(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.mnist import mnist_pipeline
+
+    return mnist_pipeline(
+        data_dir=str(args.data_dir), url=args.url, epochs=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, seed=args.seed, train_deployment=args.train_deployment,
+        **({"expected_bytes": None, "sha256": None} if args.no_checks else {}),
+    )
+
+
+def _iris(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.iris import iris_pipeline
+
+    return iris_pipeline(
+        data_dir=str(args.data_dir), epochs=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, seed=args.seed,
+    )
+
+
 def _add_split_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--train-size", type=int, default=200_000, help="training rows (size // 10 per class)")
     sub.add_argument("--valid-size", type=int, default=10_000, help="validation rows")
@@ -98,18 +142,25 @@ def _add_split_options(sub: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_training_options(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--epochs", type=int, default=2, help="training epochs (the seed's value)")
-    sub.add_argument("--batch-size", type=int, default=128, help="training batch size (the seed's value)")
+def _add_training_options(sub: argparse.ArgumentParser, *, epochs=2, batch_size=128, learning_rate=1.0) -> None:
+    sub.add_argument("--epochs", type=int, default=epochs, help="training epochs (the seed's value)")
+    sub.add_argument("--batch-size", type=int, default=batch_size, help="training batch size (the seed's value)")
     sub.add_argument(
-        "--learning-rate", type=float, default=1.0, help="Adadelta learning rate (Keras 1's default, as in the seed)"
+        "--learning-rate", type=float, default=learning_rate,
+        help="learning rate (the seed's: Adadelta 1.0, Keras 1's default; SGD 0.01 for iris)",
     )
 
 
 def _demo(args: argparse.Namespace) -> dict[str, Any]:
     from flows.demo import run_demo
 
-    return run_demo(args.data_dir, per_letter=args.per_letter)
+    return run_demo(args.data_dir, per_letter=args.per_letter, epochs=args.epochs, workers=args.workers)
+
+
+def _make_archives(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.demo import make_archives
+
+    return make_archives(args.dest, per_letter=args.per_letter, small_per_letter=args.small_per_letter, seed=args.seed)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -193,9 +244,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_options(run)
     _add_training_options(run)
 
+    train = command("train", _train, "Train the seed's CNN on notMNIST splits (the newest under --data-dir by default).")
+    train.add_argument("--data-dir", type=Path, default=Path("data"), help="data root")
+    train.add_argument("--split-dir", type=Path, default=None, help="a split folder (default: the newest one)")
+    train.add_argument("--seed", type=int, default=133, help="seed of the weights and the epoch shuffles")
+    train.add_argument("--train-deployment", default=None, help="train on this deployment's pool (e.g. train/gpu)")
+    _add_training_options(train)
+
+    mnist = command("mnist", _mnist, "The seed's MNIST CNN: fetch mnist.npz (verified), convert, train.")
+    mnist.add_argument("--data-dir", type=Path, default=Path("data"), help="data root")
+    mnist.add_argument("--url", default="https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz",
+                       help="where mnist.npz is (http(s), file:// or a path)")
+    mnist.add_argument("--no-checks", action="store_true",
+                       help="skip the size and sha256 checks (for a mirror with another copy of the file)")
+    mnist.add_argument("--seed", type=int, default=133, help="seed of the weights and the epoch shuffles")
+    mnist.add_argument("--train-deployment", default=None, help="train on this deployment's pool (e.g. train/gpu)")
+    _add_training_options(mnist)
+
+    iris = command("iris", _iris, "The seed's softmax regression on iris, sparse and one-hot labels.")
+    iris.add_argument("--data-dir", type=Path, default=Path("data"), help="data root")
+    iris.add_argument("--seed", type=int, default=133, help="seed of the weights, shuffles and held-out rows")
+    _add_training_options(iris, epochs=15, batch_size=5, learning_rate=0.01)
+
     demo = command("demo", _demo, "Run the pipeline offline on generated archives served from 127.0.0.1.")
     demo.add_argument("--data-dir", type=Path, default=Path("data/demo"), help="data root for the demo")
-    demo.add_argument("--per-letter", type=int, default=200, help="images per letter in the generated large archive")
+    demo.add_argument("--per-letter", type=int, default=5000, help="images per letter in the generated large archive")
+    demo.add_argument("--epochs", type=int, default=5,
+                      help="training epochs (the seed trains 2 on 200,000 images; the demo has 40,000)")
+    demo.add_argument("--workers", type=int, default=None, help="decode processes (default: one per core)")
+
+    archives = command(
+        "make-archives", _make_archives,
+        "Write notMNIST_large.tar.gz and notMNIST_small.tar.gz in the real layout, from this machine's fonts.",
+    )
+    archives.add_argument("dest", type=Path, metavar="DIR", help="folder to write the two archives to")
+    archives.add_argument("--per-letter", type=int, required=True, help="images per letter in the large archive")
+    archives.add_argument("--small-per-letter", type=int, default=None,
+                          help="images per letter in the small archive (default: a sixth of --per-letter)")
+    archives.add_argument("--seed", type=int, default=2024, help="same seed, same bytes")
     return parser
 
 
@@ -215,7 +301,10 @@ def _print_human(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `notmnist` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.debug else "3")  # TensorFlow's C++ start-up chatter
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the embedded server would phone home
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.debug else logging.WARNING)  # one line per API call
     from tasks.errors import PipelineError
 
     try:

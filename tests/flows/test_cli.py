@@ -1,0 +1,89 @@
+"""The `notmnist` command line: help, errors, JSON output, make-archives and the demo end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from flows.cli import build_parser, main
+
+COMMANDS = ["fetch", "extract", "shards", "splits", "run", "train", "mnist", "iris", "demo", "make-archives"]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=COMMANDS)
+def test_every_command_explains_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    subparser = build_parser()._subparsers._group_actions[0].choices[command]
+    for action in subparser._actions:
+        assert action.help, f"{command} {action.option_strings or action.dest} has no help"
+        if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+            squeezed = "".join(text.split())  # help text wraps lines, even inside a long URL
+            assert "".join(f"(default: {action.default})".split()) in squeezed, (command, action.dest)
+
+
+def test_version_and_top_level_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("notmnist ")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = capsys.readouterr().out
+    assert all(command in listing for command in COMMANDS)
+
+
+def test_bad_option_exits_2_with_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["splits", "--dedup", "sometimes"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'sometimes'" in capsys.readouterr().err
+
+
+def test_failed_command_exits_1_with_one_line_that_says_what_to_do(file_server, tmp_path, capsys):
+    code = main(["fetch", file_server.url("absent.tar.gz"), "--dest", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("notmnist fetch: error: ") and "HTTP 404" in err[-1] and "check the URL" in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_json_prints_one_object(tmp_path, capsys):
+    source = tmp_path / "mirror" / "file.bin"
+    source.parent.mkdir()
+    source.write_bytes(b"x" * 1000)
+    assert main(["fetch", str(source), "--dest", str(tmp_path / "raw"), "--expected-bytes", "1000", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == {"path": str(tmp_path / "raw" / "file.bin"), "bytes": 1000,
+                      "sha256": hashlib.sha256(b"x" * 1000).hexdigest()}
+
+
+def test_make_archives_is_deterministic_and_laid_out_like_the_real_ones(tmp_path, capsys):
+    arguments = ["make-archives", "--per-letter", "6", "--small-per-letter", "3", "--seed", "5", "--json"]
+    assert main([*arguments[:1], str(tmp_path / "one"), *arguments[1:]]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main([*arguments[:1], str(tmp_path / "two"), *arguments[1:]]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert [a["sha256"] for a in first.values()] == [a["sha256"] for a in second.values()]
+    assert set(first) == {"notMNIST_large.tar.gz", "notMNIST_small.tar.gz"}
+    with tarfile.open(first["notMNIST_large.tar.gz"]["path"]) as archive:
+        files = [m for m in archive.getmembers() if m.isfile()]
+    assert {m.name.split("/")[1] for m in files} == set("ABCDEFGHIJ")
+    assert all(m.name.startswith("notMNIST_large/") and m.name.endswith(".png") for m in files)
+    assert first["notMNIST_large.tar.gz"]["unreadable"] > 0
+    assert len(files) == first["notMNIST_large.tar.gz"]["images"] + first["notMNIST_large.tar.gz"]["unreadable"]
+
+
+def test_demo_runs_the_whole_pipeline_to_a_model_and_a_report(prefect_api, tmp_path, capsys):
+    code = main(["demo", "--data-dir", str(tmp_path / "demo"), "--per-letter", "60", "--epochs", "1", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert Path(result["model_path"]).is_file()
+    assert "| test_accuracy |" in Path(result["report"]).read_text()
+    assert str(result["flow_run"])

@@ -1,0 +1,87 @@
+"""The notMNIST pipeline under Prefect, end to end on generated archives from a loopback server."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import TaskRunSort
+
+from flows.loopback import Fault
+from flows.notmnist import notmnist_pipeline
+from tests.flows.conftest import pipeline_parameters
+
+DATA_TASKS = {"download", "extract-archive", "decode-shards", "splits"}
+
+
+def task_states(flow_run_id) -> dict[str, list[str]]:
+    """Task name -> state names of the task runs of one flow run."""
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC
+            )
+        states: dict[str, list[str]] = {}
+        for run in runs:
+            states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)  # "download-a1b" -> "download"
+        return states
+
+    return asyncio.run(read())
+
+
+def test_pipeline_end_to_end_then_cached_rerun(prefect_api, served_archives, tmp_path):
+    parameters = pipeline_parameters(served_archives, tmp_path / "data")
+    state = notmnist_pipeline(**parameters, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert Path(result["model_path"]).exists()
+    report = Path(result["report"]).read_text()
+    assert f"| test_accuracy | {result['test_accuracy']:.4f} | 0.941 |" in report
+    assert result["dataset_fingerprint"] in report
+
+    states = task_states(state.state_details.flow_run_id)
+    assert all(name == "Completed" for task in DATA_TASKS for name in states[task]), states
+
+    again = notmnist_pipeline(**parameters, return_state=True)
+    assert again.is_completed()
+    cached = task_states(again.state_details.flow_run_id)
+    assert {task: set(cached[task]) for task in DATA_TASKS} == {task: {"Cached"} for task in DATA_TASKS}
+    assert again.result()["dataset_fingerprint"] == result["dataset_fingerprint"]
+
+
+def test_interrupted_download_fails_the_run_and_the_rerun_resumes_from_the_part(prefect_api, served_archives, tmp_path):
+    server, name = served_archives.server, "notMNIST_large.tar.gz"
+    size = served_archives.sizes[name]
+    server.add_faults(name, Fault(drop_after=size // 3), Fault(status=404))  # the transfer breaks, then the host is gone
+    parameters = pipeline_parameters(served_archives, tmp_path / "data")
+    failed = notmnist_pipeline(**parameters, return_state=True)
+    assert failed.is_failed()
+    part = tmp_path / "data" / "raw" / (name + ".part")
+    assert part.stat().st_size == size // 3
+
+    sent_before = server.body_bytes_sent(name)
+    resumed = notmnist_pipeline(**parameters, return_state=True)
+    assert resumed.is_completed(), resumed.message
+    assert server.body_bytes_sent(name) - sent_before == size - size // 3
+    assert server.requests_for(name)[-1].headers["Range"] == f"bytes={size // 3}-"
+
+
+def test_artifacts_have_stable_keys(prefect_api, served_archives, tmp_path):
+    state = notmnist_pipeline(**pipeline_parameters(served_archives, tmp_path / "data"), return_state=True)
+    assert state.is_completed()
+
+    async def keys():
+        async with get_client() as client:
+            artifacts = await client.read_artifacts(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
+        return {artifact.key for artifact in artifacts if artifact.key}
+
+    assert {
+        "notmnist-large-letters", "notmnist-large-rejected-files", "notmnist-small-letters",
+        "notmnist-small-rejected-files", "notmnist-splits", "notmnist-overlap", "notmnist-epochs", "notmnist-report",
+    } <= asyncio.run(keys())
