@@ -20,7 +20,8 @@ Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
 
 def _fetch(args: argparse.Namespace) -> dict[str, Any]:
-    from tasks.download import download_file, sha256_of
+    from storage.digests import sha256_of
+    from tasks.download import download_file
 
     path = download_file(
         args.url, args.dest, expected_bytes=args.expected_bytes, sha256=args.sha256, retries=args.retries

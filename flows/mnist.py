@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
-from flows.reports import publish_report, publish_training
-from flows.train import train_here_or_there
-from storage.atomic import write_bytes
+from flows.train import train_and_report
+from storage.digests import sha256_of
 from storage.layout import DataRoot
 from tasks.caching import refresh_unless
-from tasks.download import download_is_there, download_task, sha256_of
+from tasks.download import download_is_there, download_task
 from tasks.mnist import MNIST_BYTES, MNIST_SHA256, MNIST_URL, mnist_splits_task
 
 
@@ -37,11 +34,7 @@ def mnist_pipeline(
     )
     splits = mnist_splits_task(npz, layout.splits(f"mnist-{(sha256 or sha256_of(npz))[:12]}"))
     training = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
-    result = train_here_or_there(layout, "mnist", splits, training, train_deployment, train_timeout_seconds)
-    metrics = json.loads(Path(result["metrics_path"]).read_text())
-    publish_training("mnist", metrics)
-    report = Path(result["metrics_path"]).with_name("report.md")
-    write_bytes(report, publish_report("mnist", result, metrics, splits).encode())
+    result, report = train_and_report(layout, "mnist", splits, training, train_deployment, train_timeout_seconds)
     return {
         "test_accuracy": result["test_accuracy"],
         "test_loss": result["test_loss"],

@@ -7,15 +7,12 @@ half-downloaded archive from its `.part`, training from its last finished epoch.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
-from flows.reports import publish_letters, publish_report, publish_splits, publish_training
-from flows.train import train_here_or_there
-from storage.atomic import write_bytes
+from flows.reports import publish_letters, publish_splits
+from flows.train import train_and_report
 from storage.layout import DataRoot, archive_stem
 from tasks.caching import refresh_unless
 from tasks.decode import shards_are_there, shards_task
@@ -83,11 +80,7 @@ def notmnist_pipeline(
     publish_splits(splits)
 
     training = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
-    result = train_here_or_there(layout, "notmnist", splits, training, train_deployment, train_timeout_seconds)
-    metrics = json.loads(Path(result["metrics_path"]).read_text())
-    publish_training("notmnist", metrics)
-    report = Path(result["metrics_path"]).with_name("report.md")
-    write_bytes(report, publish_report("notmnist", result, metrics, splits).encode())
+    result, report = train_and_report(layout, "notmnist", splits, training, train_deployment, train_timeout_seconds)
     return {
         "test_accuracy": result["test_accuracy"],
         "test_loss": result["test_loss"],

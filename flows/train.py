@@ -17,7 +17,8 @@ from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
-from flows.reports import publish_training
+from flows.reports import publish_report, publish_training
+from storage.atomic import write_bytes
 from storage.layout import DataRoot
 from tasks.errors import PipelineError
 from tasks.train import train_task
@@ -41,6 +42,19 @@ def train_here_or_there(
     if deployment:
         return train_remotely(deployment, parameters, timeout_seconds)
     return train_flow(**parameters)
+
+
+def train_and_report(
+    layout: DataRoot, experiment: str, splits: dict, training: dict[str, Any], deployment: str | None,
+    timeout_seconds: float,
+) -> tuple[dict[str, Any], Path]:
+    """Train (here or on `deployment`), publish the epoch table and the report; returns the result and report.md."""
+    result = train_here_or_there(layout, experiment, splits, training, deployment, timeout_seconds)
+    metrics = json.loads(Path(result["metrics_path"]).read_text())
+    publish_training(experiment, metrics)
+    report = Path(result["metrics_path"]).with_name("report.md")
+    write_bytes(report, publish_report(experiment, result, metrics, splits).encode())
+    return result, report
 
 
 @flow(name="train", persist_result=True)

@@ -27,6 +27,7 @@ from filelock import FileLock
 from prefect import task
 
 from storage.atomic import read_json, remove, remove_leftovers, replace, temporary_sibling, write_json
+from storage.digests import sha256_of
 from storage.tar_stream import iter_files
 from tasks.caching import stage_cache
 from tasks.errors import ArchiveError, PipelineError
@@ -46,25 +47,12 @@ class TooFewImagesError(PipelineError):
     """A letter has fewer usable images than `min_images`."""
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def folder_fingerprint(letter_dir: Path) -> str:
     """Identity of a letter folder: names, sizes and modification times of its files."""
     digest = hashlib.sha256()
     for entry in sorted(os.scandir(letter_dir), key=lambda e: e.name):
         stat = entry.stat()
         digest.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def archive_fingerprint(archive: Path) -> str:
-    """Identity of an archive: its sha256."""
-    digest = hashlib.sha256()
-    with open(archive, "rb") as handle:
-        while chunk := handle.read(8 << 20):
-            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -77,7 +65,7 @@ def letter_is_done(letter_out: Path, source_fingerprint: str) -> bool:
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("source", {}).get("fingerprint") != source_fingerprint:
         return False
     return all(
-        (letter_out / shard["file"]).is_file() and _sha256(letter_out / shard["file"]) == shard["sha256"]
+        (letter_out / shard["file"]).is_file() and sha256_of(letter_out / shard["file"]) == shard["sha256"]
         for shard in manifest["shards"]
     )
 
@@ -104,7 +92,7 @@ def _letter_manifest(letter: str, source: dict, results: list[BatchResult], fold
         "mean": mean,
         "std": math.sqrt(variance),
         "shards": [
-            {"file": Path(r.shard_path).name, "rows": r.rows, "sha256": _sha256(folder / Path(r.shard_path).name)}
+            {"file": Path(r.shard_path).name, "rows": r.rows, "sha256": sha256_of(folder / Path(r.shard_path).name)}
             for r in results
             if r.shard_path
         ],
@@ -222,7 +210,7 @@ def _decode_group(
 def _sources(source: Path, letters: str) -> dict[str, dict]:
     """Each letter's input identity: the archive's sha256, or its folder's listing fingerprint."""
     if source.is_file():
-        fingerprint = archive_fingerprint(source)
+        fingerprint = sha256_of(source)
         return {letter: {"kind": "archive", "path": str(source), "fingerprint": fingerprint} for letter in letters}
     return {
         letter: {"kind": "folder", "path": str(source / letter), "fingerprint": folder_fingerprint(source / letter)}

@@ -27,12 +27,12 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 
 from storage.atomic import remove, write_json
-from tasks.errors import DownloadError, PermanentDownloadError, VerificationError
+from storage.digests import sha256_of
 from tasks.caching import stage_cache
+from tasks.errors import DownloadError, PermanentDownloadError, VerificationError
 from tasks.reporting import Progress, artifact_key, stage_logger
 
 CHUNK_BYTES = 1 << 20
-HASH_CHUNK_BYTES = 8 << 20
 SYNC_EVERY_BYTES = 32 << 20
 # Answers worth another try (RFC 9110: 408 timeout, 429 rate limit, 5xx server trouble).
 TRANSIENT_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
@@ -68,15 +68,6 @@ def file_name_from_url(url: str) -> str:
     if not name or name in {".", ".."}:
         raise PermanentDownloadError(f"Cannot tell a file name from {url!r}: give a URL that ends in a file name.")
     return name
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in large chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify(path: Path, *, expected_bytes: int | None, sha256: str | None, digest: str | None = None) -> str | None:

@@ -9,7 +9,6 @@ names that would land outside one top-level folder under `dest_dir`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from filelock import FileLock
 from prefect import task
 
 from storage.atomic import TEMPORARY_MARK, read_json, remove, temporary_sibling, write_json
+from storage.digests import sha256_of
 from storage.tar_stream import TarReader
 from tasks.caching import stage_cache
 from tasks.errors import ArchiveError, UnsafeArchiveError
@@ -30,7 +30,6 @@ RECORD_FORMAT = 1
 DEFAULT_MAX_MEMBERS = 2_000_000
 DEFAULT_MAX_TOTAL_BYTES = 4 * 2**30
 
-HASH_READ_BYTES = 1 << 20
 # O_EXCL makes a repeated member name an error at no cost; O_NOFOLLOW keeps writes off any link.
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
@@ -46,7 +45,7 @@ def finished_extraction(archive: Path, dest_dir: Path) -> Path | None:
             return candidate
         # A re-download of the same bytes gets a new mtime; the digest shows it is the same archive.
         if record.get("archive_size") == status.st_size:
-            archive_sha256 = archive_sha256 or _file_sha256(archive)
+            archive_sha256 = archive_sha256 or sha256_of(archive)
             if record.get("archive_sha256") == archive_sha256:
                 return candidate
     return None
@@ -219,12 +218,3 @@ def _relative_path(archive: Path, name: str, is_directory: bool) -> str:
         raise UnsafeArchiveError(f"{archive}: member {name!r} is a file without a name; refusing the archive. "
                                  "Nothing was extracted.")
     return "/".join(parts)
-
-
-def _file_sha256(path: Path) -> str:
-    """The hex sha256 of the file at `path`."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_READ_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()

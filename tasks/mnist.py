@@ -20,8 +20,9 @@ from prefect import task
 
 from storage.arrays import IMAGE_SHAPE, array_digest, load_npy, save_npy
 from storage.atomic import atomic_path, read_json, write_json
+from storage.digests import dataset_fingerprint, sha256_of
 from storage.layout import DataRoot
-from tasks.download import download_file, sha256_of
+from tasks.download import download_file
 from tasks.errors import PipelineError
 from tasks.reporting import stage_logger
 from tasks.splits import SPLIT_FORMAT, SPLITS
@@ -142,10 +143,7 @@ def build_mnist_splits(npz_path: Path, folder: Path, *, shapes: dict[str, tuple[
                 "x_sha256": array_digest(images),
                 "y_sha256": array_digest(labels),
             }
-        # The same recipe as the notMNIST splits' fingerprint: the digests of every split's arrays.
-        fingerprint = hashlib.sha256(
-            json.dumps({split: [written[split]["x_sha256"], written[split]["y_sha256"]] for split in SPLITS}).encode()
-        ).hexdigest()
+        fingerprint = dataset_fingerprint({split: written[split] for split in SPLITS})
         manifest = {
             "format": SPLIT_FORMAT,
             "folder": str(folder),

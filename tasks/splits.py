@@ -30,9 +30,10 @@ from prefect import task
 
 from storage.arrays import IMAGE_SHAPE, array_digest, create_npy, load_npy
 from storage.atomic import atomic_path, read_json, remove_leftovers, write_json
+from storage.digests import dataset_fingerprint
 from storage.shards import pixels_of, read_shard
-from tasks.decode import LETTERS, MANIFEST
 from tasks.caching import stage_cache
+from tasks.decode import LETTERS, MANIFEST
 from tasks.errors import PipelineError
 from tasks.reporting import stage_logger
 
@@ -303,9 +304,7 @@ def build_splits(
         with atomic_path(folder) as temporary:
             temporary.mkdir()
             written = {split: _write_split(temporary, split, chosen[split], rng) for split in ("train", "test", "valid")}
-            fingerprint = hashlib.sha256(
-                json.dumps({split: [written[split]["x_sha256"], written[split]["y_sha256"]] for split in SPLITS}).encode()
-            ).hexdigest()
+            fingerprint = dataset_fingerprint({split: written[split] for split in SPLITS})
             manifest = {
                 "format": SPLIT_FORMAT,
                 "folder": str(folder),

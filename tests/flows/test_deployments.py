@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import DeploymentFilter, FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.notmnist import notmnist_pipeline

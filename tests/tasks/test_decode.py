@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import tarfile
-from pathlib import Path
 
 import duckdb
 import numpy as np
