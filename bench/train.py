@@ -1,0 +1,180 @@
+"""One epoch of the notMNIST CNN: this project's training path against the seed's in-memory `model.fit`.
+
+Generates (once, under --workdir) a split folder of glyph-like uint8 images: --train-rows training
+rows (200,000 by default, the seed's notMNIST size), 10,000 valid and 10,000 test. Each variant then
+runs in a fresh process, so its peak RSS (ru_maxrss) is its own:
+
+  project  train_model(..., epochs=1): memory-mapped NPY, per-batch normalisation, seeded shuffle,
+           op determinism, per-epoch checkpoint, evaluation and atomic outputs
+  seed     the seed's way: every split normalised to float32 in memory, one-hot labels, then
+           model.fit(..., validation_data=...) and model.evaluate on the test arrays
+
+Same model, optimizer (Adadelta, lr 1.0) and batch size (128). One callback, the same in both
+variants, times the training steps of the epoch alone (epoch start to the start of validation):
+wall-clock samples per second, and the process's CPU seconds over the same span (all threads),
+which other jobs on a shared machine disturb less. Variants alternate for --repeats rounds; the
+best speed, the least CPU and the largest peak RSS of each count.
+
+    .venv/bin/python bench/train.py [--workdir .bench] [--train-rows 200000] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from storage.arrays import array_digest, create_npy  # noqa: E402
+from storage.atomic import write_json  # noqa: E402
+
+SPLIT_ROWS = {"valid": 10_000, "test": 10_000}
+BATCH_SIZE = 128
+CHUNK_ROWS = 8_192
+
+
+def glyph_like_images(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
+    """Dark background, a bright noisy block whose place depends on the label (so the model can learn)."""
+    images = rng.integers(0, 40, size=(len(labels), 28, 28), dtype=np.uint8)
+    for index, label in enumerate(labels):
+        row, column = 2 + (label // 5) * 12, 1 + (label % 5) * 5
+        images[index, row : row + 12, column : column + 6] = rng.integers(120, 256, size=(12, 6), dtype=np.uint8)
+    return images
+
+
+def generate(folder: Path, train_rows: int) -> None:
+    """The split folder (NPY files written in chunks through memory maps, and a manifest)."""
+    if (folder / "manifest.json").exists():
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(133)
+    written = {}
+    for split, rows in {"train": train_rows, **SPLIT_ROWS}.items():
+        x = create_npy(folder / f"{split}_x.npy", (rows, 28, 28), np.uint8)
+        y = create_npy(folder / f"{split}_y.npy", (rows,), np.int64)
+        for start in range(0, rows, CHUNK_ROWS):
+            labels = rng.integers(0, 10, size=min(CHUNK_ROWS, rows - start))
+            y[start : start + len(labels)] = labels
+            x[start : start + len(labels)] = glyph_like_images(rng, labels)
+        x.flush(), y.flush()
+        np.save(folder / f"{split}_file.npy", np.array([f"{split}/{i}".encode() for i in range(rows)]))
+        written[split] = {"rows": rows, "x_sha256": array_digest(x), "y_sha256": array_digest(y)}
+    fingerprint = hashlib.sha256(json.dumps(written, sort_keys=True).encode()).hexdigest()
+    write_json(folder / "manifest.json", {"format": 1, "folder": str(folder), "fingerprint": fingerprint, "splits": written})
+
+
+def training_timer():
+    """A Keras callback timing epoch start to validation start, in wall-clock and CPU seconds."""
+    import keras
+
+    class TrainingTime(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started, self.cpu_started, self.seconds = time.perf_counter(), time.process_time(), None
+
+        def on_test_begin(self, logs=None):
+            if self.seconds is None:
+                self.seconds = time.perf_counter() - self.started
+                self.cpu_seconds = time.process_time() - self.cpu_started
+
+    return TrainingTime()
+
+
+def timing(timer, rows: int) -> dict:
+    return {"samples_per_second": rows / timer.seconds, "cpu_ms_per_1000_samples": 1e6 * timer.cpu_seconds / rows}
+
+
+def run_project(folder: Path, model_dir: Path) -> dict:
+    from tasks.train import train_model
+
+    shutil.rmtree(model_dir, ignore_errors=True)
+    timer = training_timer()
+    started = time.perf_counter()
+    result = train_model(folder, model_dir, epochs=1, batch_size=BATCH_SIZE, extra_callbacks=[timer])
+    rows = json.loads((folder / "manifest.json").read_text())["splits"]["train"]["rows"]
+    return {**timing(timer, rows), "test_accuracy": result["test_accuracy"], "total_seconds": time.perf_counter() - started}
+
+
+def run_seed(folder: Path) -> dict:
+    import keras
+
+    from tasks.models import build_one_layer_cnn, make_optimizer
+
+    started = time.perf_counter()
+    arrays = {}
+    for split in ("train", "valid", "test"):
+        pixels = np.load(folder / f"{split}_x.npy").astype(np.float32)  # whole split in memory
+        pixels -= 127.5
+        pixels /= 255.0
+        arrays[split] = (pixels[..., np.newaxis], keras.utils.to_categorical(np.load(folder / f"{split}_y.npy"), 10))
+    keras.utils.set_random_seed(133)
+    model = build_one_layer_cnn()
+    model.compile(optimizer=make_optimizer("adadelta", 1.0), loss="categorical_crossentropy", metrics=["accuracy"])
+    timer = training_timer()
+    model.fit(*arrays["train"], batch_size=BATCH_SIZE, epochs=1, verbose=0, validation_data=arrays["valid"], callbacks=[timer])
+    _, accuracy = model.evaluate(*arrays["test"], verbose=0)
+    return {**timing(timer, len(arrays["train"][0])), "test_accuracy": float(accuracy),
+            "total_seconds": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".bench")
+    parser.add_argument("--train-rows", type=int, default=200_000)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variant", choices=("project", "seed"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    folder = args.workdir / f"train-splits-{args.train_rows}"
+
+    if args.variant:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if args.variant == "project":
+            result = run_project(folder, args.workdir / f"train-model-{args.train_rows}")
+        else:
+            result = run_seed(folder)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+
+    print(f"generating {args.train_rows:,} training rows (once) ...", flush=True)
+    generate(folder, args.train_rows)
+    runs: dict[str, list[dict]] = {"project": [], "seed": []}
+    for round_number in range(args.repeats):
+        for variant in ("project", "seed"):
+            child = subprocess.run(
+                [sys.executable, __file__, "--variant", variant, "--workdir", str(args.workdir),
+                 "--train-rows", str(args.train_rows)],
+                check=True, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+            )
+            runs[variant].append(json.loads(child.stdout.strip().splitlines()[-1]))
+            result = runs[variant][-1]
+            print(f"round {round_number + 1} {variant:<8} {result['samples_per_second']:8.0f} samples/s   "
+                  f"{result['cpu_ms_per_1000_samples']:6.0f} CPU ms/1000 samples   peak RSS {result['peak_rss_mb']:6.0f} MB   "
+                  f"test accuracy {result['test_accuracy']:.3f}   {result['total_seconds']:.1f} s in all   "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+
+    best = {variant: max(r["samples_per_second"] for r in results) for variant, results in runs.items()}
+    cpu = {variant: min(r["cpu_ms_per_1000_samples"] for r in results) for variant, results in runs.items()}
+    peak = {variant: max(r["peak_rss_mb"] for r in results) for variant, results in runs.items()}
+    print(f"cores: {os.cpu_count()}  training rows: {args.train_rows:,}  batch size: {BATCH_SIZE}")
+    for variant in runs:
+        print(f"{variant:<8} best {best[variant]:8.0f} samples/s   least {cpu[variant]:6.0f} CPU ms/1000 samples   "
+              f"peak RSS {peak[variant]:6.0f} MB")
+    print(f"speed ratio project/seed {best['project'] / best['seed']:.3f} (goal >= 0.95), "
+          f"CPU ratio project/seed {cpu['project'] / cpu['seed']:.3f}, "
+          f"peak RSS ratio {peak['project'] / peak['seed']:.3f} (goal <= 0.5)")
+
+
+if __name__ == "__main__":
+    main()
