@@ -159,7 +159,7 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _make_archives(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.demo import make_archives
+    from tasks.synthetic import make_archives
 
     return make_archives(args.dest, per_letter=args.per_letter, small_per_letter=args.small_per_letter, seed=args.seed)
 

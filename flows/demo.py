@@ -17,22 +17,7 @@ from flows.notmnist import notmnist_pipeline
 from storage.atomic import read_json, write_json
 from storage.layout import DataRoot
 from tasks.errors import PipelineError
-from tasks.synthetic import make_archive
-
-DEMO_SEED = 2024
-
-
-def make_archives(dest_dir: Path, *, per_letter: int, small_per_letter: int | None = None, seed: int = DEMO_SEED) -> dict:
-    """Write notMNIST_large.tar.gz and notMNIST_small.tar.gz; returns name -> {bytes, sha256, images}."""
-    small_per_letter = small_per_letter or max(per_letter // 6, 20)
-    archives = {}
-    for name, count, archive_seed in (("notMNIST_large", per_letter, seed), ("notMNIST_small", small_per_letter, seed + 1)):
-        archive = make_archive(Path(dest_dir), name, per_letter=count, seed=archive_seed)
-        archives[archive.path.name] = {
-            "path": str(archive.path), "bytes": archive.size_bytes, "sha256": archive.sha256,
-            "images": sum(archive.good_per_letter.values()), "unreadable": len(archive.bad_files),
-        }
-    return archives
+from tasks.synthetic import make_archives
 
 
 def demo_archives(source_dir: Path, per_letter: int) -> dict:

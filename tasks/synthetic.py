@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import functools
 import gzip
-import hashlib
 import io
 import multiprocessing
 import os
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from storage.atomic import atomic_path
+from storage.digests import sha256_of
 
 LETTERS = "ABCDEFGHIJ"
 IMAGE_SIZE = 28  # the Udacity notebook's image_size
@@ -397,15 +397,6 @@ def _tar_member(name: str, size: int = 0, directory: bool = False) -> tarfile.Ta
     return member
 
 
-def _sha256(path: Path) -> str:
-    """The sha256 of the file at `path`, as hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def make_archive(
     dest_dir: Path,
     name: str = "notMNIST_small",
@@ -441,6 +432,19 @@ def make_archive(
             raw.flush()
             os.fsync(raw.fileno())
         size_bytes = temporary.stat().st_size
-        sha256 = _sha256(temporary)
+        sha256 = sha256_of(temporary)
     good_per_letter, bad = _summary(specs)
     return SyntheticArchive(path, size_bytes, sha256, good_per_letter, bad)
+
+
+def make_archives(dest_dir: Path, *, per_letter: int, small_per_letter: int | None = None, seed: int = 2024) -> dict:
+    """Write notMNIST_large.tar.gz and notMNIST_small.tar.gz; returns name -> {bytes, sha256, images}."""
+    small_per_letter = small_per_letter or max(per_letter // 6, 20)
+    archives = {}
+    for name, count, archive_seed in (("notMNIST_large", per_letter, seed), ("notMNIST_small", small_per_letter, seed + 1)):
+        archive = make_archive(Path(dest_dir), name, per_letter=count, seed=archive_seed)
+        archives[archive.path.name] = {
+            "path": str(archive.path), "bytes": archive.size_bytes, "sha256": archive.sha256,
+            "images": sum(archive.good_per_letter.values()), "unreadable": len(archive.bad_files),
+        }
+    return archives
