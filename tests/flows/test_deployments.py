@@ -18,6 +18,8 @@ from prefect.client.schemas.filters import DeploymentFilter, FlowRunFilter, Flow
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.notmnist import notmnist_pipeline
+from flows.train import train_remotely
+from tasks.errors import PipelineError
 from tests.flows.conftest import pipeline_parameters
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,3 +118,11 @@ def test_training_is_dispatched_to_a_worker_of_the_gpu_pool(prefect_server, depl
     runs, artifacts = read(prefect_server, child_runs)
     assert [(run.work_pool_name, run.state.name) for run in runs] == [("gpu", "Completed")]
     assert {"notmnist-splits", "notmnist-report"} <= {a.key for a in artifacts}
+
+
+def test_a_training_run_nobody_picks_up_times_out_with_a_clear_error(prefect_server, deployed, tmp_path):
+    assert deployed.returncode == 0
+    parameters = {"split_dir": str(tmp_path), "model_dir": str(tmp_path / "model")}
+    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+        with pytest.raises(PipelineError, match=r"did not finish within 3 s .*is a worker polling its work pool"):
+            train_remotely("train/gpu", parameters, timeout_seconds=3)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import TaskRunSort
 
 from flows.loopback import Fault
 from flows.notmnist import notmnist_pipeline
+from flows.train import train_remotely
+from tasks.errors import PipelineError
 from tests.flows.conftest import pipeline_parameters
 
 DATA_TASKS = {"download", "extract-archive", "decode-shards", "splits"}
@@ -85,3 +88,8 @@ def test_artifacts_have_stable_keys(prefect_api, served_archives, tmp_path):
         "notmnist-large-letters", "notmnist-large-rejected-files", "notmnist-small-letters",
         "notmnist-small-rejected-files", "notmnist-splits", "notmnist-overlap", "notmnist-epochs", "notmnist-report",
     } <= asyncio.run(keys())
+
+
+def test_a_missing_training_deployment_is_a_clear_error(prefect_api):
+    with pytest.raises(PipelineError, match=r"No deployment named 'train/nowhere': create it with `prefect deploy --all`"):
+        train_remotely("train/nowhere", {}, timeout_seconds=5)
