@@ -91,7 +91,7 @@ def main() -> None:
 
     archive = args.archive
     if archive is None:
-        from tasks.synthetic import make_archive
+        from demo.synthetic import make_archive
 
         folder = args.workdir / f"ingest-{args.per_letter}"
         archive = folder / "notMNIST_large.tar.gz"

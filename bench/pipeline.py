@@ -72,8 +72,8 @@ def main() -> None:
 
     from prefect import flow
 
-    from flows.demo import demo_archives, demo_sizes
-    from flows.loopback import FileServer
+    from demo.run import demo_archives, demo_sizes
+    from demo.loopback import FileServer
     from flows.notmnist import notmnist_pipeline
 
     source = args.workdir / f"pipeline-{args.per_letter}"

@@ -1,4 +1,4 @@
-"""`mnist_pipeline`: the seed's MNIST experiment — fetch `mnist.npz`, convert it to splits, train the CNN."""
+"""`mnist_pipeline`: the seed's MNIST experiment — fetch `mnist.npz`, lay it out as splits, train the CNN."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from typing import Any
 
 from prefect import flow
 
-from flows.train import train_and_report
-from storage.digests import sha256_of
+from core.defaults import TRAIN_TIMEOUT_SECONDS
+from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, MNIST_BYTES, MNIST_SHA256, MNIST_URL, SEED
+from flows.train import pipeline_result, train_and_report
 from storage.layout import DataRoot
-from tasks.caching import refresh_unless
-from tasks.download import download_is_there, download_task
-from tasks.mnist import MNIST_BYTES, MNIST_SHA256, MNIST_URL, mnist_splits_task
+from tasks.download import download_task
+from tasks.mnist import mnist_splits_task
 
 
 @flow(name="mnist-pipeline")
@@ -20,26 +20,30 @@ def mnist_pipeline(
     url: str = MNIST_URL,
     expected_bytes: int | None = MNIST_BYTES,
     sha256: str | None = MNIST_SHA256,
-    epochs: int = 2,
-    batch_size: int = 128,
-    learning_rate: float = 1.0,
-    seed: int = 133,
+    epochs: int = EPOCHS,
+    batch_size: int = BATCH_SIZE,
+    learning_rate: float = LEARNING_RATE,
+    seed: int = SEED,
     train_deployment: str | None = None,
-    train_timeout_seconds: float = 3600,
+    train_timeout_seconds: float = TRAIN_TIMEOUT_SECONDS,
 ) -> dict[str, Any]:
-    """MNIST with the seed's CNN (Adadelta lr 1.0, batch 128, 2 epochs); returns test accuracy, paths, report."""
+    """MNIST with the seed's CNN (Adadelta lr 1.0, batch 128, 2 epochs); returns test accuracy, paths, report.
+
+    Args:
+        data_dir: the data root.
+        url: where mnist.npz is (http(s), file:// or a path).
+        expected_bytes: the size it must have (None: not checked).
+        sha256: the sha256 it must have (None: not checked).
+        epochs: training epochs.
+        batch_size: training batch size.
+        learning_rate: Adadelta's learning rate.
+        seed: seed of the weights and of each epoch's shuffle.
+        train_deployment: send training to this deployment (e.g. train/gpu) instead of training here.
+        train_timeout_seconds: how long to wait for a training sent to a deployment.
+    """
     layout = DataRoot(data_dir)
-    npz = refresh_unless(download_task, download_is_there(url, layout.raw, expected_bytes))(
-        url, layout.raw, expected_bytes, sha256
-    )
-    splits = mnist_splits_task(npz, layout.splits(f"mnist-{(sha256 or sha256_of(npz))[:12]}"))
+    npz = download_task(url, layout.raw, expected_bytes=expected_bytes, sha256=sha256)
+    splits = mnist_splits_task(npz, layout.root)
     training = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     result, report = train_and_report(layout, "mnist", splits, training, train_deployment, train_timeout_seconds)
-    return {
-        "test_accuracy": result["test_accuracy"],
-        "test_loss": result["test_loss"],
-        "model_path": result["model_path"],
-        "dataset_fingerprint": splits["fingerprint"],
-        "report": str(report),
-        "device": result.get("device"),
-    }
+    return pipeline_result(layout, result, splits, report)

@@ -1,8 +1,9 @@
 """`notmnist_pipeline`: download both archives -> extract -> shards -> splits -> train.
 
-The seed's values are the defaults. Every data stage is cached on what determines its output, so a
-rerun (or a retry after a failure) takes finished stages from the cache and resumes the rest: a
-half-downloaded archive from its `.part`, training from its last finished epoch.
+The seed's values are the defaults (core/seed.py). Every data stage is cached on what determines its
+output and on that output being on disk, intact (tasks/caching.py), so a rerun, or a retry after a
+failure, takes finished stages from the cache and redoes the rest: a half-downloaded archive from
+its `.part`, a damaged stage from scratch, training from its last finished epoch.
 """
 
 from __future__ import annotations
@@ -11,24 +12,35 @@ from typing import Any
 
 from prefect import flow
 
+from core.defaults import TRAIN_TIMEOUT_SECONDS
+from core.seed import (
+    BATCH_SIZE,
+    EPOCHS,
+    LARGE_ARCHIVE,
+    LARGE_BYTES,
+    LEARNING_RATE,
+    MIN_IMAGES_LARGE,
+    MIN_IMAGES_SMALL,
+    NOTMNIST_BASE_URL,
+    SEED,
+    SMALL_ARCHIVE,
+    SMALL_BYTES,
+    TEST_SIZE,
+    TRAIN_SIZE,
+    VALID_SIZE,
+)
 from flows.reports import publish_letters, publish_splits
-from flows.train import train_and_report
+from flows.train import pipeline_result, train_and_report
 from storage.layout import DataRoot, archive_stem
-from tasks.caching import refresh_unless
-from tasks.decode import shards_are_there, shards_task
-from tasks.download import download_is_there, download_task
-from tasks.extract import extract_task, finished_extraction
-from tasks.splits import splits_are_there, splits_task
-
-# The archives as published (the Udacity notebook's maybe_download checks exactly these sizes).
-BASE_URL = "https://commondatastorage.googleapis.com/books1000/"
-LARGE_ARCHIVE, LARGE_BYTES = "notMNIST_large.tar.gz", 247_336_696
-SMALL_ARCHIVE, SMALL_BYTES = "notMNIST_small.tar.gz", 8_458_043
+from tasks.decode import shards_task
+from tasks.download import download_task
+from tasks.extract import extract_task
+from tasks.splits import splits_task
 
 
 @flow(name="notmnist-pipeline")
 def notmnist_pipeline(
-    base_url: str = BASE_URL,
+    base_url: str = NOTMNIST_BASE_URL,
     data_dir: str = "data",
     large_archive: str = LARGE_ARCHIVE,
     large_bytes: int | None = LARGE_BYTES,
@@ -36,57 +48,63 @@ def notmnist_pipeline(
     small_archive: str = SMALL_ARCHIVE,
     small_bytes: int | None = SMALL_BYTES,
     small_sha256: str | None = None,
-    min_images_large: int = 45_000,
-    min_images_small: int = 1_800,
-    train_size: int = 200_000,
-    valid_size: int = 10_000,
-    test_size: int = 10_000,
+    min_images_large: int = MIN_IMAGES_LARGE,
+    min_images_small: int = MIN_IMAGES_SMALL,
+    train_size: int = TRAIN_SIZE,
+    valid_size: int = VALID_SIZE,
+    test_size: int = TEST_SIZE,
     dedup: str = "cross-split",
-    seed: int = 133,
-    epochs: int = 2,
-    batch_size: int = 128,
-    learning_rate: float = 1.0,
+    seed: int = SEED,
+    epochs: int = EPOCHS,
+    batch_size: int = BATCH_SIZE,
+    learning_rate: float = LEARNING_RATE,
     workers: int | None = None,
     train_deployment: str | None = None,
-    train_timeout_seconds: float = 6 * 3600,
+    train_timeout_seconds: float = TRAIN_TIMEOUT_SECONDS,
 ) -> dict[str, Any]:
-    """The whole notMNIST experiment; returns test accuracy and loss, model path, fingerprint and report."""
+    """The whole notMNIST experiment; returns test accuracy and loss, model path, fingerprint and report.
+
+    Args:
+        base_url: where both archives are published (http(s), file:// or a folder).
+        data_dir: the data root.
+        large_archive: the archive valid and train are drawn from.
+        large_bytes: the size it must have (None: not checked).
+        large_sha256: the sha256 it must have (None: not checked).
+        small_archive: the archive test is drawn from.
+        small_bytes: the size it must have (None: not checked).
+        small_sha256: the sha256 it must have (None: not checked).
+        min_images_large: fewest usable images per letter of the large archive.
+        min_images_small: fewest usable images per letter of the small archive.
+        train_size: training rows (size // 10 per class).
+        valid_size: validation rows.
+        test_size: test rows.
+        dedup: none, cross-split or all: which duplicate images may repeat across or within splits.
+        seed: seed of the shuffles, the weights and each epoch's order.
+        epochs: training epochs.
+        batch_size: training batch size.
+        learning_rate: Adadelta's learning rate.
+        workers: decode processes (None: one per core).
+        train_deployment: send training to this deployment (e.g. train/gpu) instead of training here.
+        train_timeout_seconds: how long to wait for a training sent to a deployment.
+    """
     layout = DataRoot(data_dir)
-    archives = {large_archive: (large_bytes, large_sha256), small_archive: (small_bytes, small_sha256)}
-    downloads = {
-        name: refresh_unless(download_task, download_is_there(base_url + name, layout.raw, size)).submit(
-            base_url + name, layout.raw, size, sha256
-        )
-        for name, (size, sha256) in archives.items()
+    archives = {
+        large_archive: (large_bytes, large_sha256, min_images_large),
+        small_archive: (small_bytes, small_sha256, min_images_small),
     }
-    shard_dirs = {}
-    for name, minimum in ((large_archive, min_images_large), (small_archive, min_images_small)):
-        archive = downloads[name].result()
-        top = refresh_unless(extract_task, finished_extraction(archive, layout.extracted) is not None)(
-            archive, layout.extracted
-        )
-        shard_dirs[name] = layout.shards(name)
-        manifests = refresh_unless(shards_task, shards_are_there(shard_dirs[name]))(
-            top, shard_dirs[name], minimum, workers
-        )
-        publish_letters(archive_stem(name), manifests)
-
-    split_parameters = dict(
-        large_shards=shard_dirs[large_archive], small_shards=shard_dirs[small_archive],
-        splits_root=layout.splits_root, train_size=train_size, valid_size=valid_size, test_size=test_size,
-        seed=seed, dedup=dedup,
+    downloads = {
+        name: download_task.submit(base_url + name, layout.raw, expected_bytes=size, sha256=sha256)
+        for name, (size, sha256, _) in archives.items()
+    }
+    for name, (_, _, min_images) in archives.items():
+        top = extract_task(downloads[name].result(), layout.extracted)
+        letters = shards_task(top, layout.shards(name), min_images=min_images, workers=workers)
+        publish_letters(archive_stem(name), letters)
+    splits = splits_task(
+        layout.root, large=large_archive, small=small_archive, train_size=train_size, valid_size=valid_size,
+        test_size=test_size, seed=seed, dedup=dedup,
     )
-    splits = refresh_unless(splits_task, splits_are_there(**split_parameters))(**split_parameters)
     publish_splits(splits)
-
     training = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     result, report = train_and_report(layout, "notmnist", splits, training, train_deployment, train_timeout_seconds)
-    return {
-        "test_accuracy": result["test_accuracy"],
-        "test_loss": result["test_loss"],
-        "val_accuracy": result.get("val_accuracy"),
-        "model_path": result["model_path"],
-        "dataset_fingerprint": splits["fingerprint"],
-        "report": str(report),
-        "device": result.get("device"),
-    }
+    return pipeline_result(layout, result, splits, report)

@@ -9,10 +9,8 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from core.seed import reported
 from tasks.reporting import artifact_key
-
-# The seed's reported numbers (../shared/seed/README.md), for comparison in every report.
-SEED_RESULTS = {"notmnist": {"test_accuracy": 0.941, "val_accuracy": 0.8782}, "mnist": {"test_accuracy": 0.9555}}
 
 
 def publish_letters(archive: str, manifests: dict[str, dict]) -> None:
@@ -72,9 +70,9 @@ def publish_training(experiment: str, metrics: dict[str, Any]) -> None:
     )
 
 
-def publish_report(experiment: str, result: dict[str, Any], metrics: dict[str, Any], splits: dict | None) -> str:
+def publish_report(experiment: str, result: dict[str, Any], metrics: dict[str, Any], splits: dict) -> str:
     """A markdown report: accuracy against the seed's numbers, confusion matrix, where things are."""
-    seed = SEED_RESULTS.get(experiment, {})
+    seed = reported(experiment)
     lines = [f"# {experiment} run", "", "| measure | this run | seed |", "| --- | --- | --- |"]
     for name in ("test_accuracy", "test_loss", "val_accuracy"):
         if result.get(name) is not None:
@@ -85,10 +83,8 @@ def publish_report(experiment: str, result: dict[str, Any], metrics: dict[str, A
         lines += ["", "Confusion matrix (rows: true, columns: predicted)", "",
                   "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
         lines += [f"| **{label}** | " + " | ".join(str(v) for v in row) + " |" for label, row in zip(labels, matrix)]
-    lines += ["", f"- model: `{result.get('model_path')}`", f"- metrics: `{result.get('metrics_path')}`",
+    lines += ["", f"- model: `{result['model']}` (in the data root)", f"- splits: `splits/{splits['key']}`",
               f"- dataset fingerprint: `{result.get('dataset_fingerprint')}`", f"- device: {result.get('device')}"]
-    if splits:
-        lines.append(f"- splits: `{splits['folder']}`")
     markdown = "\n".join(lines)
     create_markdown_artifact(key=artifact_key(experiment, "report"), markdown=markdown,
                              description=f"{experiment}: results against the seed's")

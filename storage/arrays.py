@@ -1,14 +1,10 @@
-"""NPY arrays of the splits: written through memory maps, loaded memory-mapped, never unpickled."""
+"""NPY files: written through memory maps or whole, loaded memory-mapped, never unpickled."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
-
-IMAGE_SHAPE = (28, 28)
-HASH_ROWS = 16384
 
 
 def create_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype | str) -> np.memmap:
@@ -32,11 +28,3 @@ def load_npy(path: Path, *, mmap: bool = True) -> np.ndarray:
         if "object" in str(error) or "pickle" in str(error):
             raise ValueError(f"{path} holds Python objects, which would need pickle to load; refusing it") from error
         raise
-
-
-def array_digest(array: np.ndarray) -> str:
-    """sha256 of an array's dtype, shape and bytes, read in slices so a memmap is never loaded whole."""
-    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
-    for start in range(0, len(array), HASH_ROWS):
-        digest.update(np.ascontiguousarray(array[start : start + HASH_ROWS]).data)
-    return digest.hexdigest()

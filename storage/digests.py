@@ -1,9 +1,8 @@
-"""Content digests: of files, and the dataset fingerprint every split folder carries."""
+"""Content digests of files."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 READ_BYTES = 8 << 20
@@ -16,9 +15,3 @@ def sha256_of(path: Path) -> str:
         while chunk := handle.read(READ_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def dataset_fingerprint(splits: dict[str, dict]) -> str:
-    """A split folder's fingerprint: sha256 over each split's x and y array digests, in split order."""
-    arrays = {split: [info["x_sha256"], info["y_sha256"]] for split, info in splits.items()}
-    return hashlib.sha256(json.dumps(arrays).encode()).hexdigest()

@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-IMAGE_SIDE = 28
+from core.seed import IMAGE_SIDE
+
 PIXELS_PER_IMAGE = IMAGE_SIDE * IMAGE_SIDE
 DIGEST_BYTES = 16
 ROW_GROUP_ROWS = 8192
@@ -67,8 +68,13 @@ def write_shard(path: Path | BinaryIO, files: Sequence[str], label: int, pixels:
 
 
 def read_shard(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read a shard (optionally only some columns)."""
+    """Read a shard file (optionally only some columns), unverified: the stages read through `storage.letters`."""
     return pq.read_table(path, columns=list(columns) if columns else None, schema=SHARD_SCHEMA)
+
+
+def read_shard_bytes(data: bytes, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read a shard from its bytes (already checked against its digest), optionally only some columns."""
+    return pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None, schema=SHARD_SCHEMA)
 
 
 def pixels_of(table: pa.Table) -> np.ndarray:

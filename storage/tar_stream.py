@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.errors import ArchiveError, UnsafeArchiveError
+from core.errors import ArchiveError, UnsafeArchiveError
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)

@@ -15,12 +15,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from storage.arrays import IMAGE_SHAPE, load_npy
-from storage.atomic import read_json
-from tasks.errors import PipelineError
-
-SPLITS = ("train", "valid", "test")
-MANIFEST = "manifest.json"
+from core.errors import PipelineError
+from storage.splits import SPLITS, open_split
 
 # (offset, scale) of the seed's normalisation x' = (x - offset) / scale:
 # notMNIST's load_letter computed (x - pixel_depth / 2) / pixel_depth; the MNIST script x / 255.
@@ -30,56 +26,6 @@ NORMALISATIONS = {"notmnist": (127.5, 255.0), "mnist": (0.0, 255.0)}
 def epoch_permutation(rows: int, seed: int, epoch: int) -> np.ndarray:
     """The training order of one epoch: a function of (seed, epoch) alone, so a resumed run repeats it."""
     return np.random.default_rng([seed, epoch]).permutation(rows)
-
-
-def read_split_manifest(split_dir: Path) -> dict:
-    """The manifest of a finished split folder; a clear error when the splits stage has not run."""
-    path = Path(split_dir) / MANIFEST
-    try:
-        manifest = read_json(path)
-    except FileNotFoundError as error:
-        raise PipelineError(f"{path} does not exist: build the splits first (the splits stage writes it last).") from error
-    except ValueError as error:
-        raise PipelineError(f"{path} is not valid JSON ({error}); rebuild the splits.") from error
-    missing = [key for key in ("fingerprint", "splits") if key not in manifest]
-    missing += [f"splits.{split}" for split in SPLITS if split not in manifest.get("splits", {})]
-    if missing:
-        raise PipelineError(f"{path} lacks {', '.join(missing)}; rebuild the splits.")
-    return manifest
-
-
-def load_split(split_dir: Path, split: str, *, classes: int, expected_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The memory-mapped images (N, 28, 28) uint8 and labels (N,) of one split, checked against each other.
-
-    Args:
-        split_dir: a folder written by the splits stage (or `tasks.mnist`).
-        split: "train", "valid" or "test".
-        classes: labels must lie in [0, classes).
-        expected_rows: the row count the manifest promises, when known.
-    """
-    folder = Path(split_dir)
-    try:
-        images = load_npy(folder / f"{split}_x.npy")
-        labels = load_npy(folder / f"{split}_y.npy")
-    except (OSError, ValueError) as error:
-        raise PipelineError(f"Cannot read the {split} split in {folder} ({error}); rebuild the splits.") from error
-    if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
-        raise PipelineError(
-            f"{folder / f'{split}_x.npy'}: expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}."
-        )
-    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-        raise PipelineError(
-            f"{folder / f'{split}_y.npy'}: expected {len(images):,} integer labels, got {labels.dtype} {labels.shape}."
-        )
-    if expected_rows is not None and len(images) != expected_rows:
-        raise PipelineError(f"{folder}: the manifest promises {expected_rows:,} {split} rows, the files hold {len(images):,}.")
-    if len(labels) == 0:
-        raise PipelineError(f"{folder}: the {split} split is empty.")
-    # Labels are 8 bytes a row, so checking them all costs little even at 200k rows.
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= classes:
-        raise PipelineError(f"{folder / f'{split}_y.npy'}: labels span {low}..{high}, outside 0..{classes - 1}.")
-    return images, labels
 
 
 class SplitBatches(keras.utils.PyDataset):
@@ -155,16 +101,16 @@ class ShuffleEachEpoch(keras.callbacks.Callback):
 
 
 def open_splits(
-    split_dir: Path, manifest: dict, *, experiment: str, classes: int, batch_size: int, seed: int
+    split_dir: Path, manifest: dict, *, experiment: str, batch_size: int, seed: int
 ) -> dict[str, SplitBatches]:
-    """Train (shuffled by `seed`), valid and test (in file order) batches of a split folder."""
+    """Train (shuffled by `seed`), valid and test (in file order) batches of a split folder, its files verified."""
     if experiment not in NORMALISATIONS:
         raise PipelineError(f"No normalisation for experiment {experiment!r}; known: {', '.join(NORMALISATIONS)}.")
     batches = {}
     for split in SPLITS:
-        images, labels = load_split(split_dir, split, classes=classes, expected_rows=manifest["splits"][split].get("rows"))
+        images, labels = open_split(split_dir, manifest, split)
         batches[split] = SplitBatches(
-            images, labels, batch_size=batch_size, classes=classes, normalisation=NORMALISATIONS[experiment],
-            shuffle_seed=seed if split == "train" else None,
+            images, labels, batch_size=batch_size, classes=len(manifest["class_names"]),
+            normalisation=NORMALISATIONS[experiment], shuffle_seed=seed if split == "train" else None,
         )
     return batches

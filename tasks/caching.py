@@ -1,50 +1,46 @@
-"""Cache policies for the stage tasks: what really determines each stage's output.
+"""The stages' cache policy: a cached result counts only while the output it describes is on disk, intact.
 
-Each key hashes the task's inputs (minus those that do not change the output, such as the worker
-count), the task's source, and the identity of the files it reads — so a re-downloaded archive or
-re-decoded shards invalidate what was built from them, while a rerun with nothing changed comes
-back Cached in seconds. Large arrays never enter a key: stages pass paths and manifests.
-
-A cached result points at files; when those files are gone (a cleaned data root), the flow asks for
-a refresh through `refresh_unless`, and the stage's own "what needs doing?" check rebuilds them.
+A key is the task's inputs (less those that do not change the output, such as the worker count),
+its source, and the identity of the output those inputs lead to, as storage/ finds it: a committed
+folder whose files match their digests, a download that passes its checks. When storage finds no
+such output (never built, deleted, damaged), the policy yields no key at all, so Prefect neither
+serves nor stores a cached result and the stage runs, rebuilding what it owns. Large arrays never
+enter a key: stages pass paths and manifests.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.utilities.hashing import hash_objects
+
+OutputIdentity = Callable[[dict[str, Any]], str | None]
 
 
-def file_identity(paths: Iterable[Path]) -> str:
-    """Size and modification time of each file (or 'absent'): cheap, and changes when a file is rewritten."""
-    digest = hashlib.sha256()
-    for path in paths:
-        try:
-            status = os.stat(path)
-            digest.update(f"{path}:{status.st_size}:{status.st_mtime_ns}\n".encode())
-        except FileNotFoundError:
-            digest.update(f"{path}:absent\n".encode())
-    return digest.hexdigest()
+@dataclass
+class StageCache(CachePolicy):
+    """INPUTS (less `ignore`) + TASK_SOURCE + `output(parameters)`; no key when `output` finds nothing intact."""
+
+    output: OutputIdentity | None = None
+    ignore: Iterable[str] = field(default_factory=tuple)
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        identity = self.output(inputs) if self.output else ""
+        if identity is None:
+            return None
+        inputs_policy = INPUTS
+        for name in self.ignore:
+            inputs_policy = inputs_policy - name
+        keys = [
+            policy.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters=flow_parameters, **kwargs)
+            for policy in (inputs_policy, TASK_SOURCE)
+        ]
+        return hash_objects(*keys, identity, raise_on_failure=True)
 
 
-def stage_cache(
-    reads: Callable[[dict[str, Any]], Iterable[Path]] | None = None, ignore: Iterable[str] = ()
-) -> CachePolicy:
-    """INPUTS (less `ignore`) + TASK_SOURCE + the identity of the files `reads(parameters)` names."""
-    policy = INPUTS
-    for name in ignore:
-        policy = policy - name
-    policy = policy + TASK_SOURCE
-    if reads is not None:
-        policy = policy + CacheKeyFnPolicy(cache_key_fn=lambda context, parameters: file_identity(reads(parameters)))
-    return policy
-
-
-def refresh_unless(task, output_is_there: bool):
-    """The task as is when its output is still on disk, else one that ignores (and replaces) the cache."""
-    return task if output_is_there else task.with_options(refresh_cache=True)
+def stage_cache(output: OutputIdentity, ignore: Iterable[str] = ()) -> StageCache:
+    """The cache policy of a stage whose finished output `output(parameters)` identifies (None: not there)."""
+    return StageCache(output=output, ignore=tuple(ignore))

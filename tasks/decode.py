@@ -14,7 +14,6 @@ extraction; see `storage.tar_stream`). Rows come out in the same order either wa
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import multiprocessing
 import os
@@ -26,17 +25,18 @@ from pathlib import Path
 from filelock import FileLock
 from prefect import task
 
-from storage.atomic import read_json, remove, remove_leftovers, replace, temporary_sibling, write_json
+from core.errors import ArchiveError, CorruptDataError, PipelineError
+from core.seed import LETTERS
+from storage.atomic import remove, remove_leftovers, temporary_sibling
 from storage.digests import sha256_of
+from storage.extraction import extraction_problem, folder_listing, read_record
+from storage.folders import manifest_identity
+from storage.letters import commit_letter, find_letter, letter_folder, read_letter_manifest
 from storage.tar_stream import iter_files
 from tasks.caching import stage_cache
-from tasks.errors import ArchiveError, PipelineError
 from tasks.images import BatchJob, BatchResult, decode_batch, warm_up
 from tasks.reporting import Progress, artifact_key, stage_logger
 
-LETTERS = "ABCDEFGHIJ"  # notMNIST's classes; label = position (the seed enumerates sorted folders)
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
 BATCH_ROWS = 8192
 # Member limits for reading an archive directly: comfortably above notMNIST_large (529,119 members).
 MAX_MEMBERS = 2_000_000
@@ -47,31 +47,8 @@ class TooFewImagesError(PipelineError):
     """A letter has fewer usable images than `min_images`."""
 
 
-def folder_fingerprint(letter_dir: Path) -> str:
-    """Identity of a letter folder: names, sizes and modification times of its files."""
-    digest = hashlib.sha256()
-    for entry in sorted(os.scandir(letter_dir), key=lambda e: e.name):
-        stat = entry.stat()
-        digest.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def letter_is_done(letter_out: Path, source_fingerprint: str) -> bool:
-    """True when the letter's manifest matches the input and every shard has its recorded sha256."""
-    try:
-        manifest = read_json(letter_out / MANIFEST)
-    except (OSError, ValueError):
-        return False
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("source", {}).get("fingerprint") != source_fingerprint:
-        return False
-    return all(
-        (letter_out / shard["file"]).is_file() and sha256_of(letter_out / shard["file"]) == shard["sha256"]
-        for shard in manifest["shards"]
-    )
-
-
-def _letter_manifest(letter: str, source: dict, results: list[BatchResult], folder: Path) -> dict:
-    """Summarise a letter's batches; statistics are exact, from the pixel histograms."""
+def _letter_fields(letter: str, source: dict, results: list[BatchResult]) -> dict:
+    """Summarise a letter's batches for its manifest; statistics are exact, from the pixel histograms."""
     counts = [sum(column) for column in zip(*(r.histogram for r in results))] or [0] * 256
     pixels = sum(counts)
     normalised = [(value - 127.5) / 255 for value in range(256)]  # the seed's (x - 127.5) / 255
@@ -82,7 +59,6 @@ def _letter_manifest(letter: str, source: dict, results: list[BatchResult], fold
     for item in rejected:
         reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
     return {
-        "format": MANIFEST_FORMAT,
         "letter": letter,
         "label": LETTERS.index(letter),
         "source": source,
@@ -91,11 +67,7 @@ def _letter_manifest(letter: str, source: dict, results: list[BatchResult], fold
         "rejected_by_reason": reasons,
         "mean": mean,
         "std": math.sqrt(variance),
-        "shards": [
-            {"file": Path(r.shard_path).name, "rows": r.rows, "sha256": sha256_of(folder / Path(r.shard_path).name)}
-            for r in results
-            if r.shard_path
-        ],
+        "shards": [{"file": Path(r.shard_path).name, "rows": r.rows} for r in results if r.shard_path],
     }
 
 
@@ -185,7 +157,7 @@ def _decode_group(
 ) -> list[dict]:
     """Decode some letters and put each one passing `min_images` in place; returns those that fall short."""
     logger = stage_logger(__name__)
-    temporary = {letter: temporary_sibling(out_dir / letter) for letter in group}
+    temporary = {letter: temporary_sibling(letter_folder(out_dir, letter)) for letter in group}
     short = []
     try:
         for folder in temporary.values():
@@ -194,13 +166,12 @@ def _decode_group(
         by_shard = _run_jobs(_batches(members, temporary), pool, progress)
         for letter, folder in temporary.items():
             results = [by_shard[key] for key in sorted(by_shard) if Path(key).parent == folder]
-            manifest = _letter_manifest(letter, sources[letter], results, folder)
-            logger.info("Letter %s: %s images, %d rejected", letter, f"{manifest['images']:,}", len(manifest["rejected"]))
-            if manifest["images"] < min_images:
-                short.append(manifest)
+            fields = _letter_fields(letter, sources[letter], results)
+            logger.info("Letter %s: %s images, %d rejected", letter, f"{fields['images']:,}", len(fields["rejected"]))
+            if fields["images"] < min_images:
+                short.append(fields)
                 continue
-            write_json(folder / MANIFEST, manifest)  # written last: a letter with a manifest is complete
-            replace(folder, out_dir / letter)
+            commit_letter(folder, letter_folder(out_dir, letter), **fields)
     finally:
         for folder in temporary.values():
             remove(folder)
@@ -208,14 +179,20 @@ def _decode_group(
 
 
 def _sources(source: Path, letters: str) -> dict[str, dict]:
-    """Each letter's input identity: the archive's sha256, or its folder's listing fingerprint."""
+    """Each letter's input identity: the archive's sha256, or the listing fingerprint of its folder.
+
+    An extracted folder must still be as its extraction recorded it; a folder made some other way
+    is identified by its listing as it is now.
+    """
     if source.is_file():
         fingerprint = sha256_of(source)
-        return {letter: {"kind": "archive", "path": str(source), "fingerprint": fingerprint} for letter in letters}
-    return {
-        letter: {"kind": "folder", "path": str(source / letter), "fingerprint": folder_fingerprint(source / letter)}
-        for letter in letters
-    }
+        return {letter: {"kind": "archive", "name": source.name, "fingerprint": fingerprint} for letter in letters}
+    record = read_record(source)
+    if record is not None and (problem := extraction_problem(source, record)) is not None:
+        raise CorruptDataError(f"{problem}: extract the archive again (`notmnist extract`, or rerun the pipeline).")
+    listings = record["classes"] if record else {letter: folder_listing(source / letter) for letter in letters}
+    return {letter: {"kind": "folder", "name": f"{source.name}/{letter}", "fingerprint": listings[letter]}
+            for letter in letters}
 
 
 def decode_to_shards(
@@ -246,7 +223,7 @@ def decode_to_shards(
     with FileLock(str(out_dir / ".lock")):
         remove_leftovers(out_dir)
         sources = _sources(source, letters)
-        todo = [letter for letter in letters if not letter_is_done(out_dir / letter, sources[letter]["fingerprint"])]
+        todo = [letter for letter in letters if find_letter(letter_folder(out_dir, letter), sources[letter]["fingerprint"]) is None]
         if len(todo) < len(letters):
             logger.info("Already decoded from this input, skipped: %s", "".join(sorted(set(letters) - set(todo))))
         # From a folder each letter is put in place as soon as it is done, so a crash keeps the
@@ -267,25 +244,20 @@ def decode_to_shards(
             f"{details} usable images, fewer than min_images={min_images:,} (rejected files: "
             f"{sum(len(m['rejected']) for m in short):,}). Check the archive, or lower min_images."
         )
-    return {letter: read_json(out_dir / letter / MANIFEST) for letter in letters}
+    return {letter: read_letter_manifest(out_dir, letter) for letter in letters}
 
 
-def _decode_inputs(parameters: dict) -> list[Path]:
-    """The files whose identity stands for a decode input: the archive, or the extraction record."""
-    source = Path(parameters["source"])
-    return [source] if source.suffix in (".gz", ".tgz", ".tar") else [source / ".extracted.json"]
+def _shards_identity(parameters: dict) -> str | None:
+    """Cache identity: every letter decoded from this very input and intact, else None."""
+    source, out_dir = Path(parameters["source"]), Path(parameters["out_dir"])
+    try:
+        sources = _sources(source, LETTERS)
+    except (OSError, KeyError, PipelineError):
+        return None
+    found = [find_letter(letter_folder(out_dir, letter), sources[letter]["fingerprint"]) for letter in LETTERS]
+    return None if None in found else ",".join(manifest_identity(manifest) for manifest in found)
 
 
-@task(
-    name="decode-shards",
-    cache_policy=stage_cache(reads=_decode_inputs, ignore=("workers",)),
-    persist_result=True,
-)
-def shards_task(source: Path, out_dir: Path, min_images: int = 0, workers: int | None = None) -> dict[str, dict]:
-    """Prefect task: `decode_to_shards`, cached on the input's identity and the parameters."""
-    return decode_to_shards(source, out_dir, min_images=min_images, workers=workers)
-
-
-def shards_are_there(out_dir: Path) -> bool:
-    """Whether every letter's manifest is on disk (a cached result is only as good as its files)."""
-    return all((Path(out_dir) / letter / MANIFEST).is_file() for letter in LETTERS)
+shards_task = task(
+    name="decode-shards", cache_policy=stage_cache(_shards_identity, ignore=("workers",)), persist_result=True
+)(decode_to_shards)

@@ -9,10 +9,10 @@ HTTP Range request; only a file that passes the size and sha256 checks is rename
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 import os
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,17 +25,19 @@ import urllib3
 from filelock import FileLock
 from prefect import task
 from prefect.tasks import exponential_backoff
+from prefect.utilities.math import clamped_poisson_interval
 
+from core.errors import DownloadError, PermanentDownloadError, VerificationError
 from storage.atomic import remove, write_json
 from storage.digests import sha256_of
 from tasks.caching import stage_cache
-from tasks.errors import DownloadError, PermanentDownloadError, VerificationError
 from tasks.reporting import Progress, artifact_key, stage_logger
 
 CHUNK_BYTES = 1 << 20
 SYNC_EVERY_BYTES = 32 << 20
 # Answers worth another try (RFC 9110: 408 timeout, 429 rate limit, 5xx server trouble).
 TRANSIENT_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+JITTER = 0.5  # waits vary by up to half their length, so clients that failed together do not retry together
 
 
 class Action(enum.Enum):
@@ -101,11 +103,6 @@ def is_transient(error: BaseException) -> bool:
     """Whether a failed attempt is worth retrying (Prefect `retry_condition_fn` uses this too)."""
     transient = (DownloadError, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
     return isinstance(error, transient)
-
-
-def backoff_seconds(attempt: int, base_seconds: float) -> float:
-    """Exponential backoff with full jitter: a random wait in [0.5, 1.0] x base x 2**attempt."""
-    return base_seconds * (2**attempt) * random.uniform(0.5, 1.0)
 
 
 class _Transfer:
@@ -279,13 +276,17 @@ def download_file(
 ) -> Path:
     """Fetch `url` into `dest_dir/<file name>` verified by size and sha256, resuming any `.part`.
 
+    The only retry layer of a download, in the command line and in the flows alike: each attempt
+    continues the `.part` (and its running sha256) where the last one stopped.
+
     Args:
         url: http(s) or file:// URL, or a local path (copied with the same checks).
         dest_dir: folder for the file, its `.part` and its lock.
         expected_bytes: the exact size the file must have (the seed's check).
         sha256: the hex digest the file must have.
         retries: further attempts after a transient failure (connection, timeout, 408, 429, 5xx).
-        backoff_base_seconds: first wait between attempts; doubles each time, with jitter.
+        backoff_base_seconds: first wait between attempts; doubles each time, with Prefect's jitter.
+        connect_timeout, read_timeout: seconds to wait for a connection, and for each piece of the body.
 
     Returns:
         The path of the verified file.
@@ -301,11 +302,11 @@ def download_file(
 
     # Two processes fetching into one folder: the second waits here, then finds the verified file.
     with FileLock(str(part) + ".lock"):
-        with Progress(f"download {target.name}", expected_bytes, key=artifact_key("download", target.name), unit="bytes") as progress:
+        key = artifact_key("download", target.name)
+        with Progress(f"download {target.name}", expected_bytes, key=key, unit="bytes") as progress:
             transfer = _Transfer(url, part, progress, (connect_timeout, read_timeout), hashing=sha256 is not None)
-            action = plan_download(
-                target, part, transfer.load_state(), url, expected_bytes=expected_bytes, sha256=sha256
-            )
+            state = transfer.load_state()
+            action = plan_download(target, part, state, url, expected_bytes=expected_bytes, sha256=sha256)
             if action is Action.REUSE:
                 logger.info("Found and verified %s", target)
                 return target
@@ -315,41 +316,50 @@ def download_file(
                 remove(part)
             else:
                 logger.info("Resuming %s from byte %s", target.name, f"{part.stat().st_size:,}")
+            attempt = functools.partial(transfer.copy_local, source) if source else functools.partial(
+                transfer.fetch, session or _session(), expected_bytes
+            )
+            _with_retries(attempt, url, part, retries, backoff_base_seconds, logger)
+            return _verify_and_commit(transfer, target, expected_bytes=expected_bytes, sha256=sha256, logger=logger)
 
-            for attempt in range(retries + 1):
-                try:
-                    if source is not None:
-                        transfer.copy_local(source)
-                    else:
-                        transfer.fetch(session or _session(), expected_bytes)
-                    break
-                except Exception as error:
-                    if not is_transient(error):
-                        raise
-                    if attempt == retries:
-                        raise DownloadError(
-                            f"{url}: still failing after {retries + 1} attempts ({error}). "
-                            f"{part.name} keeps the {part.stat().st_size if part.exists() else 0:,} bytes "
-                            "received; rerun to resume."
-                        ) from error
-                    wait = backoff_seconds(attempt, backoff_base_seconds)
-                    logger.warning("Attempt %d for %s failed (%s); retrying in %.1f s", attempt + 1, url, error, wait)
-                    time.sleep(wait)
 
-            problem = verify(part, expected_bytes=expected_bytes, sha256=sha256, digest=transfer.digest())
-            if problem is not None:
-                remove(part)
-                remove(transfer.sidecar)
-                raise VerificationError(
-                    f"{url}: {problem}. Deleted the bad download; check the URL and the expected "
-                    "size/sha256, then rerun."
-                )
-            with open(part, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(part, target)
-            remove(transfer.sidecar)
-            logger.info("Downloaded and verified %s (%s bytes)", target, f"{target.stat().st_size:,}")
-            return target
+def _with_retries(attempt, url: str, part: Path, retries: int, backoff_base_seconds: float, logger) -> None:
+    """Call `attempt` until it succeeds, retrying transient failures after exponential, jittered waits."""
+    delays = exponential_backoff(backoff_factor=backoff_base_seconds)(retries)
+    for number in range(retries + 1):
+        try:
+            return attempt()
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            if number == retries:
+                raise DownloadError(
+                    f"{url}: still failing after {retries + 1} attempts ({error}). "
+                    f"{part.name} keeps the {part.stat().st_size if part.exists() else 0:,} bytes "
+                    "received; rerun to resume."
+                ) from error
+            wait = clamped_poisson_interval(delays[number], clamping_factor=JITTER) if delays[number] else 0.0
+            logger.warning("Attempt %d for %s failed (%s); retrying in %.1f s", number + 1, url, error, wait)
+            time.sleep(wait)
+
+
+def _verify_and_commit(transfer: _Transfer, target: Path, *, expected_bytes, sha256, logger) -> Path:
+    """Check the finished `.part`, make it durable and rename it into place; delete it when it fails."""
+    part = transfer.part
+    problem = verify(part, expected_bytes=expected_bytes, sha256=sha256, digest=transfer.digest())
+    if problem is not None:
+        remove(part)
+        remove(transfer.sidecar)
+        raise VerificationError(
+            f"{transfer.url}: {problem}. Deleted the bad download; check the URL and the expected "
+            "size/sha256, then rerun."
+        )
+    with open(part, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(part, target)
+    remove(transfer.sidecar)
+    logger.info("Downloaded and verified %s (%s bytes)", target, f"{target.stat().st_size:,}")
+    return target
 
 
 def _session() -> requests.Session:
@@ -358,30 +368,18 @@ def _session() -> requests.Session:
     return session
 
 
-def _retry_if_transient(task, task_run, state) -> bool:
-    """Prefect retry condition: retry network trouble, never a 404 or a failed verification."""
-    try:
-        state.result()
-    except Exception as error:
-        return is_transient(error)
-    return False
+def _download_identity(parameters: dict) -> str | None:
+    """Cache identity: the file in place, when it passes the size and sha256 checks, else None."""
+    target = Path(parameters["dest_dir"]) / file_name_from_url(parameters["url"])
+    if not target.is_file():
+        return None
+    if verify(target, expected_bytes=parameters["expected_bytes"], sha256=parameters["sha256"]) is not None:
+        return None
+    status = target.stat()
+    return f"{status.st_size}:{status.st_mtime_ns}"
 
 
-@task(
-    name="download",
-    cache_policy=stage_cache(),
-    persist_result=True,
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=10),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=_retry_if_transient,
-)
-def download_task(url: str, dest_dir: Path, expected_bytes: int | None = None, sha256: str | None = None) -> Path:
-    """Prefect task: `download_file` with run-level retries on top of its own."""
-    return download_file(url, dest_dir, expected_bytes=expected_bytes, sha256=sha256)
-
-
-def download_is_there(url: str, dest_dir: Path, expected_bytes: int | None) -> bool:
-    """Whether the file a (cached) download returned is still in place, by its size alone (no hashing)."""
-    target = Path(dest_dir) / file_name_from_url(url)
-    return target.is_file() and (expected_bytes is None or target.stat().st_size == expected_bytes)
+# No Prefect retries on top: `download_file` retries itself, keeping the running hash across attempts.
+download_task = task(
+    name="download", cache_policy=stage_cache(_download_identity, ignore=("session",)), persist_result=True
+)(download_file)

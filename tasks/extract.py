@@ -2,7 +2,7 @@
 
 The seed ran `tarfile.extractall` and skipped extraction whenever a folder of the right name existed,
 so an interrupted run looked finished forever. Here the archive is unpacked into a temporary folder
-inside `dest_dir`, checked, recorded in `.extracted.json` and only then renamed into place.
+inside `dest_dir`, checked, recorded (storage/extraction.py) and only then renamed into place.
 `storage.tar_stream` reads the archive and refuses what is not a file or folder; this stage refuses
 names that would land outside one top-level folder under `dest_dir`.
 """
@@ -16,15 +16,13 @@ from pathlib import Path
 from filelock import FileLock
 from prefect import task
 
-from storage.atomic import TEMPORARY_MARK, read_json, remove, temporary_sibling, write_json
-from storage.digests import sha256_of
+from core.errors import ArchiveError, UnsafeArchiveError
+from storage.atomic import TEMPORARY_MARK, remove, temporary_sibling
+from storage.extraction import RECORD_NAME, class_folders, find_extraction, write_record
 from storage.tar_stream import TarReader
 from tasks.caching import stage_cache
-from tasks.errors import ArchiveError, UnsafeArchiveError
 from tasks.reporting import stage_logger
 
-RECORD_NAME = ".extracted.json"
-RECORD_FORMAT = 1
 # notMNIST_large.tar.gz holds about 529,119 members and a few hundred MB of PNGs; these defaults
 # leave several times that room while still stopping an archive bomb.
 DEFAULT_MAX_MEMBERS = 2_000_000
@@ -32,35 +30,6 @@ DEFAULT_MAX_TOTAL_BYTES = 4 * 2**30
 
 # O_EXCL makes a repeated member name an error at no cost; O_NOFOLLOW keeps writes off any link.
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-
-
-def finished_extraction(archive: Path, dest_dir: Path) -> Path | None:
-    """The top folder of a finished extraction of `archive` in `dest_dir`, or None if it must be extracted."""
-    status, archive_sha256 = archive.stat(), None
-    for candidate in sorted(dest_dir.iterdir()) if dest_dir.is_dir() else []:
-        record = read_record(candidate)
-        if record is None or record.get("archive_name") != archive.name:
-            continue
-        if (record.get("archive_size"), record.get("archive_mtime_ns")) == (status.st_size, status.st_mtime_ns):
-            return candidate
-        # A re-download of the same bytes gets a new mtime; the digest shows it is the same archive.
-        if record.get("archive_size") == status.st_size:
-            archive_sha256 = archive_sha256 or sha256_of(archive)
-            if record.get("archive_sha256") == archive_sha256:
-                return candidate
-    return None
-
-
-def read_record(folder: Path) -> dict | None:
-    """The extraction record of `folder`, or None when missing, unreadable, of another format or folder."""
-    if folder.name.startswith(".") or not folder.is_dir():
-        return None
-    try:
-        record = read_json(folder / RECORD_NAME)
-    except (OSError, ValueError):
-        return None
-    valid = isinstance(record, dict) and record.get("format_version") == RECORD_FORMAT
-    return record if valid and record.get("top_folder") == folder.name else None
 
 
 def extract_archive(
@@ -83,7 +52,7 @@ def extract_archive(
     dest_dir.mkdir(parents=True, exist_ok=True)
     # While this is held, every temporary folder of this archive is a leftover of a dead run.
     with FileLock(dest_dir / f".{archive.name}.lock"):
-        found = finished_extraction(archive, dest_dir)
+        found = find_extraction(archive, dest_dir)
         if found is not None:
             logger.info("%s already present - Skipping extraction of %s.", found, archive)
             return found
@@ -99,11 +68,11 @@ def extract_archive(
             record = _stream_members(archive, work, max_members=max_members, max_total_bytes=max_total_bytes)
             top, final = work / record["top_folder"], dest_dir / record["top_folder"]
             _check_class_folders(archive, top, expected_classes)
-            record.update(archive_name=archive.name, archive_size=status.st_size,
-                          archive_mtime_ns=status.st_mtime_ns, format_version=RECORD_FORMAT)
-            write_json(top / RECORD_NAME, record)
+            record = write_record(top, {**record, "archive_name": archive.name, "archive_size": status.st_size,
+                                        "archive_mtime_ns": status.st_mtime_ns})
+            _make_room(final)
+            # Moved into `work` (under a name no top folder can have) so the removal below clears it.
             if os.path.lexists(final):
-                # Moved into `work` (under a name no top folder can have) so the removal below clears it.
                 os.replace(final, work / f".{final.name}.replaced")
             os.replace(top, final)
         finally:
@@ -113,26 +82,30 @@ def extract_archive(
     return final
 
 
-@task(
-    name="extract-archive",
-    cache_policy=stage_cache(reads=lambda parameters: [Path(parameters["archive"])]),
-    persist_result=True,
+def _extraction_identity(parameters: dict) -> str | None:
+    """Cache identity: the record of a finished, unchanged extraction of the archive, else None."""
+    archive, dest_dir = Path(parameters["archive"]), Path(parameters["dest_dir"])
+    top = find_extraction(archive, dest_dir) if archive.is_file() else None
+    return None if top is None else (top / RECORD_NAME).read_text()
+
+
+extract_task = task(name="extract-archive", cache_policy=stage_cache(_extraction_identity), persist_result=True)(
+    extract_archive
 )
-def extract_task(
-    archive: Path,
-    dest_dir: Path,
-    expected_classes: int | None = 10,
-    max_members: int = DEFAULT_MAX_MEMBERS,
-    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
-) -> Path:
-    """Extract a downloaded notMNIST archive into `dest_dir`, skipping it when already extracted."""
-    return extract_archive(archive, dest_dir, expected_classes=expected_classes,
-                           max_members=max_members, max_total_bytes=max_total_bytes)
+
+
+def _make_room(final: Path) -> None:
+    """Refuse to replace a folder at `final` that no extraction made: it may hold the user's files."""
+    if os.path.lexists(final) and not (final / RECORD_NAME).is_file():
+        raise ArchiveError(
+            f"{final} exists and was not made by an extraction (it has no {RECORD_NAME}); it is left as it is. "
+            "Move it away, or extract into another --dest."
+        )
 
 
 def _check_class_folders(archive: Path, top: Path, expected_classes: int | None) -> None:
     """Raise ArchiveError unless `top` holds `expected_classes` folders, one per class."""
-    folders = sorted(entry.name for entry in os.scandir(top) if entry.is_dir())
+    folders = class_folders(top)
     if expected_classes is not None and len(folders) != expected_classes:
         raise ArchiveError(f"{archive} should hold {expected_classes} folders, one per class, under {top.name}/; "
                            f"found {len(folders)}: {folders}. Check that this is the right archive; "

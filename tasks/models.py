@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import keras
 
-from tasks.errors import PipelineError
+from core.errors import PipelineError
 
-# The seed's learning rates. Keras 1's Adadelta defaulted to lr=1.0 (the value of Zeiler's paper);
-# Keras 3's defaults to 0.001, which barely moves the CNN in two epochs, so the seed's value is
-# passed explicitly. Keras 1's SGD defaulted to lr=0.01, as Keras 3's still does.
-SEED_LEARNING_RATES = {"adadelta": 1.0, "sgd": 0.01}
-
-OPTIMIZERS = {
-    "adadelta": keras.optimizers.Adadelta,
-    "sgd": keras.optimizers.SGD,
-    "adam": keras.optimizers.Adam,
-    "rmsprop": keras.optimizers.RMSprop,
-}
+# The seed's optimizers: Adadelta for the CNN, SGD for iris (their learning rates: core/seed.py).
+OPTIMIZERS = {"adadelta": keras.optimizers.Adadelta, "sgd": keras.optimizers.SGD}
 
 
 def build_softmax_regression(input_features: int = 4, classes: int = 3) -> keras.Model:
@@ -51,20 +42,11 @@ def build_one_layer_cnn(
     )
 
 
-def make_optimizer(name: str, learning_rate: float | None = None) -> keras.optimizers.Optimizer:
-    """A fresh optimizer by name; `learning_rate=None` takes the seed's value for that optimizer.
-
-    Args:
-        name: one of `OPTIMIZERS` (case-insensitive).
-        learning_rate: the step size; None means `SEED_LEARNING_RATES[name]` (or Keras' default).
-    """
+def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+    """A fresh optimizer by name ("adadelta" or "sgd", case-insensitive) with a positive learning rate."""
     key = name.lower()
     if key not in OPTIMIZERS:
         raise PipelineError(f"Unknown optimizer {name!r}; choose one of {', '.join(sorted(OPTIMIZERS))}.")
-    if learning_rate is None:
-        learning_rate = SEED_LEARNING_RATES.get(key)
-    if learning_rate is None:
-        return OPTIMIZERS[key]()
     if not learning_rate > 0:
         raise PipelineError(f"learning_rate must be positive; got {learning_rate!r}.")
     return OPTIMIZERS[key](learning_rate=learning_rate)

@@ -19,8 +19,6 @@ memory-mapped NPY files, so memory stays far below the splits' size.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,18 +26,18 @@ import numpy as np
 from filelock import FileLock
 from prefect import task
 
-from storage.arrays import IMAGE_SHAPE, array_digest, create_npy, load_npy
-from storage.atomic import atomic_path, read_json, remove_leftovers, write_json
-from storage.digests import dataset_fingerprint
-from storage.shards import pixels_of, read_shard
+from core.errors import PipelineError
+from core.seed import LARGE_ARCHIVE, LETTERS, SEED, SMALL_ARCHIVE, TEST_SIZE, TRAIN_SIZE, VALID_SIZE
+from storage.atomic import remove_leftovers
+from storage.folders import manifest_identity
+from storage.layout import DataRoot, archive_stem, short_digest, splits_key
+from storage.letters import read_letter_manifest, read_letter_shards, shard_set_identity
+from storage.shards import pixels_of
+from storage.splits import SPLITS, SplitWriter, find_splits
 from tasks.caching import stage_cache
-from tasks.decode import LETTERS, MANIFEST
-from tasks.errors import PipelineError
 from tasks.reporting import stage_logger
 
 DEDUP_MODES = ("none", "cross-split", "all")
-SPLITS = ("train", "valid", "test")
-SPLIT_FORMAT = 1
 
 
 class TooFewUsableImagesError(PipelineError):
@@ -53,22 +51,20 @@ class _Letter:
     letter: str
     files: np.ndarray  # object array of str
     digests: np.ndarray  # (n,) of 16-byte strings
-    shard: np.ndarray  # index into `shard_paths`
+    shard: np.ndarray  # index into the letter's shards
     row: np.ndarray  # row inside that shard
-    shard_paths: list[Path]
+    shards_dir: Path
+    manifest: dict  # the letter folder's manifest: every shard read is checked against it
 
 
 def _read_letter(shards_dir: Path, letter: str) -> _Letter:
-    manifest = read_json(shards_dir / letter / MANIFEST)
-    files, digests, shard_ids, rows, paths = [], [], [], [], []
-    for number, shard in enumerate(manifest["shards"]):
-        path = shards_dir / letter / shard["file"]
-        table = read_shard(path, columns=["file", "digest"])
+    manifest = read_letter_manifest(shards_dir, letter)
+    files, digests, shard_ids, rows = [], [], [], []
+    for number, table in read_letter_shards(shards_dir, letter, manifest, columns=["file", "digest"]):
         files.extend(table.column("file").to_pylist())
         digests.append(np.frombuffer(table.column("digest").combine_chunks().buffers()[1], dtype="S16")[: len(table)])
         shard_ids.append(np.full(len(table), number, dtype=np.int32))
         rows.append(np.arange(len(table), dtype=np.int32))
-        paths.append(path)
     order = np.argsort(np.array(files, dtype=object), kind="stable")
     concat = lambda parts, dtype: np.concatenate(parts) if parts else np.empty(0, dtype)  # noqa: E731
     return _Letter(
@@ -77,14 +73,9 @@ def _read_letter(shards_dir: Path, letter: str) -> _Letter:
         concat(digests, "S16")[order],
         concat(shard_ids, np.int32)[order],
         concat(rows, np.int32)[order],
-        paths,
+        Path(shards_dir),
+        manifest,
     )
-
-
-def input_identity(shards_dir: Path) -> str:
-    """Fingerprint of a shard set: every letter's shard sha256s, in order."""
-    listing = {letter: [s["sha256"] for s in read_json(shards_dir / letter / MANIFEST)["shards"]] for letter in LETTERS}
-    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
 
 
 def _pick(candidates: np.ndarray, digests: np.ndarray, count: int, avoid: set, unique: bool) -> tuple[np.ndarray, int]:
@@ -179,163 +170,130 @@ def overlap_report(chosen: Chosen) -> dict[str, int]:
     return report
 
 
-def _write_split(folder: Path, split: str, parts: list[tuple[_Letter, np.ndarray]], rng: np.random.RandomState) -> dict:
-    """Write x/y/file NPY files of one split in the seed's shuffled order, copying pixels letter by letter."""
+def _write_split(
+    writer: SplitWriter, split: str, parts: list[tuple[_Letter, np.ndarray]], rng: np.random.RandomState
+) -> None:
+    """Write one split in the seed's shuffled order, copying pixels shard by shard, each shard verified."""
     total = sum(len(rows) for _, rows in parts)
     permutation = rng.permutation(total)  # the seed's randomize(): row i of the output is input row permutation[i]
     position = np.empty(total, dtype=np.int64)
     position[permutation] = np.arange(total)
-    x = create_npy(folder / f"{split}_x.npy", (total, *IMAGE_SHAPE), np.uint8)
-    y = create_npy(folder / f"{split}_y.npy", (total,), np.int64)
+    x, y = writer.create(split, total)
     files = np.empty(total, dtype=object)
     start = 0
     for letter, rows in parts:
         targets = position[start : start + len(rows)]
         y[targets] = LETTERS.index(letter.letter)
         files[targets] = letter.files[rows]
-        for shard_number, path in enumerate(letter.shard_paths):
-            in_shard = letter.shard[rows] == shard_number
-            if in_shard.any():
-                pixels = pixels_of(read_shard(path, columns=["pixels"]))
-                x[targets[in_shard]] = pixels[letter.row[rows][in_shard]]
+        shard_of_row = letter.shard[rows]
+        needed = set(np.unique(shard_of_row).tolist())
+        for number, table in read_letter_shards(letter.shards_dir, letter.letter, letter.manifest, ["pixels"], needed):
+            in_shard = shard_of_row == number
+            x[targets[in_shard]] = pixels_of(table)[letter.row[rows][in_shard]]
         start += len(rows)
-    names = np.array([name.encode() for name in files], dtype=bytes)
-    np.save(folder / f"{split}_file.npy", names, allow_pickle=False)
     x.flush(), y.flush()
-    counts = np.bincount(y, minlength=len(LETTERS))
-    return {
-        "rows": int(total),
-        "per_class": {letter: int(count) for letter, count in zip(LETTERS, counts)},
-        "x_sha256": array_digest(x),
-        "y_sha256": array_digest(y),
-    }
+    writer.save_files(split, files.tolist())
 
 
 def split_folder(
-    large_shards: Path, small_shards: Path, splits_root: Path, *, train_size: int, valid_size: int,
-    test_size: int, seed: int, dedup: str,
+    layout: DataRoot, *, large: str, small: str, train_size: int, valid_size: int, test_size: int, seed: int, dedup: str
 ) -> Path:
-    """The folder that holds the splits of these inputs and parameters (one folder per combination)."""
-    fingerprints = [input_identity(Path(large_shards)), input_identity(Path(small_shards))]
-    inputs_key = hashlib.sha256(json.dumps(fingerprints).encode()).hexdigest()[:12]
-    return Path(splits_root) / f"train{train_size}-valid{valid_size}-test{test_size}-seed{seed}-{dedup}-{inputs_key}"
+    """The folder that holds the splits of these input shard sets and parameters (one folder per combination)."""
+    inputs = short_digest([shard_set_identity(layout.shards(large)), shard_set_identity(layout.shards(small))])
+    sizes = {"train": train_size, "valid": valid_size, "test": test_size}
+    return layout.splits(splits_key(sizes, seed, dedup, inputs))
 
 
-def splits_are_there(**parameters) -> bool:
-    """Whether the split folder for these parameters (those of `split_folder`) is complete on disk."""
-    try:
-        return _is_complete(split_folder(**parameters)) is not None
-    except (OSError, ValueError, KeyError):
-        return False
+def _check_parameters(sizes: dict[str, int], dedup: str) -> None:
+    if dedup not in DEDUP_MODES:
+        raise PipelineError(f"dedup must be one of {', '.join(DEDUP_MODES)}; got {dedup!r}")
+    if min(sizes.values()) < len(LETTERS):
+        raise PipelineError(f"each split needs at least {len(LETTERS)} rows (one per class); got {sizes}")
 
 
-def _is_complete(folder: Path) -> dict | None:
-    """The manifest of a finished split folder whose arrays are all there, else None."""
-    try:
-        manifest = read_json(folder / "manifest.json")
-    except (OSError, ValueError):
-        return None
-    if manifest.get("format") != SPLIT_FORMAT:
-        return None
-    for split in SPLITS:
-        rows = manifest["splits"][split]["rows"]
-        for name, shape in (("x", (rows, *IMAGE_SHAPE)), ("y", (rows,)), ("file", (rows,))):
-            try:
-                if load_npy(folder / f"{split}_{name}.npy").shape != shape:
-                    return None
-            except (OSError, ValueError):
-                return None
-    return manifest
+def _write_splits(
+    layout: DataRoot, folder: Path, large: str, small: str, sizes: dict[str, int], seed: int, dedup: str
+) -> dict:
+    """Choose each split's rows, write them into `folder` and commit it; returns the manifest."""
+    large_letters = [_read_letter(layout.shards(large), letter) for letter in LETTERS]
+    small_letters = [_read_letter(layout.shards(small), letter) for letter in LETTERS]
+    per_class = {split: size // len(LETTERS) for split, size in sizes.items()}
+    rng = np.random.RandomState(seed)
+    chosen = choose_rows(large_letters, small_letters, per_class, dedup, rng)
+    before = overlap_report(choose_rows(large_letters, small_letters, per_class, "none", np.random.RandomState(seed)))
+    with SplitWriter(folder, list(LETTERS)) as writer:
+        for split in ("train", "test", "valid"):  # the seed's randomize() order
+            _write_split(writer, split, chosen[split], rng)
+        return writer.commit(
+            seed=seed,
+            dedup=dedup,
+            requested_sizes=sizes,
+            inputs={
+                archive_stem(name): {"shards": layout.relative(layout.shards(name)),
+                                     "fingerprint": shard_set_identity(layout.shards(name))}
+                for name in (large, small)
+            },
+            overlap={"seed_sampling": before, "after_dedup": overlap_report(chosen)},
+        )
 
 
 def build_splits(
-    large_shards: Path,
-    small_shards: Path,
-    splits_root: Path,
+    data_dir: Path,
     *,
-    train_size: int = 200_000,
-    valid_size: int = 10_000,
-    test_size: int = 10_000,
-    seed: int = 133,
+    large: str = LARGE_ARCHIVE,
+    small: str = SMALL_ARCHIVE,
+    train_size: int = TRAIN_SIZE,
+    valid_size: int = VALID_SIZE,
+    test_size: int = TEST_SIZE,
+    seed: int = SEED,
     dedup: str = "cross-split",
 ) -> dict:
     """Build (or find) the split folder for these inputs and parameters; returns its manifest.
 
     Args:
-        large_shards: shards of notMNIST_large (valid and train are drawn from it).
-        small_shards: shards of notMNIST_small (test is drawn from it).
-        splits_root: where split folders go; each parameter set gets its own folder.
+        data_dir: the data root; shards are read from shards/<archive>, the folder goes to splits/<key>.
+        large: the archive whose shards valid and train are drawn from (notMNIST_large).
+        small: the archive whose shards test is drawn from (notMNIST_small).
         train_size, valid_size, test_size: rows per split; each class gives size // 10.
         seed: the seed of the shuffles (the seed's np.random.seed(133)).
         dedup: "none", "cross-split" or "all" (see the module docstring).
     """
-    if dedup not in DEDUP_MODES:
-        raise PipelineError(f"dedup must be one of {', '.join(DEDUP_MODES)}; got {dedup!r}")
     sizes = {"train": train_size, "valid": valid_size, "test": test_size}
-    if min(sizes.values()) < len(LETTERS):
-        raise PipelineError(f"each split needs at least {len(LETTERS)} rows (one per class); got {sizes}")
-    logger = stage_logger(__name__)
-    per_class = {split: size // len(LETTERS) for split, size in sizes.items()}
-    inputs = {
-        "notMNIST_large": {"shards": str(large_shards), "fingerprint": input_identity(large_shards)},
-        "notMNIST_small": {"shards": str(small_shards), "fingerprint": input_identity(small_shards)},
-    }
-    folder = split_folder(
-        large_shards, small_shards, splits_root, train_size=train_size, valid_size=valid_size,
-        test_size=test_size, seed=seed, dedup=dedup,
-    )
-    if (manifest := _is_complete(folder)) is not None:
+    _check_parameters(sizes, dedup)
+    layout, logger = DataRoot(data_dir), stage_logger(__name__)
+    folder = split_folder(layout, large=large, small=small, seed=seed, dedup=dedup, **_size_arguments(sizes))
+    if (manifest := find_splits(folder)) is not None:
         logger.info("Splits already built for these inputs and parameters: %s", folder)
         return manifest
-
-    Path(splits_root).mkdir(parents=True, exist_ok=True)
+    layout.splits_root.mkdir(parents=True, exist_ok=True)
     # One build at a time per splits root: leftovers are then surely a dead run's, and a second
     # process asking for the same folder finds it finished instead of building it again.
-    with FileLock(str(Path(splits_root) / ".lock")):
-        if (manifest := _is_complete(folder)) is not None:
+    with FileLock(str(layout.splits_root / ".lock")):
+        if (manifest := find_splits(folder)) is not None:
             return manifest
-        remove_leftovers(Path(splits_root))
-        large = [_read_letter(Path(large_shards), letter) for letter in LETTERS]
-        small = [_read_letter(Path(small_shards), letter) for letter in LETTERS]
-        rng = np.random.RandomState(seed)
-        chosen = choose_rows(large, small, per_class, dedup, rng)
-        after = overlap_report(chosen)
-        before = overlap_report(choose_rows(large, small, per_class, "none", np.random.RandomState(seed)))
-        with atomic_path(folder) as temporary:
-            temporary.mkdir()
-            written = {split: _write_split(temporary, split, chosen[split], rng) for split in ("train", "test", "valid")}
-            fingerprint = dataset_fingerprint({split: written[split] for split in SPLITS})
-            manifest = {
-                "format": SPLIT_FORMAT,
-                "folder": str(folder),
-                "fingerprint": fingerprint,
-                "seed": seed,
-                "dedup": dedup,
-                "requested_sizes": sizes,
-                "splits": {split: written[split] for split in SPLITS},
-                "inputs": inputs,
-                "overlap": {"seed_sampling": before, "after_dedup": after},
-            }
-            write_json(temporary / "manifest.json", manifest)
+        remove_leftovers(layout.splits_root)
+        manifest = _write_splits(layout, folder, large, small, sizes, seed, dedup)
+    before, after = manifest["overlap"]["seed_sampling"], manifest["overlap"]["after_dedup"]
     logger.info(
         "Splits %s: train %s, valid %s, test %s rows; test images also in train: %d before, %d after dedup",
-        folder.name, *(f"{written[s]['rows']:,}" for s in SPLITS), before["test_in_train"], after["test_in_train"],
+        folder.name, *(f"{manifest['splits'][s]['rows']:,}" for s in SPLITS), before["test_in_train"],
+        after["test_in_train"],
     )
     return manifest
 
 
-def _splits_inputs(parameters: dict) -> list[Path]:
-    """The letter manifests of both shard sets: rewritten whenever their shards are."""
-    return [Path(parameters[name]) / letter / MANIFEST for name in ("large_shards", "small_shards") for letter in LETTERS]
+def _size_arguments(sizes: dict[str, int]) -> dict[str, int]:
+    return {f"{split}_size": size for split, size in sizes.items()}
 
 
-@task(name="splits", cache_policy=stage_cache(reads=_splits_inputs), persist_result=True)
-def splits_task(
-    large_shards: Path, small_shards: Path, splits_root: Path, train_size: int = 200_000,
-    valid_size: int = 10_000, test_size: int = 10_000, seed: int = 133, dedup: str = "cross-split",
-) -> dict:
-    """Prefect task: `build_splits`."""
-    return build_splits(
-        large_shards, small_shards, splits_root, train_size=train_size, valid_size=valid_size,
-        test_size=test_size, seed=seed, dedup=dedup,
-    )
+def _splits_identity(parameters: dict) -> str | None:
+    """Cache identity: the intact split folder these inputs and parameters lead to, else None."""
+    try:
+        folder = split_folder(DataRoot(parameters["data_dir"]), **{k: v for k, v in parameters.items() if k != "data_dir"})
+    except (OSError, ValueError, KeyError, PipelineError):
+        return None
+    manifest = find_splits(folder)
+    return None if manifest is None else manifest_identity(manifest)
+
+
+splits_task = task(name="splits", cache_policy=stage_cache(_splits_identity), persist_result=True)(build_splits)

@@ -14,15 +14,6 @@ import numpy as np
 PROJECT_FOLDER = Path(__file__).resolve().parents[1]
 PROJECT_DISTRIBUTION = "notmnist-pipeline"
 
-# The numbers the seed reports (../shared/seed/README.md), kept beside every result for comparison.
-# MNIST validated on its test set, so its val and test accuracy are one number.
-SEED_REPORTED = {
-    "notmnist": {"test_accuracy": 0.941, "val_accuracy": 0.8782, "test_loss": 0.238625081217},
-    "mnist": {"test_accuracy": 0.9555, "val_accuracy": 0.9555, "test_loss": 0.153921858574},
-    "iris": {"sparse_train_accuracy": 0.89, "onehot_train_accuracy": 0.87},
-}
-
-
 def _version(distribution: str) -> str | None:
     try:
         return metadata.version(distribution)

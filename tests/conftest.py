@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.loopback import FileServer
+from demo.loopback import FileServer
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.loopback import FileServer
-from tasks.synthetic import make_archive
+from demo.loopback import FileServer
+from demo.synthetic import make_archive
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from core.errors import PipelineError
 from flows.notmnist import notmnist_pipeline
 from flows.train import train_remotely
-from tasks.errors import PipelineError
 from tests.flows.conftest import pipeline_parameters
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,10 +10,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import TaskRunSort
 
-from flows.loopback import Fault
+from core.errors import PipelineError
+from demo.loopback import Fault
 from flows.notmnist import notmnist_pipeline
 from flows.train import train_remotely
-from tasks.errors import PipelineError
 from tests.flows.conftest import pipeline_parameters
 
 DATA_TASKS = {"download", "extract-archive", "decode-shards", "splits"}

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import storage.tar_stream as tar_stream
+from core.errors import ArchiveError, UnsafeArchiveError
 from storage.tar_stream import TarReader, iter_files
-from tasks.errors import ArchiveError, UnsafeArchiveError
 
 LIMITS = {"max_members": 1000, "max_total_bytes": 1 << 20}
 LONG = "notMNIST_large/A/" + "Q" * 140 + ".png"  # past ustar's 100-byte name field

@@ -1,17 +1,14 @@
-"""Small split folders of separable 28x28 patterns, in the format the splits stage writes."""
+"""Small split folders of separable 28x28 patterns, written with the splits stage's own writer."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
-from storage.arrays import array_digest, save_npy
-from storage.atomic import write_json
+from storage.layout import DataRoot
+from storage.splits import SPLITS, SplitWriter
 
-SPLITS = ("train", "valid", "test")
 CELL = 7  # the image is a 4 x 4 grid of 7-pixel cells; class k lights cell k
 
 
@@ -25,27 +22,15 @@ def pattern_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return images
 
 
-def write_split_folder(folder: Path, *, rows: dict[str, int] | None = None, seed: int = 0, classes: int = 10) -> dict:
-    """Write {split}_{x,y,file}.npy and manifest.json for pattern images; returns the manifest."""
+def write_split_folder(
+    data_root: Path, key: str = "synthetic", *, rows: dict[str, int] | None = None, seed: int = 0, classes: int = 10
+) -> dict:
+    """Write the split folder `splits/<key>` of pattern images under `data_root`; returns its manifest."""
     rows = rows or {"train": 300, "valid": 60, "test": 60}
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for split in SPLITS:
-        labels = np.resize(np.arange(classes, dtype=np.int64), rows[split])
-        rng.shuffle(labels)
-        images = pattern_images(labels, rng)
-        save_npy(folder / f"{split}_x.npy", images)
-        save_npy(folder / f"{split}_y.npy", labels)
-        save_npy(folder / f"{split}_file.npy", np.array([f"{split}/{i}.png".encode() for i in range(len(labels))]))
-        written[split] = {
-            "rows": int(len(labels)),
-            "per_class": {str(k): int(v) for k, v in enumerate(np.bincount(labels, minlength=classes))},
-            "x_sha256": array_digest(images),
-            "y_sha256": array_digest(labels),
-        }
-    fingerprint = hashlib.sha256(json.dumps({s: [written[s]["x_sha256"], written[s]["y_sha256"]] for s in SPLITS}).encode()).hexdigest()
-    manifest = {"format": 1, "folder": str(folder), "fingerprint": fingerprint, "splits": written, "seed": seed,
-                "dedup": "none", "inputs": {"synthetic": {"seed": seed}}}
-    write_json(folder / "manifest.json", manifest)
-    return manifest
+    with SplitWriter(DataRoot(data_root).splits(key), list("ABCDEFGHIJ"[:classes])) as writer:
+        for split in SPLITS:
+            labels = np.resize(np.arange(classes, dtype=np.int64), rows[split])
+            rng.shuffle(labels)
+            writer.save(split, pattern_images(labels, rng), labels, [f"{split}/{i}.png" for i in range(len(labels))])
+        return writer.commit(seed=seed, dedup="none", inputs={"synthetic": {"seed": seed}})

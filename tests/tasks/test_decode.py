@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 import tasks.decode as decode
+from demo.synthetic import make_archive, write_letter_folders
+from storage.folders import MANIFEST
 from storage.shards import pixels_of, read_shard
-from tasks.decode import MANIFEST, TooFewImagesError, decode_to_shards
-from tasks.synthetic import make_archive, write_letter_folders
+from tasks.decode import TooFewImagesError, decode_to_shards
 
 REASON_OF_KIND = {
     "empty": "empty",
@@ -147,12 +148,23 @@ def test_leftovers_of_a_killed_run_never_pass_for_output(folders, tmp_path):
     assert read_shard(tmp_path / "F" / "part-00000.parquet").num_rows == manifests["F"]["images"]
 
 
-def test_corrupted_shard_makes_its_letter_redo(folders, tmp_path):
-    decode_to_shards(folders.root, tmp_path, workers=1)
+@pytest.mark.parametrize(
+    "damage", [lambda data: data[:-10], lambda data: data[:100] + bytes([data[100] ^ 1]) + data[101:]],
+    ids=["truncated", "same-size-byte-flip"],
+)
+def test_corrupted_shard_makes_its_letter_redo(folders, tmp_path, damage):
+    first = decode_to_shards(folders.root, tmp_path, workers=1)
     shard = tmp_path / "G" / "part-00000.parquet"
-    shard.write_bytes(shard.read_bytes()[:-10])
-    decode_to_shards(folders.root, tmp_path, workers=1)
+    shard.write_bytes(damage(shard.read_bytes()))
+    again = decode_to_shards(folders.root, tmp_path, workers=1)
     assert read_shard(shard).num_rows == folders.good_per_letter["G"]
+    assert again["G"]["files"] == first["G"]["files"]  # the same bytes as before the damage
+
+
+def test_a_manifest_names_its_input_by_name_not_by_absolute_path(folders, tmp_path):
+    manifests = decode_to_shards(folders.root, tmp_path, workers=1)
+    assert manifests["A"]["source"]["name"] == "notMNIST_small/A"
+    assert str(folders.root) not in (tmp_path / "A" / MANIFEST).read_text()
 
 
 def test_folder_without_the_letters_is_a_clear_error(tmp_path):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from core.errors import DownloadError, PermanentDownloadError, VerificationError
+from demo.loopback import Fault, FileServer
 from tasks.download import Action, PartState, download_file, is_transient, plan_download
-from tasks.errors import DownloadError, PermanentDownloadError, VerificationError
-from flows.loopback import Fault, FileServer
 
 CONTENT = os.urandom(300_000)
 SHA256 = hashlib.sha256(CONTENT).hexdigest()

@@ -15,9 +15,10 @@ from PIL import Image
 
 import storage.tar_stream as tar_stream
 import tasks.extract as extract
+from core.errors import ArchiveError, UnsafeArchiveError
 from storage.atomic import read_json, temporary_sibling
-from tasks.errors import ArchiveError, UnsafeArchiveError
-from tasks.extract import RECORD_NAME, extract_archive, finished_extraction
+from storage.extraction import RECORD_NAME, find_extraction
+from tasks.extract import extract_archive
 
 LETTERS = "ABCDEFGHIJ"
 TOP = "notMNIST_large"
@@ -96,8 +97,9 @@ def test_extracts_byte_exact_layout_and_records_the_archive(tmp_path, monkeypatc
     assert extracted == files
     record = read_json(top / RECORD_NAME)
     status = archive.stat()
+    assert set(record.pop("classes")) == set(LETTERS)
     assert record == {
-        "format_version": 1, "archive_name": NAME, "archive_size": status.st_size,
+        "format_version": 2, "archive_name": NAME, "archive_size": status.st_size,
         "archive_mtime_ns": status.st_mtime_ns, "archive_sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
         "top_folder": TOP, "member_count": 1 + len(LETTERS) + len(files),
         "total_bytes": sum(len(data) for data in files.values()),
@@ -119,7 +121,7 @@ def test_concatenated_gzip_members_and_zero_padding_are_read_like_gzip_does(tmp_
 def test_rerun_skips_without_touching_anything(tmp_path):
     archive = build(tmp_path / NAME, notmnist_files())
     top = extract_archive(archive, tmp_path / "dest")
-    (top / "sentinel").write_text("a replaced folder would not have this")
+    (top / "sentinel").write_text("a replaced folder would not have this")  # beside the class folders
     before = snapshot(top)
 
     assert extract_archive(archive, tmp_path / "dest") == top
@@ -130,7 +132,7 @@ def test_same_bytes_with_a_new_mtime_are_recognised_by_sha256(tmp_path):
     archive = build(tmp_path / NAME, notmnist_files())
     top = extract_archive(archive, tmp_path / "dest")
     os.utime(archive, ns=(1, 1))  # what a re-download of the same file looks like
-    assert finished_extraction(archive, tmp_path / "dest") == top
+    assert find_extraction(archive, tmp_path / "dest") == top
 
 
 def test_changed_archive_is_extracted_again(tmp_path):
@@ -146,17 +148,36 @@ def test_changed_archive_is_extracted_again(tmp_path):
     assert read_json(top / RECORD_NAME)["archive_sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
 
 
-def test_folder_without_a_record_is_replaced(tmp_path):
-    old = tmp_path / "dest" / TOP / "A"
-    old.mkdir(parents=True)
-    (old / "half-written.png").write_bytes(b"\x89PNG")  # what the seed's extractall left after a crash
+def test_a_folder_no_extraction_made_is_refused_and_left_as_it_is(tmp_path):
+    mine = tmp_path / "dest" / TOP
+    mine.mkdir(parents=True)
+    (mine / "my_notes.txt").write_text("the user's own file")
     archive = build(tmp_path / NAME, notmnist_files())
 
-    top = extract_archive(archive, tmp_path / "dest")
+    with pytest.raises(ArchiveError, match=rf"{mine} exists and was not made by an extraction .* Move it away"):
+        extract_archive(archive, tmp_path / "dest")
 
-    assert not (top / "A" / "half-written.png").exists()
-    assert (top / RECORD_NAME).exists()
+    assert sorted(path.name for path in mine.iterdir()) == ["my_notes.txt"]
     assert leftovers(tmp_path / "dest") == [TOP]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda top: (top / "C" / sorted(p.name for p in (top / "C").iterdir())[0]).unlink(),
+        lambda top: (top / "D" / "extra.png").write_bytes(b"x"),
+        lambda top: (lambda f: f.write_bytes(bytes(len(f.read_bytes()))))(next((top / "E").iterdir())),
+    ],
+    ids=["file-deleted", "file-added", "same-size-overwrite"],
+)
+def test_an_extraction_changed_afterwards_is_extracted_again(tmp_path, change):
+    files = notmnist_files()
+    archive = build(tmp_path / NAME, files)
+    top = extract_archive(archive, tmp_path / "dest")
+    change(top)
+    assert find_extraction(archive, tmp_path / "dest") is None
+    assert extract_archive(archive, tmp_path / "dest") == top
+    assert {str(path.relative_to(tmp_path / "dest")): path.read_bytes() for path in top.rglob("*.png")} == files
 
 
 OUTSIDE = "outside"  # a folder next to dest; hostile members aim at it
@@ -266,6 +287,7 @@ def test_missing_archive_says_to_download_it_first(tmp_path):
 
 def test_a_top_folder_named_like_the_aside_name_replaces_an_old_one(tmp_path):
     (tmp_path / "dest" / "replaced" / "A").mkdir(parents=True)
+    (tmp_path / "dest" / "replaced" / RECORD_NAME).write_text("{}")  # an earlier extraction's
     archive = build(tmp_path / NAME, notmnist_files(top="replaced"))
     top = extract_archive(archive, tmp_path / "dest")
     assert top == tmp_path / "dest" / "replaced"

@@ -6,7 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from tasks.errors import PipelineError
+from core.errors import PipelineError
+from core.seed import IRIS_LEARNING_RATE, LEARNING_RATE
 from tasks.models import build_one_layer_cnn, build_softmax_regression, make_optimizer
 
 
@@ -46,12 +47,11 @@ def test_outputs_are_probabilities(build):
 @pytest.mark.parametrize(
     ("name", "learning_rate", "kind", "expected_rate"),
     [
-        ("adadelta", None, keras.optimizers.Adadelta, 1.0),  # Keras 1's default, not Keras 3's 0.001
-        ("sgd", None, keras.optimizers.SGD, 0.01),
+        ("adadelta", LEARNING_RATE, keras.optimizers.Adadelta, 1.0),  # Keras 1's default, not Keras 3's 0.001
+        ("sgd", IRIS_LEARNING_RATE, keras.optimizers.SGD, 0.01),
         ("Adadelta", 0.5, keras.optimizers.Adadelta, 0.5),
-        ("adam", None, keras.optimizers.Adam, 0.001),
     ],
-    ids=["adadelta-seed-default", "sgd-seed-default", "explicit-rate", "keras-default"],
+    ids=["adadelta-seed-rate", "sgd-seed-rate", "explicit-rate"],
 )
 def test_optimizer_factory(name, learning_rate, kind, expected_rate):
     optimizer = make_optimizer(name, learning_rate)
@@ -61,8 +61,9 @@ def test_optimizer_factory(name, learning_rate, kind, expected_rate):
 
 @pytest.mark.parametrize(
     ("name", "learning_rate", "message"),
-    [("lbfgs", 1.0, "Unknown optimizer 'lbfgs'"), ("sgd", 0.0, "must be positive"), ("sgd", -1.0, "must be positive")],
-    ids=["unknown", "zero-rate", "negative-rate"],
+    [("adam", 1.0, "Unknown optimizer 'adam'; choose one of adadelta, sgd"), ("sgd", 0.0, "must be positive"),
+     ("sgd", -1.0, "must be positive")],
+    ids=["not-the-seeds", "zero-rate", "negative-rate"],
 )
 def test_optimizer_factory_refuses_bad_input(name, learning_rate, message):
     with pytest.raises(PipelineError, match=message):

@@ -2,30 +2,34 @@
 
 from __future__ import annotations
 
-import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from core.errors import CorruptDataError
+from core.seed import LETTERS
 from storage.arrays import load_npy
-from storage.atomic import write_json
+from storage.folders import MANIFEST
+from storage.layout import DataRoot
+from storage.letters import commit_letter, letter_folder
 from storage.shards import write_shard
 from tasks.splits import SPLITS, TooFewUsableImagesError, build_splits
 
-LETTERS = "ABCDEFGHIJ"
 
-
-def write_shard_set(root: Path, archive: str, images: dict[str, np.ndarray]) -> Path:
-    """Shards and manifests as the decode stage lays them out, from arrays of (n, 28, 28) uint8."""
+def write_shard_set(root: Path, archive: str, images: dict[str, np.ndarray]) -> None:
+    """Letter folders as the decode stage commits them, from arrays of (n, 28, 28) uint8."""
     for label, letter in enumerate(LETTERS):
-        folder = root / archive / letter
-        folder.mkdir(parents=True)
+        work = root / f"work-{archive}-{letter}"
+        work.mkdir(parents=True)
         files = [f"{archive}/{letter}/{index:05d}.png" for index in range(len(images[letter]))]
-        write_shard(folder / "part-00000.parquet", files, label, images[letter])
-        sha = hashlib.sha256((folder / "part-00000.parquet").read_bytes()).hexdigest()
-        write_json(folder / "manifest.json", {"shards": [{"file": "part-00000.parquet", "rows": len(files), "sha256": sha}]})
-    return root / archive
+        write_shard(work / "part-00000.parquet", files, label, images[letter])
+        commit_letter(
+            work, letter_folder(DataRoot(root).shards(archive), letter), letter=letter, label=label,
+            images=len(files), rejected=[], shards=[{"file": "part-00000.parquet", "rows": len(files)}],
+            source={"kind": "arrays", "name": archive, "fingerprint": "-"},
+        )
 
 
 def distinct_images(rng: np.random.Generator, count: int) -> np.ndarray:
@@ -45,16 +49,23 @@ def shard_sets(tmp_path):
         test = distinct_images(rng, 12)
         test[:6] = images[[20, 21, 22, 30, 31, 32]]
         small[letter] = test
-    return write_shard_set(tmp_path, "notMNIST_large", large), write_shard_set(tmp_path, "notMNIST_small", small)
+    root = tmp_path / "data"
+    write_shard_set(root, "notMNIST_large", large)
+    write_shard_set(root, "notMNIST_small", small)
+    return root
 
 
-def build(shard_sets, root: Path, **options):
+def build(data_root: Path, **options):
     options = {"train_size": 200, "valid_size": 50, "test_size": 50, **options}
-    return build_splits(*shard_sets, root, **options)
+    return build_splits(data_root, **options)
 
 
-def split_arrays(manifest: dict, split: str):
-    folder = Path(manifest["folder"])
+def folder_of(data_root: Path, manifest: dict) -> Path:
+    return DataRoot(data_root).splits(manifest["key"])
+
+
+def split_arrays(data_root: Path, manifest: dict, split: str):
+    folder = folder_of(data_root, manifest)
     return tuple(load_npy(folder / f"{split}_{name}.npy") for name in ("x", "y", "file"))
 
 
@@ -64,9 +75,9 @@ def digests(x: np.ndarray) -> set:
 
 @pytest.mark.parametrize("dedup", ["none", "cross-split", "all"])
 def test_classes_are_balanced_and_rows_match_their_source_files(shard_sets, tmp_path, dedup):
-    manifest = build(shard_sets, tmp_path / "splits", dedup=dedup)
+    manifest = build(shard_sets, dedup=dedup)
     for split, per_class in (("train", 20), ("valid", 5), ("test", 5)):
-        x, y, files = split_arrays(manifest, split)
+        x, y, files = split_arrays(shard_sets, manifest, split)
         assert x.dtype == np.uint8 and x.shape == (per_class * 10, 28, 28)
         assert np.bincount(y, minlength=10).tolist() == [per_class] * 10
         assert manifest["splits"][split]["per_class"] == dict.fromkeys(LETTERS, per_class)
@@ -75,28 +86,30 @@ def test_classes_are_balanced_and_rows_match_their_source_files(shard_sets, tmp_
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_another_order(shard_sets, tmp_path):
-    first = build(shard_sets, tmp_path / "one")
-    again = build(shard_sets, tmp_path / "two")
-    other = build(shard_sets, tmp_path / "three", seed=7)
+    first = build(shard_sets)
+    kept = tmp_path / "first"
+    shutil.move(folder_of(shard_sets, first), kept)
+    again = build(shard_sets)
+    other = build(shard_sets, seed=7)
     for split in SPLITS:
         for name in ("x", "y", "file"):
-            a = (Path(first["folder"]) / f"{split}_{name}.npy").read_bytes()
-            assert a == (Path(again["folder"]) / f"{split}_{name}.npy").read_bytes()
-        assert not np.array_equal(split_arrays(first, split)[0], split_arrays(other, split)[0])
+            a = (kept / f"{split}_{name}.npy").read_bytes()
+            assert a == (folder_of(shard_sets, again) / f"{split}_{name}.npy").read_bytes()
+        assert not np.array_equal(split_arrays(shard_sets, first, split)[0], split_arrays(shard_sets, other, split)[0])
     assert first["fingerprint"] == again["fingerprint"] != other["fingerprint"]
 
 
 def test_no_dedup_keeps_the_seeds_sampling_and_its_leaks(shard_sets, tmp_path):
-    manifest = build(shard_sets, tmp_path / "splits", dedup="none")
+    manifest = build(shard_sets, dedup="none")
     assert manifest["overlap"]["after_dedup"] == manifest["overlap"]["seed_sampling"]
-    train, valid, test = (digests(split_arrays(manifest, s)[0]) for s in SPLITS)
+    train, valid, test = (digests(split_arrays(shard_sets, manifest, s)[0]) for s in SPLITS)
     assert test & train  # planted cross-archive duplicates leak into test
 
 
 @pytest.mark.parametrize("dedup", ["cross-split", "all"])
 def test_dedup_leaves_no_valid_or_test_image_in_train_and_no_test_image_in_valid(shard_sets, tmp_path, dedup):
-    manifest = build(shard_sets, tmp_path / "splits", dedup=dedup)
-    train, valid, test = (split_arrays(manifest, s)[0] for s in SPLITS)
+    manifest = build(shard_sets, dedup=dedup)
+    train, valid, test = (split_arrays(shard_sets, manifest, s)[0] for s in SPLITS)
     assert not digests(valid) & digests(train)
     assert not digests(test) & digests(train)
     assert not digests(test) & digests(valid)
@@ -106,43 +119,64 @@ def test_dedup_leaves_no_valid_or_test_image_in_train_and_no_test_image_in_valid
 
 
 def test_cross_split_keeps_the_seeds_train_rows(shard_sets, tmp_path):
-    plain = build(shard_sets, tmp_path / "a", dedup="none")
-    cross = build(shard_sets, tmp_path / "b", dedup="cross-split")
-    assert (Path(plain["folder"]) / "train_x.npy").read_bytes() == (Path(cross["folder"]) / "train_x.npy").read_bytes()
+    plain = build(shard_sets, dedup="none")
+    cross = build(shard_sets, dedup="cross-split")
+    train_x = [(folder_of(shard_sets, manifest) / "train_x.npy").read_bytes() for manifest in (plain, cross)]
+    assert train_x[0] == train_x[1]
 
 
 def test_all_makes_every_split_unique_within_itself(shard_sets, tmp_path):
-    manifest = build(shard_sets, tmp_path / "splits", dedup="all")
+    manifest = build(shard_sets, dedup="all")
     for split in SPLITS:
-        x = split_arrays(manifest, split)[0]
+        x = split_arrays(shard_sets, manifest, split)[0]
         assert len(digests(x)) == len(x)
     assert manifest["overlap"]["seed_sampling"]["train_unique"] < manifest["overlap"]["seed_sampling"]["train_rows"]
 
 
 def test_a_letter_without_enough_usable_images_names_what_it_has_and_needs(shard_sets, tmp_path):
     with pytest.raises(TooFewUsableImagesError, match=r"letter A of notMNIST_small has 7 usable images for test \(dedup='cross-split'\), which needs 8 per class"):
-        build(shard_sets, tmp_path / "splits", test_size=80, dedup="cross-split")
+        build(shard_sets, test_size=80, dedup="cross-split")
     with pytest.raises(TooFewUsableImagesError, match=r"letter A of notMNIST_large has 60 usable images for valid and train, which needs 70"):
-        build(shard_sets, tmp_path / "splits", train_size=600, valid_size=100)
-    assert not list((tmp_path / "splits").glob("train*"))
+        build(shard_sets, train_size=600, valid_size=100)
+    assert not list(DataRoot(shard_sets).splits_root.glob("train*"))
 
 
 def test_rerun_is_skipped_and_other_parameters_get_their_own_folder(shard_sets, tmp_path):
-    first = build(shard_sets, tmp_path / "splits")
-    stamp = (Path(first["folder"]) / "train_x.npy").stat().st_mtime_ns
-    assert build(shard_sets, tmp_path / "splits") == first
-    assert (Path(first["folder"]) / "train_x.npy").stat().st_mtime_ns == stamp
-    other = build(shard_sets, tmp_path / "splits", train_size=100)
-    assert other["folder"] != first["folder"]
-    assert (Path(first["folder"]) / "manifest.json").exists()
+    first = build(shard_sets)
+    stamp = (folder_of(shard_sets, first) / "train_x.npy").stat().st_mtime_ns
+    assert build(shard_sets) == first
+    assert (folder_of(shard_sets, first) / "train_x.npy").stat().st_mtime_ns == stamp
+    other = build(shard_sets, train_size=100)
+    assert other["key"] != first["key"]
+    assert (folder_of(shard_sets, first) / MANIFEST).exists()
+
+
+def test_a_damaged_split_folder_is_rebuilt_to_the_same_bytes(shard_sets):
+    first = build(shard_sets)
+    images = np.load(folder_of(shard_sets, first) / "valid_x.npy", mmap_mode="r+")
+    images[0] = 255 - images[0]  # same size: only the digest can tell
+    images.flush()
+    again = build(shard_sets)
+    assert again["fingerprint"] == first["fingerprint"]
+    assert np.array_equal(split_arrays(shard_sets, again, "valid")[0][0], 255 - images[0])
+
+
+def test_a_shard_damaged_after_decoding_is_an_error_naming_it(shard_sets):
+    shard = DataRoot(shard_sets).shards("notMNIST_large") / "C" / "part-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptDataError, match=r"notMNIST_large/C/part-00000\.parquet does not match .*decode the archive again"):
+        build(shard_sets)
+    assert not list(DataRoot(shard_sets).splits_root.glob("train*"))
 
 
 def test_unknown_dedup_mode_is_refused(shard_sets, tmp_path):
     with pytest.raises(Exception, match="dedup must be one of none, cross-split, all"):
-        build(shard_sets, tmp_path / "splits", dedup="some")
+        build(shard_sets, dedup="some")
 
 
 def test_arrays_load_memory_mapped_without_pickle(shard_sets, tmp_path):
-    manifest = build(shard_sets, tmp_path / "splits")
-    x, y, files = split_arrays(manifest, "train")
+    manifest = build(shard_sets)
+    x, y, files = split_arrays(shard_sets, manifest, "train")
     assert isinstance(x, np.memmap) and y.dtype == np.int64 and files.dtype.kind == "S"

@@ -12,12 +12,15 @@ import keras
 import numpy as np
 import pytest
 
+from core.errors import CorruptDataError, PipelineError
 from storage.arrays import save_npy
-from tasks.batches import NORMALISATIONS, SplitBatches, epoch_permutation, load_split, open_splits, read_split_manifest
-from tasks.errors import PipelineError
+from storage.folders import MANIFEST
+from storage.layout import DataRoot, backup_folder
+from storage.splits import open_split, read_splits_manifest
+from tasks.batches import NORMALISATIONS, SplitBatches, epoch_permutation, open_splits
 from tasks.models import build_one_layer_cnn
 from tasks.reporting import Progress
-from tasks.train import backup_folder, train_model
+from tasks.train import train_model
 from tasks.training_callbacks import BatchProgress, EpochBackup
 from tasks.training_record import git_commit
 from tests.tasks.synthetic_splits import write_split_folder
@@ -49,16 +52,33 @@ class EpochsBegun(keras.callbacks.Callback):
 
 
 @pytest.fixture(scope="module")
-def split_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("splits") / "patterns"
-    write_split_folder(folder)
-    return folder
+def reference_root(tmp_path_factory) -> Path:
+    """A data root holding one split folder, `splits/synthetic`."""
+    root = tmp_path_factory.mktemp("reference")
+    write_split_folder(root)
+    return root
 
 
 @pytest.fixture(scope="module")
-def reference(split_dir, tmp_path_factory) -> dict:
+def split_dir(reference_root) -> Path:
+    return DataRoot(reference_root).splits("synthetic")
+
+
+@pytest.fixture(scope="module")
+def reference(reference_root) -> dict:
     """One uninterrupted training run, shared by the tests that only read its outputs."""
-    return train_model(split_dir, tmp_path_factory.mktemp("models") / "reference", **FAST)
+    return train_model(reference_root, "synthetic", **FAST)
+
+
+@pytest.fixture
+def data_root(tmp_path) -> Path:
+    """A data root of this test's own, with the same split folder as the reference's."""
+    write_split_folder(tmp_path / "data")
+    return tmp_path / "data"
+
+
+def model_dir_of(result: dict) -> Path:
+    return Path(result["model_path"]).parent
 
 
 def read(path: str) -> dict:
@@ -69,8 +89,8 @@ def read(path: str) -> dict:
 
 
 def test_batches_are_float32_normalised_with_a_channel_axis_and_one_hot_labels(split_dir):
-    manifest = read_split_manifest(split_dir)
-    batches = open_splits(split_dir, manifest, experiment="notmnist", classes=10, batch_size=32, seed=133)
+    manifest = read_splits_manifest(split_dir)
+    batches = open_splits(split_dir, manifest, experiment="notmnist", batch_size=32, seed=133)
     train = batches["train"]
     pixels, targets = train[0]
     rows = train.batch_rows(0)
@@ -93,7 +113,7 @@ def test_each_experiment_uses_the_seeds_normalisation(experiment, low, high):
 
 
 def test_the_dataset_holds_the_memory_map_and_never_a_float_copy_of_the_split(split_dir):
-    images, labels = load_split(split_dir, "train", classes=10)
+    images, labels = open_split(split_dir, read_splits_manifest(split_dir), "train")
     batches = SplitBatches(images, labels, batch_size=32, classes=10, normalisation=(127.5, 255.0), shuffle_seed=1)
     assert isinstance(batches.images, np.memmap) and isinstance(batches.labels, np.memmap)
     whole_as_float = images.size * 4
@@ -109,7 +129,7 @@ def test_the_dataset_holds_the_memory_map_and_never_a_float_copy_of_the_split(sp
 
 
 def test_each_epoch_has_its_own_order_and_the_same_seed_and_epoch_give_the_same_one(split_dir):
-    images, labels = load_split(split_dir, "train", classes=10)
+    images, labels = open_split(split_dir, read_splits_manifest(split_dir), "train")
     batches = SplitBatches(images, labels, batch_size=32, classes=10, normalisation=(127.5, 255.0), shuffle_seed=133)
     epoch_zero = [batches.batch_rows(i).tolist() for i in range(len(batches))]
     batches.set_epoch(1)
@@ -123,26 +143,33 @@ def test_each_epoch_has_its_own_order_and_the_same_seed_and_epoch_give_the_same_
 
 
 def test_validation_and_test_batches_keep_file_order(split_dir):
-    batches = open_splits(split_dir, read_split_manifest(split_dir), experiment="notmnist", classes=10, batch_size=32, seed=1)
+    batches = open_splits(split_dir, read_splits_manifest(split_dir), experiment="notmnist", batch_size=32, seed=1)
     batches["test"].set_epoch(5)
     assert batches["test"].batch_rows(1) == slice(32, 60)
     assert batches["valid"].batch_rows(0) == slice(0, 32)
 
 
-def _damage_labels(folder: Path) -> None:
-    save_npy(folder / "train_y.npy", np.full(300, 10, dtype=np.int64))
+def _overwrite_rows(folder: Path) -> None:
+    """Same size, same header: only a few rows of pixels differ."""
+    images = np.load(folder / "train_x.npy", mmap_mode="r+")
+    images[:5] = 255 - images[:5]
+    images.flush()
+
+
+def _relabel(folder: Path) -> None:
+    save_npy(folder / "train_y.npy", np.full(300, 3, dtype=np.int64))
 
 
 def _float_images(folder: Path) -> None:
     save_npy(folder / "valid_x.npy", np.zeros((60, 28, 28), dtype=np.float32))
 
 
-def _short_labels(folder: Path) -> None:
-    save_npy(folder / "test_y.npy", np.zeros(59, dtype=np.int64))
+def _missing_labels(folder: Path) -> None:
+    (folder / "test_y.npy").unlink()
 
 
 def _no_manifest(folder: Path) -> None:
-    (folder / "manifest.json").unlink()
+    (folder / MANIFEST).unlink()
 
 
 def _pickled_labels(folder: Path) -> None:
@@ -150,34 +177,48 @@ def _pickled_labels(folder: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("damage", "message"),
+    ("damage", "error", "message"),
     [
-        (_damage_labels, r"labels span 10\.\.10, outside 0\.\.9"),
-        (_float_images, r"expected uint8 images"),
-        (_short_labels, r"expected 60 integer labels"),
-        (_no_manifest, r"build the splits first"),
-        (_pickled_labels, r"Python objects"),
+        (_overwrite_rows, CorruptDataError, r"train_x\.npy does not match the sha256 recorded.*rebuild the splits"),
+        (_relabel, CorruptDataError, r"train_y\.npy does not match the sha256 recorded"),
+        (_float_images, CorruptDataError, r"valid_x\.npy has [\d,]+ bytes, [\d,]+ were recorded"),
+        (_missing_labels, CorruptDataError, r"test_y\.npy is missing"),
+        (_no_manifest, PipelineError, r"holds no finished splits: build them first"),
+        (_pickled_labels, CorruptDataError, r"train_y\.npy has [\d,]+ bytes"),
     ],
-    ids=["label-out-of-range", "float-images", "label-count", "no-manifest", "pickled-labels"],
+    ids=["same-size-overwrite", "relabelled", "float-images", "missing-labels", "no-manifest", "pickled-labels"],
 )
-def test_a_damaged_split_folder_fails_with_a_clear_error(tmp_path, damage, message):
-    folder = tmp_path / "splits"
-    write_split_folder(folder)
-    damage(folder)
-    with pytest.raises(PipelineError, match=message):
-        train_model(folder, tmp_path / "model", **FAST)
-    assert not (tmp_path / "model").exists()
+def test_a_damaged_split_folder_fails_with_an_error_naming_the_file(data_root, damage, error, message):
+    damage(DataRoot(data_root).splits("synthetic"))
+    with pytest.raises(error, match=message):
+        train_model(data_root, "synthetic", **FAST)
+    models = DataRoot(data_root).models_root
+    assert not [path for path in models.glob("*") if path.is_dir()]  # no model folder, finished or not
+
+
+def test_a_copied_data_root_trains_on_its_own_splits(data_root, tmp_path):
+    """Manifests and records name nothing outside the data root: a copy is self-contained."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(data_root, copy)
+    _overwrite_rows(DataRoot(data_root).splits("synthetic"))  # the original is damaged; the copy is not
+    result = train_model(copy, "synthetic", **FAST)
+    assert Path(result["model_path"]).is_relative_to(copy)
+    record = read(result["record_path"])
+    assert record["dataset"]["splits"] == "splits/synthetic"
+    assert str(data_root) not in Path(result["record_path"]).read_text()
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [({"experiment": "cifar"}, "Unknown experiment"), ({"epochs": 0}, "epochs must be"),
-     ({"batch_size": 0}, "batch_size must be"), ({"optimizer": "lbfgs"}, "Unknown optimizer")],
-    ids=["experiment", "epochs", "batch-size", "optimizer"],
+     ({"batch_size": 0}, "batch_size must be"), ({"learning_rate": 0.0}, "learning_rate must be positive")],
+    ids=["experiment", "epochs", "batch-size", "learning-rate"],
 )
-def test_bad_parameters_are_refused(split_dir, tmp_path, options, message):
+def test_bad_parameters_are_refused(reference_root, options, message):
     with pytest.raises(PipelineError, match=message):
-        train_model(split_dir, tmp_path / "model", **{**FAST, **options})
+        train_model(reference_root, "synthetic", **{**FAST, **options})
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -189,8 +230,8 @@ def test_the_cnn_learns_the_patterns_well_above_chance(reference):
     assert reference["epochs_run"] == 2
 
 
-def test_the_same_seed_gives_the_same_metrics_twice(split_dir, reference, tmp_path):
-    again = train_model(split_dir, tmp_path / "again", **FAST)
+def test_the_same_seed_gives_the_same_metrics_twice(data_root, reference):
+    again = train_model(data_root, "synthetic", **FAST)
     first, second = read(reference["metrics_path"]), read(again["metrics_path"])
     assert second["test_loss"] == first["test_loss"]
     for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
@@ -198,15 +239,15 @@ def test_the_same_seed_gives_the_same_metrics_twice(split_dir, reference, tmp_pa
     assert second["confusion_matrix"] == first["confusion_matrix"]
 
 
-def test_an_interrupted_training_resumes_from_its_last_finished_epoch(split_dir, reference, tmp_path):
-    model_dir = tmp_path / "model"
+def test_an_interrupted_training_resumes_from_its_last_finished_epoch(data_root, reference):
+    model_dir = DataRoot(data_root).root / reference["model"]
     with pytest.raises(Interrupted):
-        train_model(split_dir, model_dir, **FAST, extra_callbacks=[InterruptAfterEpoch(0)])
+        train_model(data_root, "synthetic", **FAST, extra_callbacks=[InterruptAfterEpoch(0)])
     assert not model_dir.exists()  # nothing that looks finished
     assert (backup_folder(model_dir) / "history.json").exists()
 
     begun = EpochsBegun()
-    resumed = train_model(split_dir, model_dir, **FAST, extra_callbacks=[begun])
+    resumed = train_model(data_root, "synthetic", **FAST, extra_callbacks=[begun])
     assert begun.epochs == [1]  # epoch 0 came from the checkpoint
     assert resumed["epochs_run"] == 1
     metrics = read(resumed["metrics_path"])
@@ -219,20 +260,34 @@ def test_an_interrupted_training_resumes_from_its_last_finished_epoch(split_dir,
     assert not backup_folder(model_dir).exists()
 
 
-def test_a_checkpoint_made_with_other_parameters_is_not_resumed(split_dir, tmp_path):
-    model_dir = tmp_path / "model"
+def test_a_checkpoint_made_with_other_parameters_is_not_resumed(data_root):
     with pytest.raises(Interrupted):
-        train_model(split_dir, model_dir, **FAST, seed=1, extra_callbacks=[InterruptAfterEpoch(0)])
+        train_model(data_root, "synthetic", **FAST, seed=1, extra_callbacks=[InterruptAfterEpoch(0)])
+    backups = list(DataRoot(data_root).models_root.glob("*.backup"))
+    assert len(backups) == 1
+    # Another seed is another model folder, whose backup is its own: the first is left alone.
     begun = EpochsBegun()
-    result = train_model(split_dir, model_dir, **FAST, seed=2, extra_callbacks=[begun])
+    result = train_model(data_root, "synthetic", **FAST, seed=2, extra_callbacks=[begun])
     assert begun.epochs == [0, 1] and result["epochs_run"] == 2
+    assert backups[0].exists()
 
 
-def test_a_finished_model_folder_is_reused_without_training(split_dir, reference):
+def test_a_finished_model_folder_is_reused_without_training(reference_root, reference):
     begun = EpochsBegun()
-    again = train_model(split_dir, Path(reference["model_path"]).parent, **FAST, extra_callbacks=[begun])
+    again = train_model(reference_root, "synthetic", **FAST, extra_callbacks=[begun])
     assert begun.epochs == []
     assert again == reference
+
+
+def test_a_damaged_model_folder_is_trained_again(data_root):
+    first = train_model(data_root, "synthetic", **FAST)
+    model = Path(first["model_path"])
+    model.write_bytes(model.read_bytes()[:-10] + bytes(10))  # same size, different bytes
+    begun = EpochsBegun()
+    again = train_model(data_root, "synthetic", **FAST, extra_callbacks=[begun])
+    assert begun.epochs == [0, 1]
+    assert again["test_loss"] == first["test_loss"]
+    assert keras.saving.load_model(again["model_path"]).output_shape == (None, 10)
 
 
 def test_metrics_json_is_complete(reference):
@@ -255,7 +310,7 @@ def test_metrics_json_is_complete(reference):
 
 def test_record_json_says_what_produced_the_model(split_dir, reference):
     record = read(reference["record_path"])
-    assert record["dataset"]["fingerprint"] == read_split_manifest(split_dir)["fingerprint"] == reference["dataset_fingerprint"]
+    assert record["dataset"]["fingerprint"] == read_splits_manifest(split_dir)["fingerprint"] == reference["dataset_fingerprint"]
     assert record["parameters"] == {"experiment": "notmnist", "epochs": 2, "batch_size": 32, "optimizer": "adadelta",
                                     "learning_rate": 1.0, "seed": 133}
     versions = record["versions"]
@@ -267,9 +322,9 @@ def test_record_json_says_what_produced_the_model(split_dir, reference):
     assert record["dataset"]["rows"] == {"train": 300, "valid": 60, "test": 60}
 
 
-def test_each_epoch_reaches_the_log(split_dir, tmp_path, caplog):
+def test_each_epoch_reaches_the_log(data_root, caplog):
     with caplog.at_level(logging.INFO, logger="tasks.train"):
-        train_model(split_dir, tmp_path / "model", **FAST)
+        train_model(data_root, "synthetic", **FAST)
     epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Epoch ")]
     assert [line.split(":")[0] for line in epochs] == ["Epoch 1/2", "Epoch 2/2"]
     assert all("val_accuracy" in line and "samples/s" in line for line in epochs)
@@ -283,7 +338,7 @@ def test_the_commit_is_null_rather_than_an_error_when_git_cannot_tell(tmp_path, 
 
 
 def test_progress_counts_every_batch(split_dir, tmp_path):
-    images, labels = load_split(split_dir, "train", classes=10)
+    images, labels = open_split(split_dir, read_splits_manifest(split_dir), "train")
     batches = SplitBatches(images, labels, batch_size=64, classes=10, normalisation=(127.5, 255.0), shuffle_seed=1)
     model = build_one_layer_cnn()
     model.compile(optimizer="sgd", loss="categorical_crossentropy")

@@ -1,4 +1,4 @@
-"""Project exceptions: each names what went wrong and what the user can do about it."""
+"""Project exceptions: each names what went wrong and what the user can do about it. Every layer may raise them."""
 
 
 class PipelineError(Exception):
@@ -23,3 +23,7 @@ class UnsafeArchiveError(PipelineError):
 
 class ArchiveError(PipelineError):
     """An archive that is corrupt, truncated, or not laid out as expected."""
+
+
+class CorruptDataError(PipelineError):
+    """Data on disk that differs from what was recorded when it was written (a damaged or overwritten file)."""

@@ -12,12 +12,13 @@ from typing import Any
 
 from prefect.settings import get_current_settings
 
-from flows.loopback import FileServer
+from core.errors import PipelineError
+from core.seed import LARGE_ARCHIVE, SMALL_ARCHIVE
+from demo.loopback import FileServer
+from demo.synthetic import make_archives
 from flows.notmnist import notmnist_pipeline
 from storage.atomic import read_json, write_json
 from storage.layout import DataRoot
-from tasks.errors import PipelineError
-from tasks.synthetic import make_archives
 
 
 def demo_archives(source_dir: Path, per_letter: int) -> dict:
@@ -25,7 +26,7 @@ def demo_archives(source_dir: Path, per_letter: int) -> dict:
     catalogue = source_dir / "archives.json"
     try:
         known = read_json(catalogue)
-        if known["per_letter"] == per_letter and all(Path(a["path"]).exists() for a in known["archives"].values()):
+        if known["per_letter"] == per_letter and all((source_dir / name).is_file() for name in known["archives"]):
             return known["archives"]
     except (OSError, ValueError, KeyError):
         pass
@@ -42,18 +43,21 @@ def demo_sizes(per_letter: int, small_per_letter: int) -> dict[str, int]:
     return {"valid_size": 10 * valid, "train_size": 10 * train, "test_size": 10 * test}
 
 
-def run_demo(data_dir: Path, *, per_letter: int = 5000, epochs: int = 5, workers: int | None = None) -> dict[str, Any]:
+def run_demo(
+    data_dir: Path, *, per_letter: int = 5000, epochs: int = 5, workers: int | None = None,
+    train_deployment: str | None = None,
+) -> dict[str, Any]:
     """Generate (once), serve and run the pipeline; returns its result and where to see the run."""
     layout = DataRoot(data_dir)
-    archives = demo_archives(layout.root / "source", per_letter)
-    large, small = archives["notMNIST_large.tar.gz"], archives["notMNIST_small.tar.gz"]
-    with FileServer(layout.root / "source") as server:
+    archives = demo_archives(layout.source, per_letter)
+    large, small = archives[LARGE_ARCHIVE], archives[SMALL_ARCHIVE]
+    with FileServer(layout.source) as server:
         state = notmnist_pipeline(
             base_url=server.base_url, data_dir=str(layout.root),
             large_bytes=large["bytes"], large_sha256=large["sha256"],
             small_bytes=small["bytes"], small_sha256=small["sha256"],
             min_images_large=per_letter * 9 // 10, min_images_small=(small["images"] // 10) * 9 // 10,
-            epochs=epochs, workers=workers,
+            epochs=epochs, workers=workers, train_deployment=train_deployment,
             **demo_sizes(per_letter, small["images"] // 10),
             return_state=True,
         )

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont, UnidentifiedImageError
 
-from tasks.synthetic import (
+from demo.synthetic import (
     BAD_FILE_KINDS,
     DEFAULT_BAD_FILES,
     IMAGE_SIZE,

@@ -1,0 +1,5 @@
+"""The project's own defaults that the flows and the command line share (the seed's values: core/seed.py)."""
+
+# How long a pipeline waits for a training it sent to a work pool: the seed's 2 epochs take minutes
+# on a GPU and about 6 minutes on 2 CPU cores, and a queue may hold the run until a worker is free.
+TRAIN_TIMEOUT_SECONDS = 6 * 3600

@@ -1,0 +1,88 @@
+"""The record of a finished extraction: which archive made a folder, and the listing of every class folder.
+
+    extracted/<top folder>/
+      A/ ... J/                  the archive's files
+      .extracted.json            written last: archive name, size, mtime and sha256, member counts,
+                                 and each class folder's listing fingerprint
+
+A folder is a finished extraction of an archive only when its record names that archive and every
+class folder still lists the same names, sizes and modification times: a file added, deleted or
+overwritten (even with the same size) after extraction makes the folder unfinished again. Hashing
+half a million small files on every check would cost far more than the listing does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from storage.atomic import read_json, write_json
+from storage.digests import sha256_of
+
+RECORD_NAME = ".extracted.json"
+RECORD_FORMAT = 2
+
+
+def folder_listing(folder: Path) -> str:
+    """Identity of a folder of files: the names, sizes and modification times of its entries."""
+    digest = hashlib.sha256()
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        status = entry.stat(follow_symlinks=False)
+        digest.update(f"{entry.name}\0{status.st_size}\0{status.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def class_folders(top: Path) -> list[str]:
+    """The names of the class folders in an extracted top folder, sorted."""
+    return sorted(entry.name for entry in os.scandir(top) if entry.is_dir() and not entry.name.startswith("."))
+
+
+def write_record(top: Path, record: dict) -> dict:
+    """Add each class folder's listing to `record` and write it into `top`, last; returns it."""
+    record = {**record, "format_version": RECORD_FORMAT, "top_folder": top.name}
+    record["classes"] = {name: folder_listing(top / name) for name in class_folders(top)}
+    write_json(top / RECORD_NAME, record)
+    return record
+
+
+def read_record(folder: Path) -> dict | None:
+    """The extraction record of `folder`, or None when missing, unreadable, of another format or folder."""
+    folder = Path(folder)
+    if folder.name.startswith(".") or not folder.is_dir():
+        return None
+    try:
+        record = read_json(folder / RECORD_NAME)
+    except (OSError, ValueError):
+        return None
+    valid = isinstance(record, dict) and record.get("format_version") == RECORD_FORMAT
+    return record if valid and record.get("top_folder") == folder.name else None
+
+
+def extraction_problem(top: Path, record: dict) -> str | None:
+    """How the extracted folder `top` differs from its record, or None when it is as extracted."""
+    found = class_folders(top)
+    if found != sorted(record["classes"]):
+        return f"{top} holds class folders {found}, the extraction made {sorted(record['classes'])}"
+    for name, listing in record["classes"].items():
+        if folder_listing(top / name) != listing:
+            return f"files in {top / name} were added, removed or changed after extraction"
+    return None
+
+
+def find_extraction(archive: Path, dest_dir: Path) -> Path | None:
+    """The top folder of a finished, unchanged extraction of `archive` in `dest_dir`, or None."""
+    archive, dest_dir = Path(archive), Path(dest_dir)
+    status, archive_sha256 = archive.stat(), None
+    for candidate in sorted(dest_dir.iterdir()) if dest_dir.is_dir() else []:
+        record = read_record(candidate)
+        if record is None or record.get("archive_name") != archive.name:
+            continue
+        same = (record.get("archive_size"), record.get("archive_mtime_ns")) == (status.st_size, status.st_mtime_ns)
+        # A re-download of the same bytes gets a new mtime; the digest shows it is the same archive.
+        if not same and record.get("archive_size") == status.st_size:
+            archive_sha256 = archive_sha256 or sha256_of(archive)
+            same = record.get("archive_sha256") == archive_sha256
+        if same and extraction_problem(candidate, record) is None:
+            return candidate
+    return None

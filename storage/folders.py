@@ -1,0 +1,136 @@
+"""Committed folders: a folder of files whose manifest, written last, records each file's size and sha256.
+
+Every output folder of the data root (a letter's shards, a split folder, a model folder) follows one
+contract:
+
+    <folder>/
+      <files>             written first, inside a temporary folder renamed into place whole
+      _manifest.json      written last: {"kind", "format", "files": {name: {"bytes", "sha256"}}, ...}
+
+A folder without a readable manifest of the expected kind and format is not finished; a file whose
+size or sha256 differs from the manifest's is corrupt, even when its size is right. Readers check
+before they use a byte (`verify_file`, `read_verified`), so damage is an error that names the file,
+never a silent input to the next stage. The leading underscore keeps the manifest out of what
+pyarrow, pandas and DuckDB read as a Parquet dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from core.errors import CorruptDataError
+from storage.atomic import read_json, remove, replace, temporary_sibling, write_json
+from storage.digests import sha256_of
+
+MANIFEST = "_manifest.json"
+
+
+def describe_files(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of each named file of `folder`, as a manifest records them."""
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)} for name in names}
+
+
+def write_manifest(folder: Path, kind: str, format_version: int, files: dict[str, dict], **fields: Any) -> dict:
+    """Write `folder`'s manifest: `files` as `describe_files` gave them, and `fields`. Call it last; returns it."""
+    manifest = {"kind": kind, "format": format_version, **fields, "files": files}
+    write_json(Path(folder) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: Path, kind: str, format_version: int) -> dict | None:
+    """The manifest of a finished folder of this kind and format, or None (absent, unreadable, other kind)."""
+    try:
+        manifest = read_json(Path(folder) / MANIFEST)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return None
+    if manifest.get("kind") != kind or manifest.get("format") != format_version:
+        return None
+    return manifest
+
+
+def file_problem(folder: Path, manifest: dict, name: str) -> str | None:
+    """How `folder/name` differs from what the manifest recorded, or None when it matches."""
+    recorded = manifest["files"].get(name)
+    if recorded is None:
+        return f"{name} is not listed in {Path(folder) / MANIFEST}"
+    path = Path(folder) / name
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"{path} is missing"
+    if size != recorded["bytes"]:
+        return f"{path} has {size:,} bytes, {recorded['bytes']:,} were recorded"
+    if sha256_of(path) != recorded["sha256"]:
+        return f"{path} does not match the sha256 recorded when it was written"
+    return None
+
+
+def folder_problem(folder: Path, manifest: dict) -> str | None:
+    """The first file of `folder` that differs from its manifest, or None when all match."""
+    for name in manifest["files"]:
+        if (problem := file_problem(folder, manifest, name)) is not None:
+            return problem
+    return None
+
+
+def verify_file(folder: Path, manifest: dict, name: str, remedy: str) -> Path:
+    """`folder/name`, after checking it against the manifest; CorruptDataError (saying `remedy`) when it differs."""
+    if (problem := file_problem(folder, manifest, name)) is not None:
+        raise CorruptDataError(f"{problem}: {remedy}")
+    return Path(folder) / name
+
+
+def read_verified(folder: Path, manifest: dict, name: str, remedy: str) -> bytes:
+    """The bytes of `folder/name`, read once and checked against the manifest (CorruptDataError when they differ)."""
+    path, recorded = Path(folder) / name, manifest["files"].get(name)
+    if recorded is None:
+        raise CorruptDataError(f"{name} is not listed in {Path(folder) / MANIFEST}: {remedy}")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as error:
+        raise CorruptDataError(f"{path} is missing: {remedy}") from error
+    if len(data) != recorded["bytes"] or hashlib.sha256(data).hexdigest() != recorded["sha256"]:
+        raise CorruptDataError(f"{path} does not match the size and sha256 recorded when it was written: {remedy}")
+    return data
+
+
+def manifest_identity(manifest: dict) -> str:
+    """A short, stable identity of a committed folder's content: the sha256 of its manifest's files listing."""
+    listing = sorted((name, entry["sha256"]) for name, entry in manifest["files"].items())
+    return hashlib.sha256(repr(listing).encode()).hexdigest()
+
+
+class FolderWriter:
+    """Writes a committed folder: files go into a temporary sibling (`work`); `commit` lists them all in the
+    manifest, last, and renames the folder into place. Leaving the `with` block without committing (an
+    error, a crash) leaves nothing under the final name.
+    """
+
+    def __init__(self, folder: Path, kind: str, format_version: int):
+        self.folder, self.kind, self.format_version = Path(folder), kind, format_version
+        self.work = temporary_sibling(self.folder)
+
+    def __enter__(self):
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        remove(self.work)
+
+    def commit(self, **fields: Any) -> dict:
+        """Describe every file written, write the manifest and put the folder in place; returns the manifest."""
+        files = describe_files(self.work, sorted(path.name for path in self.work.iterdir() if path.is_file()))
+        manifest = write_manifest(self.work, self.kind, self.format_version, files, **self.fields(files), **fields)
+        replace(self.work, self.folder)
+        return manifest
+
+    def fields(self, files: dict[str, dict]) -> dict[str, Any]:
+        """Fields derived from the written files, for a kind of folder to add to its manifest."""
+        return {}

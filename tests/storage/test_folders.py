@@ -1,0 +1,81 @@
+"""Committed folders: the manifest comes last, and every file is checked against it when read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.errors import CorruptDataError
+from storage.folders import (
+    MANIFEST,
+    FolderWriter,
+    folder_problem,
+    manifest_identity,
+    read_manifest,
+    read_verified,
+    verify_file,
+)
+
+
+@pytest.fixture
+def committed(tmp_path):
+    with FolderWriter(tmp_path / "folder", "example", 1) as writer:
+        (writer.work / "a.bin").write_bytes(b"a" * 100)
+        (writer.work / "b.json").write_text('{"b": 1}')
+        manifest = writer.commit(note="kept")
+    return tmp_path / "folder", manifest
+
+
+def test_the_manifest_lists_every_file_with_size_and_sha256_and_the_fields(committed):
+    folder, manifest = committed
+    assert sorted(path.name for path in folder.iterdir()) == [MANIFEST, "a.bin", "b.json"]
+    assert manifest["files"]["a.bin"]["bytes"] == 100 and len(manifest["files"]["a.bin"]["sha256"]) == 64
+    assert read_manifest(folder, "example", 1) == manifest == json.loads((folder / MANIFEST).read_text())
+    assert manifest["note"] == "kept" and folder_problem(folder, manifest) is None
+
+
+def test_a_writer_that_does_not_commit_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with FolderWriter(tmp_path / "folder", "example", 1) as writer:
+            (writer.work / "a.bin").write_bytes(b"half")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "format_version"), [("other", 1), ("example", 2)], ids=["other-kind", "other-format"]
+)
+def test_a_manifest_of_another_kind_or_format_is_not_finished(committed, kind, format_version):
+    assert read_manifest(committed[0], kind, format_version) is None
+
+
+def test_a_same_size_overwrite_is_found_and_named(committed):
+    folder, manifest = committed
+    (folder / "a.bin").write_bytes(b"b" + b"a" * 99)
+    assert folder_problem(folder, manifest) == f"{folder / 'a.bin'} does not match the sha256 recorded when it was written"
+    with pytest.raises(CorruptDataError, match=r"a\.bin does not match the size and sha256 .*: rebuild it"):
+        read_verified(folder, manifest, "a.bin", "rebuild it")
+    with pytest.raises(CorruptDataError, match=r"a\.bin does not match the sha256 recorded .*: rebuild it"):
+        verify_file(folder, manifest, "a.bin", "rebuild it")
+    assert read_verified(folder, manifest, "b.json", "-") == b'{"b": 1}'
+
+
+def test_missing_and_resized_files_are_named(committed):
+    folder, manifest = committed
+    (folder / "b.json").unlink()
+    (folder / "a.bin").write_bytes(b"a")
+    assert folder_problem(folder, manifest) == f"{folder / 'a.bin'} has 1 bytes, 100 were recorded"
+    with pytest.raises(CorruptDataError, match=r"b\.json is missing: do this"):
+        read_verified(folder, manifest, "b.json", "do this")
+
+
+def test_the_identity_follows_the_content(tmp_path, committed):
+    with FolderWriter(tmp_path / "copy", "example", 1) as writer:
+        (writer.work / "a.bin").write_bytes(b"a" * 100)
+        (writer.work / "b.json").write_text('{"b": 1}')
+        same = writer.commit(note="another note")
+    with FolderWriter(tmp_path / "other", "example", 1) as writer:
+        (writer.work / "a.bin").write_bytes(b"c" * 100)
+        other = writer.commit()
+    assert manifest_identity(same) == manifest_identity(committed[1]) != manifest_identity(other)
