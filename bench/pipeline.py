@@ -59,7 +59,7 @@ def plain(server, archives: dict, data_dir: Path, sizes: dict, minimums: dict) -
         top = extract_archive(archive, layout.extracted)
         shard_dirs[name] = layout.shards(name)
         decode_to_shards(top, shard_dirs[name], min_images=minimums[name])
-    build_splits(shard_dirs["notMNIST_large.tar.gz"], shard_dirs["notMNIST_small.tar.gz"], layout.splits_root, **sizes)
+    build_splits(layout.root, **sizes)
     return time.perf_counter() - start
 
 
@@ -72,8 +72,8 @@ def main() -> None:
 
     from prefect import flow
 
-    from demo.run import demo_archives, demo_sizes
     from demo.loopback import FileServer
+    from demo.run import demo_archives, demo_sizes
     from flows.notmnist import notmnist_pipeline
 
     source = args.workdir / f"pipeline-{args.per_letter}"

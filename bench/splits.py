@@ -29,9 +29,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from storage.atomic import write_json  # noqa: E402
+from core.seed import LETTERS  # noqa: E402
+from storage.layout import DataRoot  # noqa: E402
+from storage.letters import commit_letter, letter_folder  # noqa: E402
 from storage.shards import write_shard  # noqa: E402
-from tasks.decode import LETTERS  # noqa: E402
 
 
 def glyph_like_images(rng: np.random.Generator, count: int) -> np.ndarray:
@@ -56,16 +57,19 @@ def generate(folder: Path, large_per_letter: int, small_per_letter: int) -> None
     for archive, per_letter in (("notMNIST_large", large_per_letter), ("notMNIST_small", small_per_letter)):
         for label, letter in enumerate(LETTERS):
             images = glyph_like_images(rng, per_letter)
-            out = folder / "shards" / archive / letter
-            out.mkdir(parents=True)
+            work = folder / f"work-{archive}-{letter}"
+            work.mkdir(parents=True)
             shards = []
             for number, start in enumerate(range(0, per_letter, 8192)):
                 name = f"part-{number:05d}.parquet"
                 chunk = images[start : start + 8192]
                 files = [f"{archive}/{letter}/{start + i:06d}.png" for i in range(len(chunk))]
-                write_shard(out / name, files, label, chunk)
-                shards.append({"file": name, "rows": len(chunk), "sha256": f"{archive}-{letter}-{number}"})
-            write_json(out / "manifest.json", {"shards": shards})
+                write_shard(work / name, files, label, chunk)
+                shards.append({"file": name, "rows": len(chunk)})
+            commit_letter(
+                work, letter_folder(DataRoot(folder).shards(archive), letter), letter=letter, label=label,
+                images=per_letter, rejected=[], shards=shards, source={"kind": "generated", "name": archive},
+            )
             pickles = folder / "pickles" / archive
             pickles.mkdir(parents=True, exist_ok=True)
             with open(pickles / f"{letter}.pickle", "wb") as handle:
@@ -78,9 +82,8 @@ def run_variant(variant: str, folder: Path) -> dict:
     if variant == "project":
         from tasks.splits import build_splits
 
-        output = folder / "splits-out"
-        shutil.rmtree(output, ignore_errors=True)
-        manifest = build_splits(folder / "shards" / "notMNIST_large", folder / "shards" / "notMNIST_small", output)
+        shutil.rmtree(DataRoot(folder).splits_root, ignore_errors=True)
+        manifest = build_splits(folder)
         rows = sum(manifest["splits"][split]["rows"] for split in manifest["splits"])
         extra = {"overlap": manifest["overlap"]}
     else:

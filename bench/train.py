@@ -36,8 +36,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from storage.arrays import array_digest, create_npy  # noqa: E402
-from storage.atomic import write_json  # noqa: E402
+from storage.layout import DataRoot  # noqa: E402
+from storage.splits import SplitWriter, find_splits  # noqa: E402
+
+KEY = "bench"  # the split folder's name under the benchmark's data root
 
 SPLIT_ROWS = {"valid": 10_000, "test": 10_000}
 BATCH_SIZE = 128
@@ -53,26 +55,23 @@ def glyph_like_images(rng: np.random.Generator, labels: np.ndarray) -> np.ndarra
     return images
 
 
-def generate(folder: Path, train_rows: int) -> None:
-    """The split folder (NPY files written in chunks through memory maps, and a manifest)."""
-    if (folder / "manifest.json").exists():
+def generate(data_root: Path, train_rows: int) -> None:
+    """The split folder (NPY files written in chunks through memory maps, then committed)."""
+    folder = DataRoot(data_root).splits(KEY)
+    if find_splits(folder) is not None:
         return
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    shutil.rmtree(data_root, ignore_errors=True)
     rng = np.random.default_rng(133)
-    written = {}
-    for split, rows in {"train": train_rows, **SPLIT_ROWS}.items():
-        x = create_npy(folder / f"{split}_x.npy", (rows, 28, 28), np.uint8)
-        y = create_npy(folder / f"{split}_y.npy", (rows,), np.int64)
-        for start in range(0, rows, CHUNK_ROWS):
-            labels = rng.integers(0, 10, size=min(CHUNK_ROWS, rows - start))
-            y[start : start + len(labels)] = labels
-            x[start : start + len(labels)] = glyph_like_images(rng, labels)
-        x.flush(), y.flush()
-        np.save(folder / f"{split}_file.npy", np.array([f"{split}/{i}".encode() for i in range(rows)]))
-        written[split] = {"rows": rows, "x_sha256": array_digest(x), "y_sha256": array_digest(y)}
-    fingerprint = hashlib.sha256(json.dumps(written, sort_keys=True).encode()).hexdigest()
-    write_json(folder / "manifest.json", {"format": 1, "folder": str(folder), "fingerprint": fingerprint, "splits": written})
+    with SplitWriter(folder, list("ABCDEFGHIJ")) as writer:
+        for split, rows in {"train": train_rows, **SPLIT_ROWS}.items():
+            x, y = writer.create(split, rows)
+            for start in range(0, rows, CHUNK_ROWS):
+                labels = rng.integers(0, 10, size=min(CHUNK_ROWS, rows - start))
+                y[start : start + len(labels)] = labels
+                x[start : start + len(labels)] = glyph_like_images(rng, labels)
+            x.flush(), y.flush()
+            writer.save_files(split, [f"{split}/{i}" for i in range(rows)])
+        writer.commit()
 
 
 def training_timer():
@@ -95,23 +94,33 @@ def timing(timer, rows: int) -> dict:
     return {"samples_per_second": rows / timer.seconds, "cpu_ms_per_1000_samples": 1e6 * timer.cpu_seconds / rows}
 
 
-def run_project(folder: Path, model_dir: Path) -> dict:
+def run_project(data_root: Path) -> dict:
+    from storage.splits import open_split, read_splits_manifest
     from tasks.train import train_model
 
-    shutil.rmtree(model_dir, ignore_errors=True)
+    shutil.rmtree(DataRoot(data_root).models_root, ignore_errors=True)
+    folder = DataRoot(data_root).splits(KEY)
+    # What reading verifies costs: every split's image and label files hashed against the manifest.
+    verify_started = time.perf_counter()
+    manifest = read_splits_manifest(folder)
+    for split in ("train", "valid", "test"):
+        open_split(folder, manifest, split)
+    verify_seconds = time.perf_counter() - verify_started
     timer = training_timer()
     started = time.perf_counter()
-    result = train_model(folder, model_dir, epochs=1, batch_size=BATCH_SIZE, extra_callbacks=[timer])
-    rows = json.loads((folder / "manifest.json").read_text())["splits"]["train"]["rows"]
-    return {**timing(timer, rows), "test_accuracy": result["test_accuracy"], "total_seconds": time.perf_counter() - started}
+    result = train_model(data_root, KEY, epochs=1, batch_size=BATCH_SIZE, extra_callbacks=[timer])
+    rows = manifest["splits"]["train"]["rows"]
+    return {**timing(timer, rows), "test_accuracy": result["test_accuracy"], "verify_seconds": verify_seconds,
+            "total_seconds": time.perf_counter() - started}
 
 
-def run_seed(folder: Path) -> dict:
+def run_seed(data_root: Path) -> dict:
     import keras
 
     from tasks.models import build_one_layer_cnn, make_optimizer
 
     started = time.perf_counter()
+    folder = DataRoot(data_root).splits(KEY)
     arrays = {}
     for split in ("train", "valid", "test"):
         pixels = np.load(folder / f"{split}_x.npy").astype(np.float32)  # whole split in memory
@@ -135,12 +144,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variant", choices=("project", "seed"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    folder = args.workdir / f"train-splits-{args.train_rows}"
+    folder = args.workdir / f"train-data-{args.train_rows}"
 
     if args.variant:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         if args.variant == "project":
-            result = run_project(folder, args.workdir / f"train-model-{args.train_rows}")
+            result = run_project(folder)
         else:
             result = run_seed(folder)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -162,7 +171,9 @@ def main() -> None:
             print(f"round {round_number + 1} {variant:<8} {result['samples_per_second']:8.0f} samples/s   "
                   f"{result['cpu_ms_per_1000_samples']:6.0f} CPU ms/1000 samples   peak RSS {result['peak_rss_mb']:6.0f} MB   "
                   f"test accuracy {result['test_accuracy']:.3f}   {result['total_seconds']:.1f} s in all   "
-                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+                  f"load {os.getloadavg()[0]:.2f}"
+                  + (f"   verifying the splits {result['verify_seconds']:.2f} s" if "verify_seconds" in result else ""),
+                  flush=True)
 
     best = {variant: max(r["samples_per_second"] for r in results) for variant, results in runs.items()}
     cpu = {variant: min(r["cpu_ms_per_1000_samples"] for r in results) for variant, results in runs.items()}

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import inspect
 import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flows.cli import build_parser, main
+from tests.tasks.synthetic_splits import pattern_images
 
 COMMANDS = ["fetch", "extract", "shards", "splits", "run", "train", "mnist", "iris", "demo", "make-archives"]
 
@@ -87,3 +91,66 @@ def test_demo_runs_the_whole_pipeline_to_a_model_and_a_report(prefect_api, tmp_p
     assert Path(result["model_path"]).is_file()
     assert "| test_accuracy |" in Path(result["report"]).read_text()
     assert str(result["flow_run"])
+
+
+PIPELINE_COMMANDS = [
+    ("run", "flows.notmnist", "notmnist_pipeline"),
+    ("train", "flows.train", "train_flow"),
+    ("mnist", "flows.mnist", "mnist_pipeline"),
+    ("iris", "flows.iris", "iris_pipeline"),
+]
+
+
+@pytest.mark.parametrize(("command", "module", "flow"), PIPELINE_COMMANDS, ids=[c[0] for c in PIPELINE_COMMANDS])
+def test_every_flow_parameter_is_an_option_of_its_command_with_the_same_default(command, module, flow):
+    function = getattr(importlib.import_module(module), flow).fn
+    args = build_parser().parse_args([command])
+    for name, parameter in inspect.signature(function).parameters.items():
+        assert hasattr(args, name), f"`notmnist {command}` has no option for {flow}'s {name}"
+        value = getattr(args, name)
+        assert (str(value) if isinstance(value, Path) else value) == parameter.default, (command, name)
+
+
+def test_run_passes_every_option_to_the_flow_and_no_checks_turns_the_checks_off(monkeypatch):
+    import flows.notmnist
+
+    received = {}
+    real = flows.notmnist.notmnist_pipeline
+    fake = type("Flow", (), {"fn": staticmethod(real.fn), "__call__": lambda self, **kwargs: received.update(kwargs) or {}})()
+    monkeypatch.setattr(flows.notmnist, "notmnist_pipeline", fake)
+    assert main(["run", "--large-bytes", "5", "--small-archive", "other.tar.gz", "--train-timeout-seconds", "9"]) == 0
+    assert set(received) == set(inspect.signature(real.fn).parameters)
+    assert (received["large_bytes"], received["small_archive"], received["train_timeout_seconds"]) == (
+        5, "other.tar.gz", 9.0)
+    assert main(["run", "--no-checks", "--large-sha256", "ab"]) == 0
+    assert [received[name] for name in ("large_bytes", "large_sha256", "small_bytes", "small_sha256")] == [None] * 4
+
+
+def test_run_against_a_mirror_of_generated_archives_with_their_sizes(prefect_api, served_archives, tmp_path, capsys):
+    sizes = served_archives.sizes
+    code = main([
+        "run", "--data-dir", str(tmp_path / "data"), "--base-url", served_archives.server.base_url,
+        "--large-bytes", str(sizes["notMNIST_large.tar.gz"]), "--small-bytes", str(sizes["notMNIST_small.tar.gz"]),
+        "--min-images-large", "30", "--min-images-small", "10", "--train-size", "250", "--valid-size", "50",
+        "--test-size", "50", "--epochs", "1", "--workers", "1", "--json",
+    ])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    assert Path(result["model_path"]).is_relative_to(tmp_path / "data" / "models")
+
+
+def test_mnist_takes_any_keras_layout_npz_with_its_checks_off(prefect_api, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for part, rows in (("train", 200), ("test", 40)):
+        labels = np.resize(np.arange(10, dtype=np.uint8), rows)
+        arrays[f"x_{part}"], arrays[f"y_{part}"] = pattern_images(labels, rng), labels
+    np.savez_compressed(tmp_path / "mnist.npz", **arrays)
+    code = main(["mnist", "--data-dir", str(tmp_path / "data"), "--url", str(tmp_path / "mnist.npz"), "--no-checks",
+                 "--epochs", "1", "--batch-size", "32", "--json"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    record = json.loads((Path(result["model_path"]).parent / "record.json").read_text())
+    assert record["dataset"]["rows"] == {"train": 200, "valid": 40, "test": 40}
+    assert main(["mnist", "--data-dir", str(tmp_path / "data"), "--url", str(tmp_path / "mnist.npz")]) == 1
+    assert "expected 11,490,434 bytes" in capsys.readouterr().err  # the real file's size is checked by default

@@ -122,7 +122,7 @@ def test_training_is_dispatched_to_a_worker_of_the_gpu_pool(prefect_server, depl
 
 def test_a_training_run_nobody_picks_up_times_out_with_a_clear_error(prefect_server, deployed, tmp_path):
     assert deployed.returncode == 0
-    parameters = {"split_dir": str(tmp_path), "model_dir": str(tmp_path / "model")}
+    parameters = {"data_dir": str(tmp_path), "splits": "nothing-here"}
     with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
         with pytest.raises(PipelineError, match=r"did not finish within 3 s .*is a worker polling its work pool"):
             train_remotely("train/gpu", parameters, timeout_seconds=3)

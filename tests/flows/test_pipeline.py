@@ -14,6 +14,7 @@ from core.errors import PipelineError
 from demo.loopback import Fault
 from flows.notmnist import notmnist_pipeline
 from flows.train import train_remotely
+from storage.layout import DataRoot
 from tests.flows.conftest import pipeline_parameters
 
 DATA_TASKS = {"download", "extract-archive", "decode-shards", "splits"}
@@ -35,9 +36,15 @@ def task_states(flow_run_id) -> dict[str, list[str]]:
     return asyncio.run(read())
 
 
-def test_pipeline_end_to_end_then_cached_rerun(prefect_api, served_archives, tmp_path):
-    parameters = pipeline_parameters(served_archives, tmp_path / "data")
-    state = notmnist_pipeline(**parameters, return_state=True)
+@pytest.fixture(scope="module")
+def first_run(prefect_api, served_archives, tmp_path_factory):
+    """One cold pipeline run: its parameters and final state. The last test of the module damages its outputs."""
+    parameters = pipeline_parameters(served_archives, tmp_path_factory.mktemp("first") / "data")
+    return parameters, notmnist_pipeline(**parameters, return_state=True)
+
+
+def test_pipeline_end_to_end_then_cached_rerun(first_run):
+    parameters, state = first_run
     assert state.is_completed(), state.message
     result = state.result()
     assert 0.0 <= result["test_accuracy"] <= 1.0
@@ -73,8 +80,8 @@ def test_interrupted_download_fails_the_run_and_the_rerun_resumes_from_the_part(
     assert server.requests_for(name)[-1].headers["Range"] == f"bytes={size // 3}-"
 
 
-def test_artifacts_have_stable_keys(prefect_api, served_archives, tmp_path):
-    state = notmnist_pipeline(**pipeline_parameters(served_archives, tmp_path / "data"), return_state=True)
+def test_artifacts_have_stable_keys(first_run):
+    state = first_run[1]
     assert state.is_completed()
 
     async def keys():
@@ -93,3 +100,38 @@ def test_artifacts_have_stable_keys(prefect_api, served_archives, tmp_path):
 def test_a_missing_training_deployment_is_a_clear_error(prefect_api):
     with pytest.raises(PipelineError, match=r"No deployment named 'train/nowhere': create it with `prefect deploy --all`"):
         train_remotely("train/nowhere", {}, timeout_seconds=5)
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only a digest can tell
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_stage_output_is_rebuilt_and_the_stages_before_it_come_from_the_cache(first_run):
+    parameters, first = first_run
+    assert first.is_completed(), first.message
+    layout, fingerprint = DataRoot(parameters["data_dir"]), first.result()["dataset_fingerprint"]
+    splits = next(layout.splits_root.glob("train*"))
+    order = ["extract-archive", "decode-shards", "splits"]
+    damages = {
+        "extract-archive": lambda: next((layout.extracted / "notMNIST_small" / "B").iterdir()).unlink(),
+        "decode-shards": lambda: _flip_a_byte(layout.shards("notMNIST_large") / "C" / "part-00000.parquet"),
+        "splits": lambda: _flip_a_byte(splits / "train_x.npy"),
+    }
+    for stage, damage in damages.items():
+        damage()
+        again = notmnist_pipeline(**parameters, return_state=True)
+        assert again.is_completed(), (stage, again.message)
+        assert again.result()["dataset_fingerprint"] == fingerprint
+        states = task_states(again.state_details.flow_run_id)
+        assert "Completed" in states[stage], (stage, states)
+        earlier = ["download", *order[: order.index(stage)]]
+        assert all(set(states[name]) == {"Cached"} for name in earlier), (stage, states)
+
+    model = Path(first.result()["model_path"])
+    model.unlink()
+    again = notmnist_pipeline(**parameters, return_state=True)
+    assert again.is_completed() and model.is_file()
+    assert {name: set(states) for name, states in task_states(again.state_details.flow_run_id).items()
+            if name in DATA_TASKS} == {name: {"Cached"} for name in DATA_TASKS}
