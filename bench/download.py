@@ -21,8 +21,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.download import download_file  # noqa: E402
 from demo.loopback import FileServer  # noqa: E402
+from tasks.download import download_file  # noqa: E402
 
 
 def plain_requests(url: str, dest: Path, durable: bool = False) -> None:

@@ -24,9 +24,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from core.seed import LETTERS  # noqa: E402
 from tasks.extract import extract_archive  # noqa: E402
 
-LETTERS = "ABCDEFGHIJ"
 TOP_FOLDER = "notMNIST_large"
 
 

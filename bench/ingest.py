@@ -44,8 +44,8 @@ def run_variant(variant: str, archive: Path, work: Path, workers: int) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     if variant == "floor":
-        from concurrent.futures import ProcessPoolExecutor
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
         from storage.tar_stream import iter_files
 

@@ -21,7 +21,6 @@ best speed, the least CPU and the largest peak RSS of each count.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource

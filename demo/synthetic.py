@@ -26,11 +26,10 @@ from types import MappingProxyType
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from core.seed import IMAGE_SIDE, LETTERS
 from storage.atomic import atomic_path
 from storage.digests import sha256_of
 
-LETTERS = "ABCDEFGHIJ"
-IMAGE_SIZE = 28  # the Udacity notebook's image_size
 
 # Kinds the decode stage must skip: the real archives' 7 bad files all fail with "cannot identify
 # image file" (see the seed README); truncation is the other way a download or extraction breaks.
@@ -195,7 +194,7 @@ def render_glyph(letter: str, font: Path | None, rng: np.random.Generator) -> np
     canvas = _draw(character, _load_font(font), stroke_width=int(rng.integers(0, 5)))
     left, top, right, bottom = canvas.getbbox() or (0, 0, DRAW_CANVAS, DRAW_CANVAS)
 
-    size = IMAGE_SIZE * SUPERSAMPLE
+    size = IMAGE_SIDE * SUPERSAMPLE
     stretch_x = float(np.exp(rng.uniform(-0.2, 0.2)))
     shear = rng.uniform(-0.2, 0.2)
     angle = np.deg2rad(np.clip(rng.normal(0.0, 4.0), -12.0, 12.0))
@@ -215,7 +214,7 @@ def render_glyph(letter: str, font: Path | None, rng: np.random.Generator) -> np
     image = canvas.transform((size, size), Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR)
     if rng.random() < BLUR_CHANCE:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
-    image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+    image = image.resize((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.BOX)
 
     pixels = np.asarray(image, dtype=np.float32) * rng.uniform(0.7, 1.0)
     if rng.random() < NOISE_CHANCE:
@@ -243,7 +242,7 @@ def _bad_file_bytes(kind: str, glyph: np.ndarray) -> bytes:
     if kind == "not-an-image":
         return NOT_AN_IMAGE_BYTES
     if kind == "wrong-size":
-        return _png(image.resize((IMAGE_SIZE + 4, IMAGE_SIZE + 4), Image.Resampling.BILINEAR))
+        return _png(image.resize((IMAGE_SIDE + 4, IMAGE_SIDE + 4), Image.Resampling.BILINEAR))
     if kind == "rgb":
         return _png(image.convert("RGB"))
     if kind == "rgba":

@@ -3,34 +3,43 @@
     extracted/<top folder>/
       A/ ... J/                  the archive's files
       .extracted.json            written last: archive name, size, mtime and sha256, member counts,
-                                 and each class folder's listing fingerprint
+                                 and each class folder's listing (a digest of its names and sizes)
 
-A folder is a finished extraction of an archive only when its record names that archive and every
-class folder still lists the same names, sizes and modification times: a file added, deleted or
-overwritten (even with the same size) after extraction makes the folder unfinished again. Hashing
-half a million small files on every check would cost far more than the listing does.
+A folder is a finished extraction of an archive only when its record names that archive, every
+class folder still lists the same names and sizes, and no file in them was modified after the record
+was written: a file added, deleted or overwritten (even with the same size) after extraction makes
+the folder unfinished again. Hashing half a million small files on every check would cost far more
+than listing them does; their content is checked by the decode stage, which reads them all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from storage.atomic import read_json, write_json
 from storage.digests import sha256_of
 
 RECORD_NAME = ".extracted.json"
-RECORD_FORMAT = 2
+RECORD_FORMAT = 3
 
 
-def folder_listing(folder: Path) -> str:
-    """Identity of a folder of files: the names, sizes and modification times of its entries."""
-    digest = hashlib.sha256()
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+def listing_digest(entries: list[tuple[str, int]]) -> str:
+    """Identity of a folder from its entries' (name, size), in any order."""
+    text = "".join(f"{name}\0{size}\n" for name, size in sorted(entries))
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def folder_state(folder: Path) -> tuple[str, int]:
+    """A folder's listing digest (names and sizes) and the newest modification time of its entries, in ns."""
+    entries, newest = [], 0
+    for entry in os.scandir(folder):
         status = entry.stat(follow_symlinks=False)
-        digest.update(f"{entry.name}\0{status.st_size}\0{status.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
+        entries.append((entry.name, status.st_size))
+        newest = max(newest, status.st_mtime_ns)
+    return listing_digest(entries), newest
 
 
 def class_folders(top: Path) -> list[str]:
@@ -38,10 +47,15 @@ def class_folders(top: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(top) if entry.is_dir() and not entry.name.startswith("."))
 
 
-def write_record(top: Path, record: dict) -> dict:
-    """Add each class folder's listing to `record` and write it into `top`, last; returns it."""
+def write_record(top: Path, record: dict, listings: dict[str, str] | None = None) -> dict:
+    """Add each class folder's listing to `record` and write it into `top`, last; returns it.
+
+    `listings` gives the listings already known (the extraction saw every file it wrote); the other
+    class folders are listed here. The record's own modification time marks the end of the extraction.
+    """
     record = {**record, "format_version": RECORD_FORMAT, "top_folder": top.name}
-    record["classes"] = {name: folder_listing(top / name) for name in class_folders(top)}
+    known = listings or {}
+    record["classes"] = {name: known.get(name) or folder_state(top / name)[0] for name in class_folders(top)}
     write_json(top / RECORD_NAME, record)
     return record
 
@@ -64,8 +78,13 @@ def extraction_problem(top: Path, record: dict) -> str | None:
     found = class_folders(top)
     if found != sorted(record["classes"]):
         return f"{top} holds class folders {found}, the extraction made {sorted(record['classes'])}"
-    for name, listing in record["classes"].items():
-        if folder_listing(top / name) != listing:
+    finished = (top / RECORD_NAME).stat().st_mtime_ns
+    names = list(record["classes"])
+    # stat releases the GIL: the class folders are listed on all cores.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1))) as pool:
+        states = dict(zip(names, pool.map(lambda name: folder_state(top / name), names)))
+    for name, (digest, newest) in states.items():
+        if digest != record["classes"][name] or newest > finished:
             return f"files in {top / name} were added, removed or changed after extraction"
     return None
 

@@ -17,7 +17,9 @@ pyarrow, pandas and DuckDB read as a Parquet dataset.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,8 +32,16 @@ MANIFEST = "_manifest.json"
 
 
 def describe_files(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of each named file of `folder`, as a manifest records them."""
-    return {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_of(folder / name)} for name in names}
+    """Size and sha256 of each named file of `folder`, as a manifest records them (hashed on all cores)."""
+    names = list(names)
+    with ThreadPoolExecutor(max_workers=_threads(len(names))) as pool:
+        digests = list(pool.map(lambda name: sha256_of(folder / name), names))
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": digest} for name, digest in zip(names, digests)}
+
+
+def _threads(files: int) -> int:
+    """Threads to hash `files` files with: hashlib and file reads release the GIL, so each core hashes one."""
+    return max(1, min(files, os.cpu_count() or 1))
 
 
 def write_manifest(folder: Path, kind: str, format_version: int, files: dict[str, dict], **fields: Any) -> dict:
@@ -72,11 +82,11 @@ def file_problem(folder: Path, manifest: dict, name: str) -> str | None:
 
 
 def folder_problem(folder: Path, manifest: dict) -> str | None:
-    """The first file of `folder` that differs from its manifest, or None when all match."""
-    for name in manifest["files"]:
-        if (problem := file_problem(folder, manifest, name)) is not None:
-            return problem
-    return None
+    """The first file of `folder` that differs from its manifest, or None when all match (checked on all cores)."""
+    names = list(manifest["files"])
+    with ThreadPoolExecutor(max_workers=_threads(len(names))) as pool:
+        problems = pool.map(lambda name: file_problem(folder, manifest, name), names)
+        return next((problem for problem in problems if problem is not None), None)
 
 
 def verify_file(folder: Path, manifest: dict, name: str, remedy: str) -> Path:

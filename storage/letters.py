@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,7 +24,7 @@ from core.errors import PipelineError
 from core.seed import LETTERS
 from storage.atomic import replace
 from storage.folders import describe_files, folder_problem, read_manifest, read_verified, write_manifest
-from storage.shards import read_shard_bytes
+from storage.shards import read_shard, read_shard_bytes
 
 KIND, FORMAT = "letter", 2
 
@@ -62,15 +62,41 @@ def read_letter_manifest(shards_dir: Path, letter: str) -> dict:
     return manifest
 
 
-def read_letter_shards(
-    shards_dir: Path, letter: str, manifest: dict, columns: Sequence[str] | None = None, only: set[int] | None = None
-) -> Iterator[tuple[int, pa.Table]]:
-    """(shard number, table) of each shard of a letter (or those in `only`), each checked against its sha256."""
-    folder = letter_folder(shards_dir, letter)
-    remedy = f"the shards of letter {letter} were damaged after decoding; decode the archive again (`notmnist shards`)"
-    for number, shard in enumerate(manifest["shards"]):
-        if only is None or number in only:
-            yield number, read_shard_bytes(read_verified(folder, manifest, shard["file"], remedy), columns)
+class LetterShards:
+    """The shards of one finished letter folder, each checked against its recorded sha256 the first time it is read.
+
+    A shard read again is read only if its size and modification time are still those it had when it
+    was checked, so a stage that reads a shard several times hashes it once.
+    """
+
+    def __init__(self, shards_dir: Path, letter: str):
+        self.letter, self.folder = letter, letter_folder(shards_dir, letter)
+        self.manifest = read_letter_manifest(shards_dir, letter)
+        self._checked: dict[str, tuple[int, int]] = {}
+        self._remedy = (
+            f"the shards of letter {letter} were damaged after decoding; decode the archive again (`notmnist shards`)"
+        )
+
+    def __len__(self) -> int:
+        return len(self.manifest["shards"])
+
+    def read(self, number: int, columns: Sequence[str] | None = None) -> pa.Table:
+        """Shard `number` (optionally only some columns), checked against the manifest."""
+        name = self.manifest["shards"][number]["file"]
+        path = self.folder / name
+        if name in self._checked and _identity(path) == self._checked[name]:
+            return read_shard(path, columns)
+        data = read_verified(self.folder, self.manifest, name, self._remedy)
+        self._checked[name] = _identity(path)
+        return read_shard_bytes(data, columns)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_size, status.st_mtime_ns
 
 
 def shard_set_identity(shards_dir: Path, letters: str = LETTERS) -> str:

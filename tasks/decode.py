@@ -4,8 +4,8 @@ The seed's `load_letter`/`maybe_pickle` decoded each folder serially into float3
 stopped on any error but IOError. Here batches of a letter's images go to a process pool; each
 worker writes one shard and returns only counts, rejects and a pixel histogram, so the parent holds
 a bounded number of images. A letter's shards and manifest are written into a temporary folder and
-renamed into place together; the manifest records the input's fingerprint, so a rerun skips letters
-that are done and redoes the rest.
+renamed into place together (storage/letters.py); the manifest records the input's fingerprint and
+each shard's sha256, so a rerun skips letters that are done and intact and redoes the rest.
 
 Input is the folder the extraction stage made, or the archive itself (read in one pass, no
 extraction; see `storage.tar_stream`). Rows come out in the same order either way.
@@ -29,7 +29,7 @@ from core.errors import ArchiveError, CorruptDataError, PipelineError
 from core.seed import LETTERS
 from storage.atomic import remove, remove_leftovers, temporary_sibling
 from storage.digests import sha256_of
-from storage.extraction import extraction_problem, folder_listing, read_record
+from storage.extraction import extraction_problem, folder_state, read_record
 from storage.folders import manifest_identity
 from storage.letters import commit_letter, find_letter, letter_folder, read_letter_manifest
 from storage.tar_stream import iter_files
@@ -178,20 +178,23 @@ def _decode_group(
     return short
 
 
-def _sources(source: Path, letters: str) -> dict[str, dict]:
-    """Each letter's input identity: the archive's sha256, or the listing fingerprint of its folder.
+def _sources(source: Path, letters: str, *, check_extraction: bool = True) -> dict[str, dict]:
+    """Each letter's input identity: the archive's sha256, or its extracted folder's.
 
-    An extracted folder must still be as its extraction recorded it; a folder made some other way
-    is identified by its listing as it is now.
+    An extracted folder must still be as its extraction recorded it, and stands for its archive's
+    content; a folder made some other way is identified by its listing and newest file as they are now.
     """
     if source.is_file():
         fingerprint = sha256_of(source)
         return {letter: {"kind": "archive", "name": source.name, "fingerprint": fingerprint} for letter in letters}
     record = read_record(source)
-    if record is not None and (problem := extraction_problem(source, record)) is not None:
+    if record is not None and check_extraction and (problem := extraction_problem(source, record)) is not None:
         raise CorruptDataError(f"{problem}: extract the archive again (`notmnist extract`, or rerun the pipeline).")
-    listings = record["classes"] if record else {letter: folder_listing(source / letter) for letter in letters}
-    return {letter: {"kind": "folder", "name": f"{source.name}/{letter}", "fingerprint": listings[letter]}
+    if record is not None:  # the archive's content and the folder's listing
+        fingerprints = {letter: f"{record['archive_sha256']}-{record['classes'][letter]}" for letter in letters}
+    else:  # the listing and the newest modification time
+        fingerprints = {letter: "{}-{}".format(*folder_state(source / letter)) for letter in letters}
+    return {letter: {"kind": "folder", "name": f"{source.name}/{letter}", "fingerprint": fingerprints[letter]}
             for letter in letters}
 
 
@@ -250,8 +253,8 @@ def decode_to_shards(
 def _shards_identity(parameters: dict) -> str | None:
     """Cache identity: every letter decoded from this very input and intact, else None."""
     source, out_dir = Path(parameters["source"]), Path(parameters["out_dir"])
-    try:
-        sources = _sources(source, LETTERS)
+    try:  # the extract task checked the folder against its record just before, in the same run
+        sources = _sources(source, LETTERS, check_extraction=False)
     except (OSError, KeyError, PipelineError):
         return None
     found = [find_letter(letter_folder(out_dir, letter), sources[letter]["fingerprint"]) for letter in LETTERS]

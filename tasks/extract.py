@@ -9,6 +9,7 @@ names that would land outside one top-level folder under `dest_dir`.
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from prefect import task
 
 from core.errors import ArchiveError, UnsafeArchiveError
 from storage.atomic import TEMPORARY_MARK, remove, temporary_sibling
-from storage.extraction import RECORD_NAME, class_folders, find_extraction, write_record
+from storage.extraction import RECORD_NAME, class_folders, find_extraction, listing_digest, write_record
 from storage.tar_stream import TarReader
 from tasks.caching import stage_cache
 from tasks.reporting import stage_logger
@@ -65,11 +66,14 @@ def extract_archive(
         work = temporary_sibling(dest_dir / archive.name)
         try:
             work.mkdir()
-            record = _stream_members(archive, work, max_members=max_members, max_total_bytes=max_total_bytes)
+            record, listings = _stream_members(
+                archive, work, max_members=max_members, max_total_bytes=max_total_bytes
+            )
             top, final = work / record["top_folder"], dest_dir / record["top_folder"]
             _check_class_folders(archive, top, expected_classes)
-            record = write_record(top, {**record, "archive_name": archive.name, "archive_size": status.st_size,
-                                        "archive_mtime_ns": status.st_mtime_ns})
+            identity = {"archive_name": archive.name, "archive_size": status.st_size,
+                        "archive_mtime_ns": status.st_mtime_ns}
+            record = write_record(top, {**record, **identity}, listings)
             _make_room(final)
             # Moved into `work` (under a name no top folder can have) so the removal below clears it.
             if os.path.lexists(final):
@@ -112,10 +116,17 @@ def _check_class_folders(archive: Path, top: Path, expected_classes: int | None)
                            "nothing was extracted.")
 
 
-def _stream_members(archive: Path, work: Path, *, max_members: int, max_total_bytes: int) -> dict:
-    """Check and write every member of `archive` under `work` in one pass; return counts and digest."""
+def _stream_members(
+    archive: Path, work: Path, *, max_members: int, max_total_bytes: int
+) -> tuple[dict, dict[str, str]]:
+    """Check and write every member of `archive` under `work` in one pass.
+
+    Returns counts and digest, and the listing of each class folder that holds only files.
+    """
     prefix, top, name = f"{work}{os.sep}", None, ""
     created, explicit_directories = {""}, set()
+    entries: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+    nested: set[str] = set()  # class folders with folders inside: listed from the disk instead
     with TarReader(archive, max_members=max_members, max_total_bytes=max_total_bytes) as reader:
         try:
             for member in reader:
@@ -138,18 +149,26 @@ def _stream_members(archive: Path, work: Path, *, max_members: int, max_total_by
                         raise FileExistsError(relative)
                     explicit_directories.add(relative)
                     _make_directories(work, relative, created)
+                    if relative.count("/") > 1:
+                        nested.add(relative.split("/")[1])
                     continue
-                parent = relative.rpartition("/")[0]
+                parent, _, file_name = relative.rpartition("/")
                 if parent not in created:
                     _make_directories(work, parent, created)
                 write_member(prefix + relative, member.pieces())
+                depth = parent.count("/")
+                if depth == 1:
+                    entries[parent.partition("/")[2]].append((file_name, member.size))
+                elif depth > 1:
+                    nested.add(parent.split("/")[1])
         except (FileExistsError, IsADirectoryError, NotADirectoryError) as error:
             raise UnsafeArchiveError(f"{archive}: member {name!r} repeats or collides with an earlier member's "
                                      "name; refusing an ambiguous archive. Nothing was extracted.") from error
     if top is None:
         raise ArchiveError(f"{archive} holds no members; expected one top-level folder. Delete it and download again.")
-    return {"top_folder": top, "member_count": reader.member_count, "total_bytes": reader.total_bytes,
-            "archive_sha256": reader.archive_sha256}
+    counts = {"top_folder": top, "member_count": reader.member_count, "total_bytes": reader.total_bytes,
+              "archive_sha256": reader.archive_sha256}
+    return counts, {folder: listing_digest(files) for folder, files in entries.items() if folder not in nested}
 
 
 def write_member(path: str, pieces) -> None:

@@ -14,7 +14,9 @@ notMNIST is full of exact duplicates, so a test set drawn that way shares images
     all          cross-split, and every split unique within itself
 
 Only file names and digests are held for selection; pixels are copied letter by letter into
-memory-mapped NPY files, so memory stays far below the splits' size.
+memory-mapped NPY files, so memory stays far below the splits' size. Every shard is checked against
+the sha256 its letter's manifest recorded as it is read (storage/letters.py), and the folder is
+committed with its own manifest (storage/splits.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from core.seed import LARGE_ARCHIVE, LETTERS, SEED, SMALL_ARCHIVE, TEST_SIZE, TR
 from storage.atomic import remove_leftovers
 from storage.folders import manifest_identity
 from storage.layout import DataRoot, archive_stem, short_digest, splits_key
-from storage.letters import read_letter_manifest, read_letter_shards, shard_set_identity
+from storage.letters import LetterShards, shard_set_identity
 from storage.shards import pixels_of
 from storage.splits import SPLITS, SplitWriter, find_splits
 from tasks.caching import stage_cache
@@ -53,14 +55,14 @@ class _Letter:
     digests: np.ndarray  # (n,) of 16-byte strings
     shard: np.ndarray  # index into the letter's shards
     row: np.ndarray  # row inside that shard
-    shards_dir: Path
-    manifest: dict  # the letter folder's manifest: every shard read is checked against it
+    shards: LetterShards  # every shard read is checked against the letter's manifest
 
 
 def _read_letter(shards_dir: Path, letter: str) -> _Letter:
-    manifest = read_letter_manifest(shards_dir, letter)
+    shards = LetterShards(shards_dir, letter)
     files, digests, shard_ids, rows = [], [], [], []
-    for number, table in read_letter_shards(shards_dir, letter, manifest, columns=["file", "digest"]):
+    for number in range(len(shards)):
+        table = shards.read(number, ["file", "digest"])
         files.extend(table.column("file").to_pylist())
         digests.append(np.frombuffer(table.column("digest").combine_chunks().buffers()[1], dtype="S16")[: len(table)])
         shard_ids.append(np.full(len(table), number, dtype=np.int32))
@@ -73,8 +75,7 @@ def _read_letter(shards_dir: Path, letter: str) -> _Letter:
         concat(digests, "S16")[order],
         concat(shard_ids, np.int32)[order],
         concat(rows, np.int32)[order],
-        Path(shards_dir),
-        manifest,
+        shards,
     )
 
 
@@ -186,10 +187,9 @@ def _write_split(
         y[targets] = LETTERS.index(letter.letter)
         files[targets] = letter.files[rows]
         shard_of_row = letter.shard[rows]
-        needed = set(np.unique(shard_of_row).tolist())
-        for number, table in read_letter_shards(letter.shards_dir, letter.letter, letter.manifest, ["pixels"], needed):
+        for number in np.unique(shard_of_row).tolist():
             in_shard = shard_of_row == number
-            x[targets[in_shard]] = pixels_of(table)[letter.row[rows][in_shard]]
+            x[targets[in_shard]] = pixels_of(letter.shards.read(number, ["pixels"]))[letter.row[rows][in_shard]]
         start += len(rows)
     x.flush(), y.flush()
     writer.save_files(split, files.tolist())

@@ -16,11 +16,11 @@ from PIL import Image
 import storage.tar_stream as tar_stream
 import tasks.extract as extract
 from core.errors import ArchiveError, UnsafeArchiveError
+from core.seed import LETTERS
 from storage.atomic import read_json, temporary_sibling
-from storage.extraction import RECORD_NAME, find_extraction
+from storage.extraction import RECORD_NAME, find_extraction, folder_state
 from tasks.extract import extract_archive
 
-LETTERS = "ABCDEFGHIJ"
 TOP = "notMNIST_large"
 NAME = "notMNIST_large.tar.gz"
 
@@ -99,7 +99,7 @@ def test_extracts_byte_exact_layout_and_records_the_archive(tmp_path, monkeypatc
     status = archive.stat()
     assert set(record.pop("classes")) == set(LETTERS)
     assert record == {
-        "format_version": 2, "archive_name": NAME, "archive_size": status.st_size,
+        "format_version": 3, "archive_name": NAME, "archive_size": status.st_size,
         "archive_mtime_ns": status.st_mtime_ns, "archive_sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
         "top_folder": TOP, "member_count": 1 + len(LETTERS) + len(files),
         "total_bytes": sum(len(data) for data in files.values()),
@@ -161,12 +161,20 @@ def test_a_folder_no_extraction_made_is_refused_and_left_as_it_is(tmp_path):
     assert leftovers(tmp_path / "dest") == [TOP]
 
 
+def overwrite_later(path: Path, record: Path) -> None:
+    """Same size, other bytes, written after the extraction finished (stamped past the record: file
+    times have the kernel clock's coarse tick, and a test runs within one)."""
+    path.write_bytes(bytes(path.stat().st_size))
+    later = record.stat().st_mtime_ns + 1_000_000
+    os.utime(path, ns=(later, later))
+
+
 @pytest.mark.parametrize(
     "change",
     [
         lambda top: (top / "C" / sorted(p.name for p in (top / "C").iterdir())[0]).unlink(),
         lambda top: (top / "D" / "extra.png").write_bytes(b"x"),
-        lambda top: (lambda f: f.write_bytes(bytes(len(f.read_bytes()))))(next((top / "E").iterdir())),
+        lambda top: overwrite_later(next((top / "E").iterdir()), top / RECORD_NAME),
     ],
     ids=["file-deleted", "file-added", "same-size-overwrite"],
 )
@@ -255,7 +263,7 @@ def test_crash_mid_extraction_leaves_nothing_finished_and_rerun_succeeds(tmp_pat
         calls.append(path)
         if len(calls) == 7:
             raise KeyboardInterrupt("simulated crash")
-        real_write(path, pieces)
+        return real_write(path, pieces)
 
     monkeypatch.setattr(extract, "write_member", failing_write)
     with pytest.raises(KeyboardInterrupt):
@@ -318,3 +326,11 @@ def test_task_logs_the_archive_and_what_it_held_then_the_skip(tmp_path, caplog):
     assert re.search(rf"Extracting .*{NAME} \([\d,]+ bytes\)", caplog.text)
     assert re.search(rf"Extracted 41 members \([\d,]+ bytes\) of {NAME}", caplog.text)
     assert "already present - Skipping extraction" in caplog.text
+
+
+def test_the_record_lists_each_class_folder_as_the_disk_does(tmp_path):
+    files = notmnist_files()
+    files[f"{TOP}/A/deeper/inside.png"] = png(7)  # a nested folder: listed from the disk instead
+    top = extract_archive(build(tmp_path / NAME, files), tmp_path / "dest")
+    listed = read_json(top / RECORD_NAME)["classes"]
+    assert listed == {name: folder_state(top / name)[0] for name in LETTERS}
