@@ -241,10 +241,11 @@ def _add_run(commands) -> None:
     _data_dir(run)
     run.add_argument("--base-url", default=SEED_FACTS.NOTMNIST_BASE_URL, help="where both archives are published")
     for size, name, archive, default_bytes, minimum in (
-        ("large", "valid and train", SEED_FACTS.LARGE_ARCHIVE, SEED_FACTS.LARGE_BYTES, SEED_FACTS.MIN_IMAGES_LARGE),
-        ("small", "test", SEED_FACTS.SMALL_ARCHIVE, SEED_FACTS.SMALL_BYTES, SEED_FACTS.MIN_IMAGES_SMALL),
+        ("large", "valid and train are drawn from", SEED_FACTS.LARGE_ARCHIVE, SEED_FACTS.LARGE_BYTES,
+         SEED_FACTS.MIN_IMAGES_LARGE),
+        ("small", "test is drawn from", SEED_FACTS.SMALL_ARCHIVE, SEED_FACTS.SMALL_BYTES, SEED_FACTS.MIN_IMAGES_SMALL),
     ):
-        run.add_argument(f"--{size}-archive", default=archive, help=f"the archive {name} are drawn from")
+        run.add_argument(f"--{size}-archive", default=archive, help=f"file name under --base-url that {name}")
         run.add_argument(f"--{size}-bytes", type=int, default=default_bytes, help=f"size the {size} archive must have")
         run.add_argument(f"--{size}-sha256", default=None, help=f"sha256 the {size} archive must have")
         run.add_argument(f"--min-images-{size}", type=int, default=minimum,

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont, UnidentifiedImageError
 
+from core.seed import IMAGE_SIDE
 from demo.synthetic import (
     BAD_FILE_KINDS,
     DEFAULT_BAD_FILES,
-    IMAGE_SIZE,
     LETTERS,
     UNREADABLE_KINDS,
     find_fonts,
@@ -82,7 +82,7 @@ def test_file_names_are_base64_of_font_file_names(files):
 
 def test_every_good_image_is_a_28x28_grayscale_png_and_counted_per_letter(archive, good_images):
     assert all(image.format == "PNG" for image in good_images.values())
-    assert {(image.size, image.mode) for image in good_images.values()} == {((IMAGE_SIZE, IMAGE_SIZE), "L")}
+    assert {(image.size, image.mode) for image in good_images.values()} == {((IMAGE_SIDE, IMAGE_SIDE), "L")}
     counted = {letter: sum(name.split("/")[1] == letter for name in good_images) for letter in LETTERS}
     assert counted == archive.good_per_letter == dict.fromkeys(LETTERS, PER_LETTER)
 
@@ -119,11 +119,11 @@ CHECK_OF_KIND = {
     "empty": check_empty,
     "truncated": check_truncated,
     "not-an-image": check_not_an_image,
-    "wrong-size": check_image(IMAGE_SIZE + 4, "L"),
-    "rgb": check_image(IMAGE_SIZE, "RGB"),
-    "rgba": check_image(IMAGE_SIZE, "RGBA"),
-    "palette": check_image(IMAGE_SIZE, "P"),
-    "gray16": check_image(IMAGE_SIZE, "I;16"),
+    "wrong-size": check_image(IMAGE_SIDE + 4, "L"),
+    "rgb": check_image(IMAGE_SIDE, "RGB"),
+    "rgba": check_image(IMAGE_SIDE, "RGBA"),
+    "palette": check_image(IMAGE_SIDE, "P"),
+    "gray16": check_image(IMAGE_SIDE, "I;16"),
 }
 
 
@@ -207,7 +207,7 @@ def test_render_glyph_draws_a_light_letter_on_black(font):
         pytest.skip("no loadable font files installed on this machine")
     glyphs = [render_glyph(letter, path, np.random.default_rng(index)) for index, letter in enumerate(LETTERS)]
     for glyph in glyphs:
-        assert (glyph.shape, glyph.dtype) == ((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+        assert (glyph.shape, glyph.dtype) == ((IMAGE_SIDE, IMAGE_SIDE), np.uint8)
     # Mostly light glyphs on black: the corners are darker than the brightest pixels.
     corners = np.mean([[glyph[0, 0], glyph[0, -1], glyph[-1, 0], glyph[-1, -1]] for glyph in glyphs])
     assert corners < 64 < np.mean([glyph.max() for glyph in glyphs])
