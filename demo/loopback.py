@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import os
 import threading
+import time
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +29,10 @@ class Fault:
     ignore_range: bool = False  # answer 200 with the whole body even to a Range request
     replace_with: bytes | None = None  # the file changes (new ETag/Last-Modified) before this answer
     body: bytes | None = None  # with `status`: the body to send (e.g. a 403 page)
+    redirect_to: str | None = None  # answer 302 with this Location (a path on this server, or any URL)
+    stall_after: int | None = None  # send this many body bytes, then nothing for `stall_seconds`
+    stall_seconds: float = 0.0
+    no_length: bool = False  # send the body without a Content-Length, ending it by closing the connection
 
 
 @dataclass
@@ -122,6 +128,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.state.requests.append(record)
 
         path = self.server_root / name
+        if fault.redirect_to is not None:
+            record.status = 302
+            self.send_response(302)
+            self.send_header("Location", fault.redirect_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if fault.status is not None or not path.is_file():
             status = fault.status or 404
             self._send_simple(record, status, fault.body or f"{status}\n".encode(), send_body)
@@ -153,7 +166,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", etag)
         self.send_header("Last-Modified", last_modified)
-        self.send_header("Content-Length", str(end - start + 1))
+        if fault.no_length:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(end - start + 1))
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{content_length}")
         self.end_headers()
@@ -162,12 +179,31 @@ class _Handler(BaseHTTPRequestHandler):
         count = end - start + 1
         if fault.drop_after is not None:
             count = min(count, fault.drop_after)
-        with open(path, "rb") as handle:
-            sent = self.connection.sendfile(handle, offset=start, count=count) if count else 0
-        record.body_bytes = sent
+        if fault.stall_after is not None:
+            count = min(count, fault.stall_after)
+        record.body_bytes = self._send_file(path, start, count)
+        if fault.stall_after is not None:
+            time.sleep(fault.stall_seconds)  # the client's read timeout is what ends this
+            self.close_connection = True
+            return
         if fault.drop_after is not None:
             self.close_connection = True
             self.connection.shutdown(2)
+
+    def _send_file(self, path: Path, start: int, count: int) -> int:
+        """Send `count` bytes of `path` from `start` (zero-copy); returns how many went out before any hang-up."""
+        sent = 0
+        self.wfile.flush()
+        with open(path, "rb") as handle:
+            try:
+                while sent < count:
+                    piece = os.sendfile(self.connection.fileno(), handle.fileno(), start + sent, min(count - sent, 1 << 20))
+                    if piece == 0:
+                        break
+                    sent += piece
+            except OSError:  # the client hung up first (it may stop reading on purpose)
+                pass
+        return sent
 
     def _if_range_holds(self, etag: str, mtime: float) -> bool:
         validator = self.headers.get("If-Range")

@@ -37,6 +37,8 @@ CHUNK_BYTES = 1 << 20
 SYNC_EVERY_BYTES = 32 << 20
 # Answers worth another try (RFC 9110: 408 timeout, 429 rate limit, 5xx server trouble).
 TRANSIENT_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+# A server that sends nothing for this long is stalled: the attempt ends and the next one resumes.
+READ_TIMEOUT_SECONDS = 30.0
 JITTER = 0.5  # waits vary by up to half their length, so clients that failed together do not retry together
 
 
@@ -108,8 +110,12 @@ def is_transient(error: BaseException) -> bool:
 class _Transfer:
     """One file's transfer into `<name>.part`, kept across retries so the running hash survives."""
 
-    def __init__(self, url: str, part: Path, progress: Progress, timeout: tuple[float, float], hashing: bool):
+    def __init__(
+        self, url: str, part: Path, progress: Progress, timeout: tuple[float, float], hashing: bool,
+        expected_bytes: int | None,
+    ):
         self.url = url
+        self.expected_bytes = expected_bytes  # no more than this may be written: a server cannot fill the disk
         self.hashing = hashing  # only worth the CPU when a sha256 is expected
         self.part = part
         self.sidecar = part.with_name(part.name + ".json")
@@ -148,6 +154,8 @@ class _Transfer:
         with open(self.part, "ab") as handle, ThreadPoolExecutor(2) as helpers:
             try:
                 for chunk in chunks:
+                    if self.expected_bytes is not None and handle.tell() + len(chunk) > self.expected_bytes:
+                        raise self._oversize(f"sent more than the {self.expected_bytes:,} bytes expected")
                     handle.write(chunk)
                     if self.hasher is not None:
                         if pending_hash is not None:
@@ -166,8 +174,18 @@ class _Transfer:
                     if pending is not None:
                         pending.result()
 
+    def _oversize(self, what: str) -> VerificationError:
+        """Delete `.part` and its sidecar; the error for a source that is larger than expected."""
+        remove(self.part)
+        remove(self.sidecar)
+        return VerificationError(
+            f"{self.url}: {what}; stopped and deleted the partial download. Check the URL and the expected size."
+        )
+
     def copy_local(self, source: Path) -> None:
         """Copy a local file (a `file://` URL or a path) into `.part`, resuming like HTTP does."""
+        if self.expected_bytes is not None and source.stat().st_size > self.expected_bytes:
+            raise self._oversize(f"is {source.stat().st_size:,} bytes, more than the {self.expected_bytes:,} expected")
         have = self.part.stat().st_size if self.part.exists() else 0
         if have > source.stat().st_size:
             self.restart(PartState(self.url))
@@ -187,7 +205,7 @@ class _Transfer:
             headers["Range"] = f"bytes={have}-"
             if state.validator:
                 headers["If-Range"] = state.validator
-        with session.get(self.url, headers=headers, stream=True, timeout=self.timeout) as response:
+        with _get(session, self.url, headers, self.timeout) as response:
             status = response.status_code
             if status == 416 and have:
                 total = _content_range_total(response.headers.get("Content-Range"))
@@ -203,6 +221,11 @@ class _Transfer:
                     "(and that the file is still published there)."
                 )
             remote = PartState(self.url, response.headers.get("ETag"), response.headers.get("Last-Modified"))
+            offered = _content_range_total(response.headers.get("Content-Range"))
+            if status == 200 and response.headers.get("Content-Length", "").isdigit():
+                offered = int(response.headers["Content-Length"])
+            if expected_bytes is not None and offered is not None and offered > expected_bytes:
+                raise self._oversize(f"offers {offered:,} bytes, more than the {expected_bytes:,} expected")
             if status == 206:
                 start = _content_range_start(response.headers.get("Content-Range"))
                 changed = state is not None and state.validator and remote.validator not in (None, state.validator)
@@ -227,11 +250,40 @@ class _Transfer:
 _data_sync = getattr(os, "fdatasync", os.fsync)
 
 
+def _get(session: requests.Session, url: str, headers: dict, timeout: tuple[float, float]) -> requests.Response:
+    """The streamed answer to a GET; redirects this client must not follow are a one-line permanent error."""
+    try:
+        return session.get(url, headers=headers, stream=True, timeout=timeout)
+    except requests.TooManyRedirects as error:
+        raise PermanentDownloadError(
+            f"{url}: more than {session.max_redirects} redirects (a redirect loop?); check the URL."
+        ) from error
+    except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
+            requests.exceptions.MissingSchema) as error:
+        raise PermanentDownloadError(
+            f"{url}: redirected to an address this client does not fetch ({error}); "
+            "download the file yourself and give its path or a file:// URL."
+        ) from error
+    except requests.Timeout as error:
+        raise DownloadError(f"{url}: no answer within {timeout[1]:g} s") from error
+    except requests.ConnectionError as error:
+        raise DownloadError(f"{url}: cannot connect ({_reason(error)})") from error
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause of a requests error, without the pool and adapter wrapping."""
+    while error.__context__ is not None and error.__context__ is not error:
+        error = error.__context__
+    return str(error).rsplit(": ", 1)[-1] or type(error).__name__
+
+
 def _body_chunks(response: requests.Response):
     """The body as it arrives: `read1` hands over what came before a dropped connection, so no byte is lost."""
     try:
         while chunk := response.raw.read1(CHUNK_BYTES):
             yield chunk
+    except urllib3.exceptions.ReadTimeoutError as error:
+        raise DownloadError(f"{response.url}: the transfer stalled (no data within the read timeout)") from error
     except (urllib3.exceptions.HTTPError, OSError) as error:
         raise DownloadError(f"{response.url}: the transfer broke off ({error})") from error
 
@@ -271,7 +323,7 @@ def download_file(
     retries: int = 5,
     backoff_base_seconds: float = 1.0,
     connect_timeout: float = 10.0,
-    read_timeout: float = 60.0,
+    read_timeout: float = READ_TIMEOUT_SECONDS,
     session: requests.Session | None = None,
 ) -> Path:
     """Fetch `url` into `dest_dir/<file name>` verified by size and sha256, resuming any `.part`.
@@ -304,7 +356,10 @@ def download_file(
     with FileLock(str(part) + ".lock"):
         key = artifact_key("download", target.name)
         with Progress(f"download {target.name}", expected_bytes, key=key, unit="bytes") as progress:
-            transfer = _Transfer(url, part, progress, (connect_timeout, read_timeout), hashing=sha256 is not None)
+            transfer = _Transfer(
+                url, part, progress, (connect_timeout, read_timeout), hashing=sha256 is not None,
+                expected_bytes=expected_bytes,
+            )
             state = transfer.load_state()
             action = plan_download(target, part, state, url, expected_bytes=expected_bytes, sha256=sha256)
             if action is Action.REUSE:
@@ -380,6 +435,8 @@ def _download_identity(parameters: dict) -> str | None:
 
 
 # No Prefect retries on top: `download_file` retries itself, keeping the running hash across attempts.
+# How a file is fetched does not change what is fetched: retries and timeouts stay out of the key.
+UNKEYED = ("retries", "backoff_base_seconds", "connect_timeout", "read_timeout", "session")
 download_task = task(
-    name="download", cache_policy=stage_cache(_download_identity, ignore=("session",)), persist_result=True
+    name="download", cache_policy=stage_cache(_download_identity, ignore=UNKEYED), persist_result=True
 )(download_file)

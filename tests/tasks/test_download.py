@@ -184,8 +184,9 @@ def test_local_sources_are_copied_with_the_same_checks(tmp_path, form):
     url = source.as_uri() if form == "file-url" else str(source)
     path = download_file(url, tmp_path / "raw", expected_bytes=len(CONTENT), sha256=SHA256)
     assert path.read_bytes() == CONTENT
-    with pytest.raises(VerificationError, match="expected 1 bytes"):
+    with pytest.raises(VerificationError, match=r"is 300,000 bytes, more than the 1 expected; stopped and deleted"):
         download_file(url, tmp_path / "other", expected_bytes=1)
+    assert not (tmp_path / "other" / (NAME + ".part")).exists()
 
 
 def test_missing_local_source_is_a_clear_error(tmp_path):
@@ -236,3 +237,43 @@ def test_plan_download_decides_from_the_files_on_disk(tmp_path):
 )
 def test_only_transient_errors_are_retried(error, transient):
     assert is_transient(error) is transient
+
+
+def test_a_server_sending_far_more_than_expected_is_stopped_and_the_part_deleted(file_server, tmp_path):
+    big = 64 << 20
+    (file_server.root / NAME).write_bytes(bytes(big))
+    file_server.add_faults(NAME, Fault(no_length=True))  # no size announced: only the bytes themselves tell
+    with pytest.raises(VerificationError, match=r"sent more than the 1,000,000 bytes expected; stopped and deleted"):
+        fetch(file_server, tmp_path, expected_bytes=1_000_000, retries=0)
+    assert not (tmp_path / (NAME + ".part")).exists()
+    assert file_server.body_bytes_sent(NAME) < big // 2  # the client hung up long before the end
+
+
+def test_an_announced_size_over_the_expected_is_refused_before_the_body(file_server, tmp_path):
+    file_server.put(NAME, CONTENT)
+    with pytest.raises(VerificationError, match=r"offers 300,000 bytes, more than the 1,000 expected"):
+        fetch(file_server, tmp_path, expected_bytes=1_000, retries=3)
+    assert len(file_server.requests_for(NAME)) == 1  # not retried: retrying cannot make it smaller
+    assert not (tmp_path / (NAME + ".part")).exists()
+
+
+def test_a_stalled_server_ends_the_attempt_after_the_read_timeout_and_the_part_is_kept(file_server, tmp_path):
+    file_server.put(NAME, CONTENT)
+    file_server.add_faults(NAME, Fault(stall_after=1000, stall_seconds=5), Fault(stall_after=1000, stall_seconds=5))
+    with pytest.raises(DownloadError, match=r"still failing after 2 attempts .*stalled.*rerun to resume"):
+        fetch(file_server, tmp_path, retries=1, read_timeout=0.2)
+    assert (tmp_path / (NAME + ".part")).stat().st_size == 2000  # the second attempt resumed at 1,000, then stalled too
+    assert fetch(file_server, tmp_path).read_bytes() == CONTENT
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [("/notMNIST_small.tar.gz", r"more than 30 redirects \(a redirect loop\?\); check the URL\.$"),
+     ("file:///etc/passwd", r"redirected to an address this client does not fetch .*give its path")],
+    ids=["redirect-loop", "redirect-to-file"],
+)
+def test_redirects_that_cannot_end_well_are_one_line_errors(file_server, tmp_path, target, message):
+    file_server.put(NAME, CONTENT)
+    file_server.add_faults(NAME, *[Fault(redirect_to=target)] * 40)
+    with pytest.raises(PermanentDownloadError, match=message):
+        fetch(file_server, tmp_path, retries=2)
