@@ -3,3 +3,6 @@
 # How long a pipeline waits for a training it sent to a work pool: the seed's 2 epochs take minutes
 # on a GPU and about 6 minutes on 2 CPU cores, and a queue may hold the run until a worker is free.
 TRAIN_TIMEOUT_SECONDS = 6 * 3600
+
+# A download attempt that receives nothing for this long ends; the next attempt resumes the `.part`.
+READ_TIMEOUT_SECONDS = 30.0

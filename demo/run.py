@@ -10,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect.settings import get_current_settings
-
 from core.errors import PipelineError
 from core.seed import LARGE_ARCHIVE, SMALL_ARCHIVE
 from demo.loopback import FileServer
 from demo.synthetic import make_archives
 from flows.notmnist import notmnist_pipeline
+from flows.reports import run_url
 from storage.atomic import read_json, write_json
 from storage.layout import DataRoot
 
@@ -66,9 +65,8 @@ def run_demo(
 
 
 def _where_to_look(flow_run_id) -> str:
-    api = get_current_settings().api.url
-    if api:
-        return f"{api.removesuffix('/api').rstrip('/')}/runs/flow-run/{flow_run_id} (Artifacts tab: notmnist-report)"
+    if url := run_url(flow_run_id):
+        return f"{url} (Artifacts tab: notmnist-report)"
     return (
         f"{flow_run_id} ran on Prefect's embedded API, which stopped with this command; to follow runs in the "
         "UI, start `prefect server start`, export PREFECT_API_URL=http://127.0.0.1:4200/api and rerun"

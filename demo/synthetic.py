@@ -30,7 +30,6 @@ from core.seed import IMAGE_SIDE, LETTERS
 from storage.atomic import atomic_path
 from storage.digests import sha256_of
 
-
 # Kinds the decode stage must skip: the real archives' 7 bad files all fail with "cannot identify
 # image file" (see the seed README); truncation is the other way a download or extraction breaks.
 UNREADABLE_KINDS = ("empty", "truncated", "not-an-image")

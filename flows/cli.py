@@ -21,9 +21,32 @@ from pathlib import Path
 from typing import Any
 
 from core import seed as SEED_FACTS
-from core.defaults import TRAIN_TIMEOUT_SECONDS
+from core.defaults import READ_TIMEOUT_SECONDS, TRAIN_TIMEOUT_SECONDS
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
+SEED_LIMIT = 2**32  # NumPy's RandomState and Keras take seeds in [0, 2**32)
+
+
+def _number(kind: type, *, low: float, high: float | None = None, what: str) -> Callable[[str], Any]:
+    """An argparse type: `kind` within [low, high), or a usage error that says the range."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < low or (high is not None and value >= high) or value != value:
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    return parse
+
+
+COUNT = _number(int, low=0, what="a count (0 or more)")
+POSITIVE = _number(int, low=1, what="a positive integer")
+SEED_VALUE = _number(int, low=0, high=SEED_LIMIT, what=f"a seed (0 to {SEED_LIMIT - 1})")
+SECONDS = _number(float, low=1e-9, what="a positive number of seconds")
+RATE = _number(float, low=1e-12, what="a positive learning rate")
 
 
 def _flow_arguments(flow, args: argparse.Namespace) -> dict[str, Any]:
@@ -34,12 +57,38 @@ def _flow_arguments(flow, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _run_flow(flow, args: argparse.Namespace) -> dict[str, Any]:
+    """Run `flow` with every parameter from the options; a failure names the run's page when a server keeps it."""
+    from flows.reports import run_url
+
+    state = flow(**_flow_arguments(flow, args), return_state=True)
+    try:
+        return state.result()
+    except Exception as error:
+        if url := run_url(state.state_details.flow_run_id):
+            error.add_note(f"the run: {url}")
+        raise
+
+
+def _data_root(args: argparse.Namespace, *, must_exist: bool, before: str = "") -> Path:
+    """`--data-dir`, refused with a sentence when it is a file, or missing where it must hold inputs."""
+    from core.errors import PipelineError
+
+    data_dir = args.data_dir
+    if data_dir.exists() and not data_dir.is_dir():
+        raise PipelineError(f"--data-dir {data_dir} is a file, not a folder: give the data root's folder.")
+    if must_exist and not data_dir.is_dir():
+        raise PipelineError(f"--data-dir {data_dir} does not exist: give the data root that holds {before}.")
+    return data_dir
+
+
 def _fetch(args: argparse.Namespace) -> dict[str, Any]:
     from storage.digests import sha256_of
     from tasks.download import download_file
 
     path = download_file(
-        args.url, args.dest, expected_bytes=args.expected_bytes, sha256=args.sha256, retries=args.retries
+        args.url, args.dest, expected_bytes=args.expected_bytes, sha256=args.sha256, retries=args.retries,
+        read_timeout=args.read_timeout_seconds,
     )
     return {"path": str(path), "bytes": path.stat().st_size, "sha256": args.sha256 or sha256_of(path)}
 
@@ -57,7 +106,7 @@ def _shards(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.decode import decode_to_shards
     from tasks.extract import extract_archive
 
-    layout = DataRoot(args.data_dir)
+    layout = DataRoot(_data_root(args, must_exist=False))
     source = args.source
     if source.is_file() and not args.from_archive:
         source = extract_archive(source, layout.extracted)
@@ -76,7 +125,7 @@ def _splits(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.splits import build_splits
 
     manifest = build_splits(
-        args.data_dir, train_size=args.train_size, valid_size=args.valid_size, test_size=args.test_size,
+        _data_root(args, must_exist=True, before="shards/ (run `notmnist shards` first)"), train_size=args.train_size, valid_size=args.valid_size, test_size=args.test_size,
         seed=args.seed, dedup=args.dedup,
     )
     return {
@@ -99,7 +148,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     from flows.notmnist import notmnist_pipeline
 
     _without_checks(args, "large_bytes", "large_sha256", "small_bytes", "small_sha256")
-    return notmnist_pipeline(**_flow_arguments(notmnist_pipeline, args))
+    return _run_flow(notmnist_pipeline, args)
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,7 +156,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     from storage.layout import DataRoot
     from storage.splits import newest_splits
 
-    layout = DataRoot(args.data_dir)
+    layout = DataRoot(_data_root(args, must_exist=True, before="splits/ (run `notmnist splits` first)"))
     if not args.splits:
         args.splits = newest_splits(layout.splits_root, "mnist-" if args.experiment == "mnist" else "train").name
     arguments = _flow_arguments(train_flow, args)
@@ -119,13 +168,13 @@ def _mnist(args: argparse.Namespace) -> dict[str, Any]:
     from flows.mnist import mnist_pipeline
 
     _without_checks(args, "expected_bytes", "sha256")
-    return mnist_pipeline(**_flow_arguments(mnist_pipeline, args))
+    return _run_flow(mnist_pipeline, args)
 
 
 def _iris(args: argparse.Namespace) -> dict[str, Any]:
     from flows.iris import iris_pipeline
 
-    return iris_pipeline(**_flow_arguments(iris_pipeline, args))
+    return _run_flow(iris_pipeline, args)
 
 
 def _demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -164,9 +213,9 @@ def _data_dir(sub: argparse.ArgumentParser, default: str = "data") -> None:
 
 
 def _split_options(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--train-size", type=int, default=SEED_FACTS.TRAIN_SIZE, help="training rows (size // 10 per class)")
-    sub.add_argument("--valid-size", type=int, default=SEED_FACTS.VALID_SIZE, help="validation rows")
-    sub.add_argument("--test-size", type=int, default=SEED_FACTS.TEST_SIZE, help="test rows")
+    sub.add_argument("--train-size", type=POSITIVE, default=SEED_FACTS.TRAIN_SIZE, help="training rows (size // 10 per class)")
+    sub.add_argument("--valid-size", type=POSITIVE, default=SEED_FACTS.VALID_SIZE, help="validation rows")
+    sub.add_argument("--test-size", type=POSITIVE, default=SEED_FACTS.TEST_SIZE, help="test rows")
     sub.add_argument(
         "--dedup", choices=("none", "cross-split", "all"), default="cross-split",
         help="none: the seed's sampling; cross-split: no valid/test image in train, no test image in valid; "
@@ -178,18 +227,23 @@ def _training_options(
     sub: argparse.ArgumentParser, *, epochs: int = SEED_FACTS.EPOCHS, batch_size: int = SEED_FACTS.BATCH_SIZE,
     learning_rate: float = SEED_FACTS.LEARNING_RATE, optimizer: str = "Adadelta",
 ) -> None:
-    sub.add_argument("--seed", type=int, default=SEED_FACTS.SEED, help="seed of the shuffles and the weights")
-    sub.add_argument("--epochs", type=int, default=epochs, help="training epochs (the seed's value)")
-    sub.add_argument("--batch-size", type=int, default=batch_size, help="training batch size (the seed's value)")
-    sub.add_argument("--learning-rate", type=float, default=learning_rate,
+    sub.add_argument("--seed", type=SEED_VALUE, default=SEED_FACTS.SEED, help="seed of the shuffles and the weights")
+    sub.add_argument("--epochs", type=POSITIVE, default=epochs, help="training epochs (the seed's value)")
+    sub.add_argument("--batch-size", type=POSITIVE, default=batch_size, help="training batch size (the seed's value)")
+    sub.add_argument("--learning-rate", type=RATE, default=learning_rate,
                      help=f"{optimizer}'s learning rate (the seed's value)")
 
 
 def _dispatch_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--train-deployment", default=None,
                      help="send training to this deployment (e.g. train/gpu) instead of training here")
-    sub.add_argument("--train-timeout-seconds", type=float, default=TRAIN_TIMEOUT_SECONDS,
+    sub.add_argument("--train-timeout-seconds", type=SECONDS, default=TRAIN_TIMEOUT_SECONDS,
                      help="how long to wait for a training sent to a deployment")
+
+
+def _read_timeout_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--read-timeout-seconds", type=SECONDS, default=READ_TIMEOUT_SECONDS,
+                     help="a download attempt ends after this long without data; the next one resumes")
 
 
 def _no_checks_option(sub: argparse.ArgumentParser, what: str) -> None:
@@ -200,9 +254,10 @@ def _add_fetch(commands) -> None:
     fetch = commands("fetch", _fetch, "Download a file with size/sha256 checks, resuming any partial download.")
     fetch.add_argument("url", help="http(s) or file:// URL, or a local path")
     fetch.add_argument("--dest", type=Path, default=Path("."), help="folder to put the file in")
-    fetch.add_argument("--expected-bytes", type=int, default=None, help="exact size the file must have")
+    fetch.add_argument("--expected-bytes", type=COUNT, default=None, help="exact size the file must have")
     fetch.add_argument("--sha256", default=None, help="hex sha256 the file must have")
-    fetch.add_argument("--retries", type=int, default=5, help="further attempts after a network or 5xx error")
+    fetch.add_argument("--retries", type=COUNT, default=5, help="further attempts after a network or 5xx error")
+    _read_timeout_option(fetch)
 
 
 def _add_extract(commands) -> None:
@@ -210,7 +265,7 @@ def _add_extract(commands) -> None:
     extract.add_argument("archive", type=Path, help="the .tar.gz to extract")
     extract.add_argument("--dest", type=Path, default=Path("."), help="folder to extract into")
     extract.add_argument(
-        "--expected-classes", type=int, default=10, help="class folders the archive must hold (0: do not check)"
+        "--expected-classes", type=COUNT, default=10, help="class folders the archive must hold (0: do not check)"
     )
 
 
@@ -218,8 +273,8 @@ def _add_shards(commands) -> None:
     shards = commands("shards", _shards, "Decode a notMNIST archive or extracted folder into Parquet shards.")
     shards.add_argument("source", type=Path, metavar="ARCHIVE_OR_FOLDER", help="a .tar.gz or its extracted top folder")
     _data_dir(shards)
-    shards.add_argument("--min-images", type=int, default=0, help="fail when a letter has fewer usable images")
-    shards.add_argument("--workers", type=int, default=None, help="decode processes (default: one per core)")
+    shards.add_argument("--min-images", type=COUNT, default=0, help="fail when a letter has fewer usable images")
+    shards.add_argument("--workers", type=POSITIVE, default=None, help="decode processes (default: one per core)")
     shards.add_argument(
         "--from-archive", action="store_true",
         help="read the PNGs straight from the archive instead of extracting it first (faster)",
@@ -233,7 +288,7 @@ def _add_splits(commands) -> None:
     )
     _data_dir(splits)
     _split_options(splits)
-    splits.add_argument("--seed", type=int, default=SEED_FACTS.SEED, help="seed of the shuffles (the seed's value)")
+    splits.add_argument("--seed", type=SEED_VALUE, default=SEED_FACTS.SEED, help="seed of the shuffles (the seed's value)")
 
 
 def _add_run(commands) -> None:
@@ -246,12 +301,13 @@ def _add_run(commands) -> None:
         ("small", "test is drawn from", SEED_FACTS.SMALL_ARCHIVE, SEED_FACTS.SMALL_BYTES, SEED_FACTS.MIN_IMAGES_SMALL),
     ):
         run.add_argument(f"--{size}-archive", default=archive, help=f"file name under --base-url that {name}")
-        run.add_argument(f"--{size}-bytes", type=int, default=default_bytes, help=f"size the {size} archive must have")
+        run.add_argument(f"--{size}-bytes", type=COUNT, default=default_bytes, help=f"size the {size} archive must have")
         run.add_argument(f"--{size}-sha256", default=None, help=f"sha256 the {size} archive must have")
-        run.add_argument(f"--min-images-{size}", type=int, default=minimum,
+        run.add_argument(f"--min-images-{size}", type=COUNT, default=minimum,
                          help=f"fewest usable images per letter of the {size} archive")
     _no_checks_option(run, "the archives' sizes nor their sha256")
-    run.add_argument("--workers", type=int, default=None, help="decode processes (default: one per core)")
+    _read_timeout_option(run)
+    run.add_argument("--workers", type=POSITIVE, default=None, help="decode processes (default: one per core)")
     _split_options(run)
     _training_options(run)
     _dispatch_options(run)
@@ -271,9 +327,10 @@ def _add_mnist(commands) -> None:
     mnist = commands("mnist", _mnist, "The seed's MNIST CNN: fetch mnist.npz (verified), convert, train.")
     _data_dir(mnist)
     mnist.add_argument("--url", default=SEED_FACTS.MNIST_URL, help="where mnist.npz is (http(s), file:// or a path)")
-    mnist.add_argument("--expected-bytes", type=int, default=SEED_FACTS.MNIST_BYTES, help="size the file must have")
+    mnist.add_argument("--expected-bytes", type=COUNT, default=SEED_FACTS.MNIST_BYTES, help="size the file must have")
     mnist.add_argument("--sha256", default=SEED_FACTS.MNIST_SHA256, help="sha256 the file must have")
     _no_checks_option(mnist, "the file's size nor its sha256")
+    _read_timeout_option(mnist)
     _training_options(mnist)
     _dispatch_options(mnist)
 
@@ -290,10 +347,10 @@ def _add_iris(commands) -> None:
 def _add_demo(commands) -> None:
     demo = commands("demo", _demo, "Run the pipeline offline on generated archives served from 127.0.0.1.")
     _data_dir(demo, "data/demo")
-    demo.add_argument("--per-letter", type=int, default=5000, help="images per letter in the generated large archive")
-    demo.add_argument("--epochs", type=int, default=5,
+    demo.add_argument("--per-letter", type=POSITIVE, default=5000, help="images per letter in the generated large archive")
+    demo.add_argument("--epochs", type=POSITIVE, default=5,
                       help="training epochs (the seed trains 2 on 200,000 images; the demo has 40,000)")
-    demo.add_argument("--workers", type=int, default=None, help="decode processes (default: one per core)")
+    demo.add_argument("--workers", type=POSITIVE, default=None, help="decode processes (default: one per core)")
     demo.add_argument("--train-deployment", default=None,
                       help="send training to this deployment (e.g. train/gpu) instead of training here")
 
@@ -304,10 +361,10 @@ def _add_make_archives(commands) -> None:
         "Write notMNIST_large.tar.gz and notMNIST_small.tar.gz in the real layout, from this machine's fonts.",
     )
     archives.add_argument("dest", type=Path, metavar="DIR", help="folder to write the two archives to")
-    archives.add_argument("--per-letter", type=int, required=True, help="images per letter in the large archive")
-    archives.add_argument("--small-per-letter", type=int, default=None,
+    archives.add_argument("--per-letter", type=POSITIVE, required=True, help="images per letter in the large archive")
+    archives.add_argument("--small-per-letter", type=POSITIVE, default=None,
                           help="images per letter in the small archive (default: a sixth of --per-letter)")
-    archives.add_argument("--seed", type=int, default=2024, help="same seed, same bytes")
+    archives.add_argument("--seed", type=SEED_VALUE, default=2024, help="same seed, same bytes")
 
 
 COMMANDS = (
@@ -353,12 +410,20 @@ def _print_human(result: dict[str, Any]) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def _no_tracebacks(record: logging.LogRecord) -> bool:
+    """Console filter without --debug: a log record carrying a traceback is left out (the run's UI keeps it)."""
+    return record.exc_info is None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `notmnist` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.debug else "3")  # TensorFlow's C++ start-up chatter
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the embedded server would phone home
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
+    if not args.debug:  # a failed run's exception is the one line below, not a traceback per task
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_no_tracebacks)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.debug else logging.WARNING)  # one line per API call
     from core.errors import PipelineError
 
@@ -373,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         elif not isinstance(error, PipelineError):
             print("notmnist: unexpected failure; rerun with --debug for the traceback.", file=sys.stderr)
         print(f"notmnist {args.command}: error: {error}", file=sys.stderr)
+        for note in getattr(error, "__notes__", []):
+            print(f"notmnist {args.command}: {note}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result, default=str))

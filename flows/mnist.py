@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import flow
 
-from core.defaults import TRAIN_TIMEOUT_SECONDS
+from core.defaults import READ_TIMEOUT_SECONDS, TRAIN_TIMEOUT_SECONDS
 from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, MNIST_BYTES, MNIST_SHA256, MNIST_URL, SEED
 from flows.train import pipeline_result, train_and_report
 from storage.layout import DataRoot
@@ -26,6 +26,7 @@ def mnist_pipeline(
     seed: int = SEED,
     train_deployment: str | None = None,
     train_timeout_seconds: float = TRAIN_TIMEOUT_SECONDS,
+    read_timeout_seconds: float = READ_TIMEOUT_SECONDS,
 ) -> dict[str, Any]:
     """MNIST with the seed's CNN (Adadelta lr 1.0, batch 128, 2 epochs); returns test accuracy, paths, report.
 
@@ -40,9 +41,10 @@ def mnist_pipeline(
         seed: seed of the weights and of each epoch's shuffle.
         train_deployment: send training to this deployment (e.g. train/gpu) instead of training here.
         train_timeout_seconds: how long to wait for a training sent to a deployment.
+        read_timeout_seconds: a download attempt ends after this long without data; the next one resumes.
     """
     layout = DataRoot(data_dir)
-    npz = download_task(url, layout.raw, expected_bytes=expected_bytes, sha256=sha256)
+    npz = download_task(url, layout.raw, expected_bytes=expected_bytes, sha256=sha256, read_timeout=read_timeout_seconds)
     splits = mnist_splits_task(npz, layout.root)
     training = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     result, report = train_and_report(layout, "mnist", splits, training, train_deployment, train_timeout_seconds)

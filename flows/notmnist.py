@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import flow
 
-from core.defaults import TRAIN_TIMEOUT_SECONDS
+from core.defaults import READ_TIMEOUT_SECONDS, TRAIN_TIMEOUT_SECONDS
 from core.seed import (
     BATCH_SIZE,
     EPOCHS,
@@ -61,6 +61,7 @@ def notmnist_pipeline(
     workers: int | None = None,
     train_deployment: str | None = None,
     train_timeout_seconds: float = TRAIN_TIMEOUT_SECONDS,
+    read_timeout_seconds: float = READ_TIMEOUT_SECONDS,
 ) -> dict[str, Any]:
     """The whole notMNIST experiment; returns test accuracy and loss, model path, fingerprint and report.
 
@@ -86,6 +87,7 @@ def notmnist_pipeline(
         workers: decode processes (None: one per core).
         train_deployment: send training to this deployment (e.g. train/gpu) instead of training here.
         train_timeout_seconds: how long to wait for a training sent to a deployment.
+        read_timeout_seconds: a download attempt ends after this long without data; the next one resumes.
     """
     layout = DataRoot(data_dir)
     archives = {
@@ -93,7 +95,9 @@ def notmnist_pipeline(
         small_archive: (small_bytes, small_sha256, min_images_small),
     }
     downloads = {
-        name: download_task.submit(base_url + name, layout.raw, expected_bytes=size, sha256=sha256)
+        name: download_task.submit(
+            base_url + name, layout.raw, expected_bytes=size, sha256=sha256, read_timeout=read_timeout_seconds
+        )
         for name, (size, sha256, _) in archives.items()
     }
     for name, (_, _, min_images) in archives.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.settings import get_current_settings
 
 from core.seed import reported
 from tasks.reporting import artifact_key
@@ -89,3 +90,9 @@ def publish_report(experiment: str, result: dict[str, Any], metrics: dict[str, A
     create_markdown_artifact(key=artifact_key(experiment, "report"), markdown=markdown,
                              description=f"{experiment}: results against the seed's")
     return markdown
+
+
+def run_url(flow_run_id) -> str | None:
+    """The flow run's page in the Prefect UI, or None on the embedded API (gone when the command ends)."""
+    api = get_current_settings().api.url
+    return f"{api.removesuffix('/api').rstrip('/')}/runs/flow-run/{flow_run_id}" if api else None

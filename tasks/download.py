@@ -27,6 +27,7 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 from prefect.utilities.math import clamped_poisson_interval
 
+from core.defaults import READ_TIMEOUT_SECONDS
 from core.errors import DownloadError, PermanentDownloadError, VerificationError
 from storage.atomic import remove, write_json
 from storage.digests import sha256_of
@@ -37,8 +38,6 @@ CHUNK_BYTES = 1 << 20
 SYNC_EVERY_BYTES = 32 << 20
 # Answers worth another try (RFC 9110: 408 timeout, 429 rate limit, 5xx server trouble).
 TRANSIENT_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
-# A server that sends nothing for this long is stalled: the attempt ends and the next one resumes.
-READ_TIMEOUT_SECONDS = 30.0
 JITTER = 0.5  # waits vary by up to half their length, so clients that failed together do not retry together
 
 

@@ -6,6 +6,10 @@ import hashlib
 import importlib
 import inspect
 import json
+import os
+import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -154,3 +158,62 @@ def test_mnist_takes_any_keras_layout_npz_with_its_checks_off(prefect_api, tmp_p
     assert record["dataset"]["rows"] == {"train": 200, "valid": 40, "test": 40}
     assert main(["mnist", "--data-dir", str(tmp_path / "data"), "--url", str(tmp_path / "mnist.npz")]) == 1
     assert "expected 11,490,434 bytes" in capsys.readouterr().err  # the real file's size is checked by default
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["splits", "--seed", "-1"], "-1 is not a seed (0 to 4294967295)"),
+        (["train", "--seed", "4294967296"], "4294967296 is not a seed"),
+        (["fetch", "x", "--retries", "-1"], "-1 is not a count (0 or more)"),
+        (["fetch", "x", "--expected-bytes", "-5"], "-5 is not a count"),
+        (["fetch", "x", "--read-timeout-seconds", "0"], "0 is not a positive number of seconds"),
+        (["shards", "x", "--workers", "0"], "0 is not a positive integer"),
+        (["shards", "x", "--min-images", "-3"], "-3 is not a count"),
+        (["run", "--learning-rate", "-1"], "-1 is not a positive learning rate"),
+        (["run", "--epochs", "two"], "'two' is not an integer"),
+    ],
+    ids=["negative-seed", "seed-too-large", "negative-retries", "negative-bytes", "zero-timeout", "zero-workers",
+         "negative-min-images", "negative-rate", "not-a-number"],
+)
+def test_values_out_of_range_are_usage_errors_naming_the_range(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "state", "message"),
+    [
+        ("splits", "missing", r"--data-dir .* does not exist: give the data root that holds shards/"),
+        ("train", "missing", r"--data-dir .* does not exist: give the data root that holds splits/"),
+        ("splits", "file", r"--data-dir .* is a file, not a folder"),
+        ("shards", "file", r"--data-dir .* is a file, not a folder"),
+    ],
+    ids=["splits-missing", "train-missing", "splits-file", "shards-file"],
+)
+def test_a_data_dir_that_cannot_serve_is_one_line(tmp_path, capsys, command, state, message):
+    data_dir = tmp_path / "data"
+    if state == "file":
+        data_dir.write_text("not a folder")
+    arguments = [command, "--data-dir", str(data_dir)] + ([str(tmp_path)] if command == "shards" else [])
+    assert main(arguments) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert re.search(message, lines[-1]) and lines[-1].startswith(f"notmnist {command}: error: ")
+
+
+def test_a_failed_flow_ends_with_one_line_and_the_runs_page_without_a_traceback(prefect_api, tmp_path):
+    """The real command line, in its own process, against the session's Prefect server."""
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, "PREFECT_API_URL": get_current_settings().api.url, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--base-url", "file:///nonexistent/", "--data-dir",
+         str(tmp_path / "data")], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[2], timeout=300,
+    )
+    lines = completed.stderr.strip().splitlines()
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert re.fullmatch(r"notmnist run: error: file:///nonexistent/notMNIST_\w+\.tar\.gz: no such file\.", lines[-2])
+    assert re.fullmatch(r"notmnist run: the run: http://127\.0\.0\.1:\d+/runs/flow-run/[0-9a-f-]{36}", lines[-1])
