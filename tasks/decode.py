@@ -34,7 +34,7 @@ from storage.folders import manifest_identity
 from storage.letters import commit_letter, find_letter, letter_folder, read_letter_manifest
 from storage.tar_stream import iter_files
 from tasks.caching import stage_cache
-from tasks.images import BatchJob, BatchResult, decode_batch, warm_up
+from tasks.images import BatchJob, BatchResult, decode_batch, start_worker
 from tasks.reporting import Progress, artifact_key, stage_logger
 
 BATCH_ROWS = 8192
@@ -123,7 +123,9 @@ def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         return
     # spawn: the parent may run Prefect's threads, which fork() would copy in unknown states.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=warm_up) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=start_worker, initargs=(os.getpid(),)
+    ) as pool:
         pool.in_flight = 2 * workers  # jobs queued at once: bounds the images the parent holds
         yield pool
 

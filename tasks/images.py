@@ -11,11 +11,15 @@ file is listed in the letter's manifest with one of these reasons:
     unreadable   not a PNG Pillow can decode (the real archives hold 7 such files)
     wrong size   a PNG that is not 28x28
     wrong mode   a 28x28 PNG that is not 8-bit grayscale (e.g. RGB, RGBA, P, I;16)
+    bad name     the file name is not valid UTF-8 (legal on Linux; listed with \\xNN escapes)
 """
 
 from __future__ import annotations
 
 import io
+import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +29,8 @@ from PIL import Image, UnidentifiedImageError
 from storage.shards import IMAGE_SIDE, PIXELS_PER_IMAGE, write_shard
 
 EMPTY, UNREADABLE, WRONG_SIZE, WRONG_MODE = "empty", "unreadable", "wrong size", "wrong mode"
+BAD_NAME = "bad name"
+PARENT_CHECK_SECONDS = 0.5  # how soon a worker notices that its parent died
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,32 @@ def decode_png(data: bytes) -> tuple[bytes | None, Rejected | None]:
     return pixels, None
 
 
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8, kept as surrogates by the file system or tar reader
+        return False
+    return True
+
+
+def printable_name(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 written as \\xNN escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def start_worker(parent: int) -> None:
+    """A decode worker's set-up: exit with its parent, then pay the one-time costs before work arrives."""
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="watch parent", daemon=True).start()
+    warm_up()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this process once `parent` is gone: a parent killed with SIGKILL tells its workers nothing."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(1)  # no clean-up to do: the parent's temporary folders are removed by the next run
+
+
 def warm_up() -> None:
     """Pay a worker's one-time costs (Pillow's PNG plugin, Parquet's zstd writer) before work arrives."""
     image = io.BytesIO()
@@ -91,6 +123,9 @@ def decode_batch(job: BatchJob) -> BatchResult:
     kept_pixels: list[bytes] = []
     rejected: list[Rejected] = []
     for index, name in enumerate(job.files):
+        if not _is_utf8(name):  # Parquet strings are UTF-8; Linux names need not be
+            rejected.append(Rejected(printable_name(name), BAD_NAME, "the file name is not valid UTF-8"))
+            continue
         if job.blobs is not None:
             data = job.blobs[index]
         else:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tarfile
+import time
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -16,6 +21,7 @@ from demo.synthetic import make_archive, write_letter_folders
 from storage.folders import MANIFEST
 from storage.shards import pixels_of, read_shard
 from tasks.decode import TooFewImagesError, decode_to_shards
+from tasks.extract import extract_archive
 
 REASON_OF_KIND = {
     "empty": "empty",
@@ -171,3 +177,62 @@ def test_folder_without_the_letters_is_a_clear_error(tmp_path):
     (tmp_path / "notMNIST_small" / "A").mkdir(parents=True)
     with pytest.raises(Exception, match=r"should hold folders A, B, .*found \['A'\]"):
         decode_to_shards(tmp_path / "notMNIST_small", tmp_path / "out")
+
+
+@pytest.mark.parametrize("mode", ["folder", "archive", "extract-then-decode"])
+def test_a_file_name_that_is_not_utf8_is_rejected_with_a_reason_in_every_mode(tmp_path, mode):
+    root = write_letter_folders(tmp_path / "x" / "notMNIST_small", per_letter=3, seed=1, bad_files={}).root
+    good = next((root / "A").iterdir()).read_bytes()
+    with open(os.fsencode(root / "A") + b"/caf\xe9.png", "wb") as handle:  # Latin-1, not UTF-8: legal on Linux
+        handle.write(good)
+    source = root
+    if mode != "folder":
+        source = tmp_path / "notMNIST_small.tar.gz"
+        with tarfile.open(source, "w:gz", encoding="utf-8", errors="surrogateescape") as archive:
+            archive.add(root, arcname="notMNIST_small")
+    if mode == "extract-then-decode":
+        source = extract_archive(source, tmp_path / "extracted")
+    manifests = decode_to_shards(source, tmp_path / "shards", workers=1)
+    assert manifests["A"]["rejected"] == [
+        {"file": "notMNIST_small/A/caf\\xe9.png", "reason": "bad name", "detail": "the file name is not valid UTF-8"}
+    ]
+    assert manifests["A"]["images"] == 3
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`, with their command lines (read from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                continue  # it ended while we looked
+            if parent == pid:
+                found[int(entry.name)] = command
+    return found
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_workers_and_the_resource_tracker_end_when_the_parent_is_killed(tmp_path):
+    root = write_letter_folders(tmp_path / "x" / "notMNIST_large", per_letter=800, seed=2, bad_files={}, fonts=()).root
+    script = f"from tasks.decode import decode_to_shards\ndecode_to_shards({str(root)!r}, {str(tmp_path / 'out')!r}, workers=2)\n"
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[2])
+    try:
+        assert wait_until(lambda: any("spawn_main" in c for c in children_of(parent.pid).values()), 60)
+        spawned = children_of(parent.pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert any("resource_tracker" in command for command in spawned.values())
+    assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in spawned), 10), spawned
