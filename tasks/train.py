@@ -28,7 +28,7 @@ from storage.splits import read_splits_manifest
 from tasks.batches import NORMALISATIONS, ShuffleEachEpoch, SplitBatches, open_splits
 from tasks.models import build_one_layer_cnn, make_optimizer
 from tasks.reporting import Progress, artifact_key, stage_logger
-from tasks.training_callbacks import BatchProgress, EpochBackup, EpochRecorder, history_columns
+from tasks.training_callbacks import BatchProgress, EpochCheckpoint, EpochRecorder, history_columns
 from tasks.training_record import confusion_matrix, per_class_accuracy, provenance
 
 BACKUP_IDENTITY, BACKUP_HISTORY = "run.json", "history.json"
@@ -169,9 +169,10 @@ def _fit(
             backup / BACKUP_HISTORY, logger=logger, progress=progress, epochs=epochs,
             steps_per_epoch=len(train), samples_per_epoch=train.rows,
         )
-        # The checkpoint is kept after `fit` (delete_checkpoint=False) until the outputs are in place,
-        # so a crash while evaluating or saving does not cost the training.
-        callbacks = [ShuffleEachEpoch(train), recorder, EpochBackup(backup), BatchProgress(progress)]
+        # The checkpoint stays after `fit` until the outputs are in place, so a crash while evaluating
+        # or saving does not cost the training.
+        checkpoint = EpochCheckpoint(backup, logger=logger)
+        callbacks = [ShuffleEachEpoch(train), recorder, checkpoint, BatchProgress(progress)]
         # Our progress and per-epoch log lines replace Keras' own bar, which would garble logs and TTYs alike.
         model.fit(
             train, validation_data=batches["valid"], epochs=epochs, shuffle=False, verbose=0,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import keras
 
-from storage.atomic import read_json, write_json
+from storage.atomic import atomic_path, is_temporary, read_json, remove, remove_leftovers, write_json
 from tasks.reporting import Progress
 
 
@@ -48,23 +48,59 @@ class BatchProgress(keras.callbacks.Callback):
             self.progress.advance(1)
 
 
-class EpochBackup(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` saving once per epoch, marked `async_safe` since its batch hook then does nothing.
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves the model and optimizer after every epoch, atomically, and restores the newest readable one.
 
-    Unmarked, its empty batch hook would make Keras wait for every step where `BatchProgress` says.
+    Each checkpoint is a folder `epoch-NNNN/` (weights, then the epoch it ends) written under a
+    temporary name and renamed into place, so a kill -9 while saving leaves no checkpoint that looks
+    complete. On `fit`, checkpoints are tried newest first; one that cannot be read (damaged by an
+    earlier crash, or from another Keras) is discarded with a warning, and training continues from
+    the next readable one, or from scratch. Keras' `BackupAndRestore` writes in place, so one crash
+    mid-save made every retry fail. `async_safe`: it does nothing per batch.
     """
 
     async_safe = True
+    WEIGHTS, STATE = "checkpoint.weights.h5", "state.json"
 
-    def __init__(self, backup_dir: Path):
-        super().__init__(str(backup_dir), save_freq="epoch", double_checkpoint=True, delete_checkpoint=False)
+    def __init__(self, backup_dir: Path, *, logger: logging.Logger | logging.LoggerAdapter):
+        super().__init__()
+        self.backup_dir = Path(backup_dir)
+        self.logger = logger
+
+    def checkpoints(self) -> list[Path]:
+        """The finished checkpoints, newest first."""
+        found = self.backup_dir.glob("epoch-*") if self.backup_dir.is_dir() else []
+        return sorted((path for path in found if not is_temporary(path)), reverse=True)
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        remove_leftovers(self.backup_dir)  # checkpoints a killed run was writing; this run holds the lock
+        for checkpoint in self.checkpoints():
+            try:
+                epoch = int(read_json(checkpoint / self.STATE)["epoch"])
+                if self.model.optimizer is not None and not self.model.optimizer.built:
+                    self.model.optimizer.build(self.model.trainable_variables)  # its variables must exist to load
+                self.model.load_weights(checkpoint / self.WEIGHTS)
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                self.logger.warning("Discarding the unreadable checkpoint %s (%s)", checkpoint, error)
+                remove(checkpoint)
+                continue
+            self.model._initial_epoch = epoch  # how Keras' own BackupAndRestore resumes `fit`
+            return
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        with atomic_path(self.backup_dir / f"epoch-{epoch + 1:04d}") as temporary:
+            temporary.mkdir()
+            self.model.save_weights(temporary / self.WEIGHTS)
+            write_json(temporary / self.STATE, {"epoch": epoch + 1})
+        for older in self.checkpoints()[1:]:
+            remove(older)
 
 
 class EpochRecorder(keras.callbacks.Callback):
     """Logs each epoch's metrics, restarts the progress where a resumed run begins, keeps the history on disk.
 
     The history file lives beside the backup checkpoint, so a resumed run reports every epoch, not
-    only those it ran itself. Place it before `BackupAndRestore`: the history is written first, and
+    only those it ran itself. Place it before `EpochCheckpoint`: the history is written first, and
     an entry for an epoch whose checkpoint never landed is dropped when that epoch runs again.
     """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tasks.batches import NORMALISATIONS, SplitBatches, epoch_permutation, open_
 from tasks.models import build_one_layer_cnn
 from tasks.reporting import Progress
 from tasks.train import train_model
-from tasks.training_callbacks import BatchProgress, EpochBackup
+from tasks.training_callbacks import BatchProgress, EpochCheckpoint
 from tasks.training_record import git_commit
 from tests.tasks.synthetic_splits import write_split_folder
 
@@ -343,7 +344,65 @@ def test_progress_counts_every_batch(split_dir, tmp_path):
     model = build_one_layer_cnn()
     model.compile(optimizer="sgd", loss="categorical_crossentropy")
     with Progress("train", 2 * len(batches)) as progress:
-        callbacks = [BatchProgress(progress), EpochBackup(tmp_path / "backup")]
+        callbacks = [BatchProgress(progress), EpochCheckpoint(tmp_path / "backup", logger=logging.getLogger("t"))]
         model.fit(batches, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
     assert progress.completed == 2 * len(batches) == 10
-    assert (tmp_path / "backup" / "latest.weights.h5").is_file()  # kept after fit, until the outputs are in place
+    # The last epoch's checkpoint alone is kept after fit, until the outputs are in place.
+    assert [path.name for path in (tmp_path / "backup").iterdir()] == ["epoch-0002"]
+
+
+def _truncate_weights(checkpoint: Path) -> None:
+    weights = checkpoint / EpochCheckpoint.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])  # what a kill -9 mid-save leaves
+
+
+def _half_written_state(checkpoint: Path) -> None:
+    (checkpoint / EpochCheckpoint.STATE).write_text('{"epo')
+
+
+@pytest.mark.parametrize("damage", [_truncate_weights, _half_written_state], ids=["truncated-weights", "half-state"])
+def test_an_unreadable_checkpoint_is_discarded_with_a_warning_and_training_still_finishes(
+    data_root, reference, damage, caplog
+):
+    with pytest.raises(Interrupted):
+        train_model(data_root, "synthetic", **FAST, extra_callbacks=[InterruptAfterEpoch(0)])
+    (checkpoint,) = (DataRoot(data_root).root / (reference["model"] + ".backup")).glob("epoch-*")
+    damage(checkpoint)
+    begun = EpochsBegun()
+    with caplog.at_level(logging.WARNING):
+        result = train_model(data_root, "synthetic", **FAST, extra_callbacks=[begun])
+    assert begun.epochs == [0, 1]  # from scratch: the only checkpoint could not be read
+    assert any("Discarding the unreadable checkpoint" in record.getMessage() for record in caplog.records)
+    assert read(result["metrics_path"])["test_loss"] == pytest.approx(read(reference["metrics_path"])["test_loss"])
+
+
+def test_a_checkpoint_a_killed_run_was_writing_is_ignored_and_removed(data_root, reference):
+    with pytest.raises(Interrupted):
+        train_model(data_root, "synthetic", **FAST, extra_callbacks=[InterruptAfterEpoch(0)])
+    backup = DataRoot(data_root).root / (reference["model"] + ".backup")
+    half = backup / ".epoch-0002.tmp-0123456789ab"  # the temporary name EpochCheckpoint writes under
+    half.mkdir()
+    (half / EpochCheckpoint.WEIGHTS).write_bytes(b"half")
+    begun = EpochsBegun()
+    result = train_model(data_root, "synthetic", **FAST, extra_callbacks=[begun])
+    assert begun.epochs == [1] and result["epochs_run"] == 1
+    assert read(result["metrics_path"])["test_loss"] == pytest.approx(read(reference["metrics_path"])["test_loss"])
+    assert not backup.exists()
+
+
+def test_two_trainings_of_one_model_take_turns_and_the_second_reuses_the_first(data_root):
+    """Two pipelines on one data root ask for the same model: one trains, the other waits, then reuses it."""
+    start = threading.Barrier(2)
+    results, begun = [], [EpochsBegun(), EpochsBegun()]
+
+    def train(index: int) -> None:
+        start.wait()
+        results.append(train_model(data_root, "synthetic", **FAST, extra_callbacks=[begun[index]]))
+
+    threads = [threading.Thread(target=train, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(b.epochs for b in begun) == [[], [0, 1]]  # without the lock both would train, in one backup
+    assert results[0] == results[1]
