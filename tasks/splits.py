@@ -9,8 +9,8 @@ notMNIST is full of exact duplicates, so a test set drawn that way shares images
 `dedup` controls it, using the shards' pixel digests:
 
     none         the seed's sampling, duplicates and all
-    cross-split  no valid or test image equals a train image, no test image a valid one; leaking
-                 picks are replaced by the next candidates of the same letter (default)
+    cross-split  no valid or test image equals a train image, no test image a valid one: every group
+                 of identical images goes to one split, the first to draw it (default)
     all          cross-split, and every split unique within itself
 
 Only file names and digests are held for selection; pixels are copied letter by letter into
@@ -79,25 +79,6 @@ def _read_letter(shards_dir: Path, letter: str) -> _Letter:
     )
 
 
-def _pick(candidates: np.ndarray, digests: np.ndarray, count: int, avoid: set, unique: bool) -> tuple[np.ndarray, int]:
-    """The first `count` candidates whose digest is not in `avoid`, and how many candidates were examined.
-
-    With `unique`, each pick's digest joins `avoid`, so a split never holds the same image twice.
-    """
-    picked: list[int] = []
-    examined = 0
-    for examined, index in enumerate(candidates, start=1):
-        digest = digests[index]
-        if digest in avoid:
-            continue
-        picked.append(index)
-        if unique:
-            avoid.add(digest)
-        if len(picked) == count:
-            break
-    return np.array(picked, dtype=np.int64), examined
-
-
 def _shuffled(count: int, rng: np.random.RandomState) -> np.ndarray:
     order = np.arange(count)
     rng.shuffle(order)
@@ -106,10 +87,44 @@ def _shuffled(count: int, rng: np.random.RandomState) -> np.ndarray:
 
 def _require(letter: _Letter, archive: str, have: int, need: int, what: str) -> None:
     if have < need:
+        distinct = len(np.unique(letter.digests))
         raise TooFewUsableImagesError(
             f"letter {letter.letter} of {archive} has {have:,} usable images for {what}, which needs {need:,} "
-            f"per class ({len(letter.files):,} decoded); use smaller split sizes or a weaker dedup mode"
+            f"per class ({len(letter.files):,} decoded, {distinct:,} of them distinct); use smaller split sizes "
+            "or a weaker dedup mode"
         )
+
+
+def _assign_groups(
+    letter: _Letter, order: np.ndarray, needs: dict[str, int], group_split: dict[bytes, str], unique: bool
+) -> dict[str, np.ndarray]:
+    """Rows for each split in `needs`, walking `order`; every image (digest) goes to one split only.
+
+    An image not seen before goes to the first split that still needs rows (in the order of `needs`:
+    the seed's valid, then train), so without repeats this is exactly the seed's slicing. A repeat
+    may only join its image's split: as one more row there, or, with `unique`, not at all.
+    `group_split` is shared across letters, so an image drawn by two letters cannot leak either.
+    """
+    names, sizes = list(needs), list(needs.values())
+    slot = {name: number for number, name in enumerate(names)}
+    picked: list[list[int]] = [[] for _ in names]
+    filling, wanted = 0, sum(sizes)  # the first split that still needs rows; rows still needed in all
+    for index, digest in zip(order.tolist(), letter.digests[order].tolist()):
+        split = group_split.get(digest)
+        if split is None:  # a new image: to the first split with room
+            while len(picked[filling]) == sizes[filling]:
+                filling += 1
+            number = filling
+            group_split[digest] = names[number]
+        else:  # a repeat: only into its image's split, and only where repeats are allowed
+            number = slot.get(split)
+            if unique or number is None or len(picked[number]) == sizes[number]:
+                continue
+        picked[number].append(index)
+        wanted -= 1
+        if wanted == 0:
+            break
+    return {name: np.array(rows, dtype=np.int64) for name, rows in zip(names, picked)}
 
 
 Chosen = dict[str, list[tuple[_Letter, np.ndarray]]]
@@ -118,42 +133,38 @@ Chosen = dict[str, list[tuple[_Letter, np.ndarray]]]
 def choose_rows(
     large: list[_Letter], small: list[_Letter], per_class: dict[str, int], dedup: str, rng: np.random.RandomState
 ) -> Chosen:
-    """Each split's rows as (letter, row indices in pick order), letters in label order."""
+    """Each split's rows as (letter, row indices in pick order), letters in label order.
+
+    With dedup, whole groups of identical images go to one split (as group-aware splitters do), so a
+    letter full of repeats fills its shares from its distinct images instead of losing every repeat of
+    a train image for valid; the error comes only when the distinct images run out.
+    """
     # The seed's call order: shuffle each large letter, then each small one, then each split.
     large_orders = [_shuffled(len(letter.files), rng) for letter in large]
     small_orders = [_shuffled(len(letter.files), rng) for letter in small]
     valid_n, train_n, test_n = per_class["valid"], per_class["train"], per_class["test"]
     chosen: Chosen = {split: [] for split in SPLITS}
-    unique = dedup == "all"
 
     for letter in large:
         _require(letter, "notMNIST_large", len(letter.files), valid_n + train_n, "valid and train")
     for letter in small:
         _require(letter, "notMNIST_small", len(letter.files), test_n, "test")
 
-    train_digests: set = set()
-    valid_candidates = []
+    group_split: dict[bytes, str] = {}
     for letter, order in zip(large, large_orders):
-        if dedup == "all":
-            rows, examined = _pick(order[valid_n:], letter.digests, train_n, train_digests, unique=True)
-        else:  # the seed's train rows exactly
-            rows, examined = order[valid_n : valid_n + train_n], train_n
-        _require(letter, "notMNIST_large", len(rows), train_n, "train once repeats are skipped")
-        chosen["train"].append((letter, rows))
-        train_digests.update(letter.digests[rows].tolist())
-        # valid draws from the seed's valid rows first, then from what train left unused
-        valid_candidates.append(np.concatenate([order[:valid_n], order[valid_n + examined :]]))
+        if dedup == "none":  # the seed's slices, repeats and all
+            rows = {"valid": order[:valid_n], "train": order[valid_n : valid_n + train_n]}
+        else:
+            rows = _assign_groups(letter, order, {"valid": valid_n, "train": train_n}, group_split, dedup == "all")
+        for split, need in (("valid", valid_n), ("train", train_n)):
+            _require(letter, "notMNIST_large", len(rows[split]), need, f"{split} (dedup={dedup!r})")
+            chosen[split].append((letter, rows[split]))
 
-    avoid_in_valid = set() if dedup == "none" else set(train_digests)
-    for letter, candidates in zip(large, valid_candidates):
-        rows, _ = _pick(candidates, letter.digests, valid_n, avoid_in_valid, unique)
-        _require(letter, "notMNIST_large", len(rows), valid_n, f"valid (dedup={dedup!r})")
-        chosen["valid"].append((letter, rows))
-
-    valid_digests = {d for letter, rows in chosen["valid"] for d in letter.digests[rows].tolist()}
-    avoid_in_test = set() if dedup == "none" else train_digests | valid_digests
     for letter, order in zip(small, small_orders):
-        rows, _ = _pick(order, letter.digests, test_n, avoid_in_test, unique)
+        if dedup == "none":
+            rows = order[:test_n]
+        else:  # images already in valid or train are off limits; test's own images join test
+            rows = _assign_groups(letter, order, {"test": test_n}, group_split, dedup == "all")["test"]
         _require(letter, "notMNIST_small", len(rows), test_n, f"test (dedup={dedup!r})")
         chosen["test"].append((letter, rows))
     return chosen

@@ -118,11 +118,33 @@ def test_dedup_leaves_no_valid_or_test_image_in_train_and_no_test_image_in_valid
     assert manifest["overlap"]["seed_sampling"]["test_in_train"] > 0  # there was something to remove
 
 
-def test_cross_split_keeps_the_seeds_train_rows(shard_sets, tmp_path):
-    plain = build(shard_sets, dedup="none")
-    cross = build(shard_sets, dedup="cross-split")
-    train_x = [(folder_of(shard_sets, manifest) / "train_x.npy").read_bytes() for manifest in (plain, cross)]
-    assert train_x[0] == train_x[1]
+def test_without_repeats_dedup_keeps_the_seeds_sampling_exactly(tmp_path):
+    rng = np.random.default_rng(5)
+    root = tmp_path / "distinct"
+    write_shard_set(root, "notMNIST_large", {letter: distinct_images(rng, 30) for letter in LETTERS})
+    write_shard_set(root, "notMNIST_small", {letter: distinct_images(rng, 8) for letter in LETTERS})
+    sizes = {"train_size": 200, "valid_size": 50, "test_size": 50}
+    built = [build_splits(root, dedup=dedup, **sizes) for dedup in ("none", "cross-split", "all")]
+    for split in SPLITS:
+        for array in ("x", "y", "file"):
+            contents = {(folder_of(root, m) / f"{split}_{array}.npy").read_bytes() for m in built}
+            assert len(contents) == 1, (split, array)
+
+
+def test_a_letter_full_of_repeats_fills_its_shares_from_its_distinct_images(tmp_path):
+    """Eight images, three copies of each: the seed's slicing leaks, and replacing leaking valid picks one
+    by one failed for most shuffles (its train slice takes nearly every image); whole groups do not."""
+    rng = np.random.default_rng(7)
+    root = tmp_path / "repeats"
+    write_shard_set(root, "notMNIST_large", {letter: np.repeat(distinct_images(rng, 8), 3, axis=0) for letter in LETTERS})
+    write_shard_set(root, "notMNIST_small", {letter: distinct_images(rng, 12) for letter in LETTERS})
+    manifest = build_splits(root, train_size=120, valid_size=40, test_size=50, dedup="cross-split")
+    train, valid, test = (split_arrays(root, manifest, split) for split in SPLITS)
+    assert not digests(train[0]) & digests(valid[0]) and not digests(test[0]) & (digests(train[0]) | digests(valid[0]))
+    for (_, labels, _), per_class in zip((train, valid, test), (12, 4, 5)):
+        assert np.bincount(labels, minlength=10).tolist() == [per_class] * 10
+    with pytest.raises(TooFewUsableImagesError, match=r"letter A of notMNIST_large has 4 usable images for train .*\(24 decoded, 8 of them distinct\)"):
+        build_splits(root, train_size=200, valid_size=40, test_size=50, dedup="all")  # 16 distinct per letter needed
 
 
 def test_all_makes_every_split_unique_within_itself(shard_sets, tmp_path):
