@@ -65,6 +65,18 @@ def remove_leftovers(folder: Path) -> None:
                 remove(entry)
 
 
+def remove_temporaries_of(path: Path) -> None:
+    """Delete the temporary siblings `temporary_sibling(path)` made for `path` that an interrupted run left."""
+    path = Path(path)
+    for entry in path.parent.glob(f".{glob_escape(path.name)}{TEMPORARY_MARK}*"):
+        remove(entry)
+
+
+def glob_escape(name: str) -> str:
+    """`name` with glob's special characters escaped."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def remove(path: Path) -> None:
     """Delete a file or folder if it exists."""
     if path.is_dir() and not path.is_symlink():

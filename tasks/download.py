@@ -29,7 +29,7 @@ from prefect.utilities.math import clamped_poisson_interval
 
 from core.defaults import READ_TIMEOUT_SECONDS
 from core.errors import DownloadError, PermanentDownloadError, VerificationError
-from storage.atomic import remove, write_json
+from storage.atomic import remove, remove_temporaries_of, write_json
 from storage.digests import sha256_of
 from tasks.caching import stage_cache
 from tasks.reporting import Progress, artifact_key, stage_logger
@@ -353,6 +353,8 @@ def download_file(
 
     # Two processes fetching into one folder: the second waits here, then finds the verified file.
     with FileLock(str(part) + ".lock"):
+        for path in (target, part, part.with_name(part.name + ".json")):
+            remove_temporaries_of(path)  # what a killed run was writing
         key = artifact_key("download", target.name)
         with Progress(f"download {target.name}", expected_bytes, key=key, unit="bytes") as progress:
             transfer = _Transfer(

@@ -21,7 +21,7 @@ from prefect import task
 
 from core.errors import PipelineError
 from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED, reported
-from storage.atomic import read_json, remove, write_json
+from storage.atomic import read_json, remove, remove_temporaries_of, write_json
 from storage.layout import DataRoot, backup_folder, model_key
 from storage.models import METRICS_FILE, MODEL_FILE, RECORD_FILE, find_model, model_writer
 from storage.splits import read_splits_manifest
@@ -129,6 +129,7 @@ def train_model(
         if (found := find_model(model_dir, parameters, fingerprint)) is not None:
             logger.info("Already trained with these parameters on this dataset: %s", model_dir)
             return _summary(layout, model_dir, found[1], fingerprint)
+        remove_temporaries_of(model_dir)  # a model folder a killed run was writing
         make_deterministic(seed)
         batches = open_splits(split_dir, manifest, experiment=experiment, batch_size=batch_size, seed=seed)
         model = build_one_layer_cnn(classes=len(manifest["class_names"]))

@@ -1,0 +1,200 @@
+"""Crash consistency: the pipeline, as a real `notmnist run` process, killed with SIGKILL inside every stage.
+
+One data root goes through a chain of runs. Each run is killed the moment an event shows it is inside
+the next stage (a `.part` growing, a temporary folder appearing: watched with inotify, so the kill
+lands while the stage writes); the next run resumes. After every kill: nothing under a final name is
+half-written, and no process of the killed run is left. The last run finishes, and its dataset
+fingerprint and test metrics equal those of a run that was never interrupted.
+
+Runnable alone: `python3 dev.py test tests/flows/test_crash_consistency.py`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from demo.loopback import Fault, FileServer
+from demo.synthetic import make_archive
+from flows.notmnist import notmnist_pipeline
+from storage.extraction import extraction_problem, read_record
+from storage.folders import MANIFEST, folder_problem, read_manifest
+from storage.layout import DataRoot
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="inotify and /proc are Linux's")
+
+ROOT = Path(__file__).resolve().parents[2]
+IN_CREATE, IN_MOVED_TO = 0x100, 0x80
+SIZES = dict(train_size=2000, valid_size=200, test_size=300, epochs=2, batch_size=64, workers=2)
+
+
+class Watch:
+    """inotify on some folders: `created()` yields the names that appear in them, as they appear."""
+
+    def __init__(self, *folders: Path):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.folders: dict[int, Path] = {}
+        for folder in folders:
+            self.add(folder)
+
+    def add(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor = self.libc.inotify_add_watch(self.fd, os.fsencode(folder), IN_CREATE | IN_MOVED_TO)
+        self.folders[descriptor] = folder
+
+    def created(self, seconds: float) -> Iterator[Path]:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([self.fd], [], [], left)[0]:
+                return
+            data = os.read(self.fd, 65536)
+            while data:
+                descriptor, _, _, length = struct.unpack_from("iIII", data)
+                name = data[16 : 16 + length].rstrip(b"\0")
+                data = data[16 + length :]
+                if descriptor in self.folders:
+                    yield self.folders[descriptor] / os.fsdecode(name)
+
+    def drain(self) -> None:
+        """Forget the events not read yet: those of a process that is gone."""
+        while select.select([self.fd], [], [], 0)[0]:
+            os.read(self.fd, 65536)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def children_of(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def assert_nothing_half_written(layout: DataRoot, archive_bytes: dict[str, int]) -> None:
+    """Everything under a final name is whole: raw files complete, committed folders intact."""
+    for name, size in archive_bytes.items():
+        if (layout.raw / name).exists():
+            assert (layout.raw / name).stat().st_size == size, name
+    for top in layout.extracted.iterdir() if layout.extracted.is_dir() else []:
+        if not top.name.startswith("."):
+            record = read_record(top)
+            assert record is not None and extraction_problem(top, record) is None, top
+    committed = [(letter, "letter", 2) for archive in layout.root.glob("shards/*") for letter in archive.iterdir()]
+    committed += [(folder, "splits", 2) for folder in layout.splits_root.glob("*")]
+    committed += [(folder, "model", 1) for folder in layout.models_root.glob("*") if not folder.name.endswith(".backup")]
+    for folder, kind, version in committed:
+        if folder.is_dir() and not folder.name.startswith("."):
+            manifest = read_manifest(folder, kind, version)
+            assert manifest is not None, f"{folder} has a final name but no {MANIFEST}"
+            assert folder_problem(folder, manifest) is None, folder
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory) -> Iterator[tuple[FileServer, dict[str, int]]]:
+    folder = tmp_path_factory.mktemp("crash-archives")
+    made = [
+        make_archive(folder, "notMNIST_large", per_letter=400, seed=31, fonts=()),
+        make_archive(folder, "notMNIST_small", per_letter=60, seed=32, fonts=()),
+    ]
+    with FileServer(folder) as server:
+        yield server, {archive.path.name: archive.size_bytes for archive in made}
+
+
+def run_arguments(server: FileServer, sizes: dict[str, int], data_dir: Path) -> list[str]:
+    options = {
+        "base-url": server.base_url, "data-dir": str(data_dir), "large-bytes": sizes["notMNIST_large.tar.gz"],
+        "small-bytes": sizes["notMNIST_small.tar.gz"], "min-images-large": 300, "min-images-small": 45,
+        **{key.replace("_", "-"): value for key, value in SIZES.items()},
+    }
+    return ["run", "--json", *[word for key, value in options.items() for word in (f"--{key}", str(value))]]
+
+
+def test_the_pipeline_killed_inside_every_stage_resumes_to_the_uninterrupted_result(
+    prefect_api, archives, tmp_path
+):
+    from prefect.settings import get_current_settings
+
+    server, sizes = archives
+    reference_state = notmnist_pipeline(
+        base_url=server.base_url, data_dir=str(tmp_path / "reference"), large_bytes=sizes["notMNIST_large.tar.gz"],
+        small_bytes=sizes["notMNIST_small.tar.gz"], min_images_large=300, min_images_small=45, return_state=True,
+        **SIZES,
+    )
+    reference = reference_state.result()
+    layout = DataRoot(tmp_path / "data")
+    env = {**os.environ, "PREFECT_API_URL": get_current_settings().api.url, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [sys.executable, "-m", "flows.cli", *run_arguments(server, sizes, layout.root)]
+    watch = Watch(layout.raw, layout.extracted, layout.shards("notMNIST_large"), layout.splits_root,
+                  layout.models_root)
+
+    def part_growing(path: Path) -> bool:
+        part = layout.raw / "notMNIST_large.tar.gz.part"
+        return path == part or (part.exists() and part.stat().st_size > 0)
+
+    temporary = re.compile(r"^\.(.+)\.tmp-[0-9a-f]{12}$")
+
+    def temporary_of(pattern: str) -> Callable[[Path], bool]:
+        return lambda path: bool((match := temporary.match(path.name)) and re.fullmatch(pattern, match.group(1)))
+
+    def in_epoch_two(path: Path) -> bool:
+        if path.name.endswith(".backup"):
+            watch.add(path)  # where the per-epoch checkpoints appear
+        return path.name == "epoch-0001"
+
+    # The large archive's first request sends 100 kB, then nothing: the download is under way.
+    server.add_faults("notMNIST_large.tar.gz", Fault(stall_after=100_000, stall_seconds=30))
+    kill_points = [
+        ("mid-download", part_growing),
+        ("mid-extraction", temporary_of(r"notMNIST_(large|small)\.tar\.gz")),
+        ("mid-decode", temporary_of(r"[A-J]")),
+        ("mid-splits", temporary_of(r"train2000-.*")),
+        ("mid-epoch", in_epoch_two),
+        ("mid-checkpoint", temporary_of(r"epoch-0002")),
+        ("mid-model-write", temporary_of(r"notmnist-[0-9a-f]{12}-[0-9a-f]{8}")),
+    ]
+    try:
+        for point, reached in kill_points:
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                assert any(reached(path) for path in watch.created(240)), f"{point}: never reached"
+                spawned = children_of(process.pid)
+            finally:
+                process.send_signal(signal.SIGKILL)
+                process.communicate()
+                watch.drain()
+            deadline = time.monotonic() + 15
+            while any(Path(f"/proc/{pid}").exists() for pid in spawned) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not [pid for pid in spawned if Path(f"/proc/{pid}").exists()], f"{point}: processes left"
+            assert_nothing_half_written(layout, sizes)
+    finally:
+        watch.close()
+
+    final = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+    result = json.loads(final.stdout.strip().splitlines()[-1])
+    assert result["dataset_fingerprint"] == reference["dataset_fingerprint"]
+    assert result["test_accuracy"] == pytest.approx(reference["test_accuracy"], abs=1e-6)
+    assert result["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-5)
+    assert_nothing_half_written(layout, sizes)
+    assert not [path for path in layout.root.rglob("*") if temporary.match(path.name)]  # leftovers cleared
