@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -120,7 +121,13 @@ def test_run_passes_every_option_to_the_flow_and_no_checks_turns_the_checks_off(
 
     received = {}
     real = flows.notmnist.notmnist_pipeline
-    fake = type("Flow", (), {"fn": staticmethod(real.fn), "__call__": lambda self, **kwargs: received.update(kwargs) or {}})()
+    finished = SimpleNamespace(result=dict)  # what a completed run's state gives back: its result
+
+    def call(self, return_state=False, **kwargs):
+        received.update(kwargs)
+        return finished
+
+    fake = type("Flow", (), {"fn": staticmethod(real.fn), "__call__": call})()
     monkeypatch.setattr(flows.notmnist, "notmnist_pipeline", fake)
     assert main(["run", "--large-bytes", "5", "--small-archive", "other.tar.gz", "--train-timeout-seconds", "9"]) == 0
     assert set(received) == set(inspect.signature(real.fn).parameters)
