@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DATA_TASKS = ("download", "extract-archive", "decode-shards", "splits")
+DATA_TASKS = ("download", "extract", "decode", "splits")  # the first word of each data task run's name
 
 
 def data_stage_seconds(flow_run_id) -> tuple[float, dict[str, str]]:
@@ -38,7 +38,7 @@ def data_stage_seconds(flow_run_id) -> tuple[float, dict[str, str]]:
         async with get_client() as client:
             return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
-    runs = [run for run in asyncio.run(read()) if run.name.rsplit("-", 1)[0] in DATA_TASKS]
+    runs = [run for run in asyncio.run(read()) if run.name.split()[0] in DATA_TASKS]
     starts = [run.start_time or run.state.timestamp for run in runs]
     ends = [run.end_time or run.state.timestamp for run in runs]
     return (max(ends) - min(starts)).total_seconds(), {run.name: run.state.name for run in runs}

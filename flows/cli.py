@@ -410,6 +410,18 @@ def _print_human(result: dict[str, Any]) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+class _RunFormatter(logging.Formatter):
+    """`LEVEL [run name] message`: each line says which task or flow run it comes from."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(run)s%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        record.run = f"[{name}] " if name else ""
+        return super().format(record)
+
+
 def _no_tracebacks(record: logging.LogRecord) -> bool:
     """Console filter without --debug: a log record carrying a traceback is left out (the run's UI keeps it)."""
     return record.exc_info is None
@@ -420,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.debug else "3")  # TensorFlow's C++ start-up chatter
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the embedded server would phone home
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_RunFormatter())
     if not args.debug:  # a failed run's exception is the one line below, not a traceback per task
         for handler in logging.getLogger().handlers:
             handler.addFilter(_no_tracebacks)

@@ -31,6 +31,7 @@ from storage.atomic import remove, remove_leftovers, temporary_sibling
 from storage.digests import sha256_of
 from storage.extraction import extraction_problem, folder_state, read_record
 from storage.folders import manifest_identity
+from storage.layout import archive_stem
 from storage.letters import commit_letter, find_letter, letter_folder, read_letter_manifest
 from storage.tar_stream import iter_files
 from tasks.caching import stage_cache
@@ -264,5 +265,8 @@ def _shards_identity(parameters: dict) -> str | None:
 
 
 shards_task = task(
-    name="decode-shards", cache_policy=stage_cache(_shards_identity, ignore=("workers",)), persist_result=True
+    name="decode-shards",
+    task_run_name=lambda parameters: f"decode {archive_stem(parameters['source'])}",
+    cache_policy=stage_cache(_shards_identity, ignore=("workers",)),
+    persist_result=True,
 )(decode_to_shards)

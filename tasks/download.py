@@ -432,12 +432,18 @@ def _download_identity(parameters: dict) -> str | None:
     if verify(target, expected_bytes=parameters["expected_bytes"], sha256=parameters["sha256"]) is not None:
         return None
     status = target.stat()
-    return f"{status.st_size}:{status.st_mtime_ns}"
+    return f"{target.name}:{status.st_size}:{status.st_mtime_ns}"
 
 
 # No Prefect retries on top: `download_file` retries itself, keeping the running hash across attempts.
-# How a file is fetched does not change what is fetched: retries and timeouts stay out of the key.
-UNKEYED = ("retries", "backoff_base_seconds", "connect_timeout", "read_timeout", "session")
+# How a file is fetched does not change what is fetched: retries and timeouts stay out of the key, and
+# so does the URL: the file in place, checked against the expected size and sha256, is the output
+# whichever mirror served it (as `download_file` itself reuses it), so a demo served from a new
+# loopback port each run still finds its downloads cached.
+UNKEYED = ("url", "retries", "backoff_base_seconds", "connect_timeout", "read_timeout", "session")
 download_task = task(
-    name="download", cache_policy=stage_cache(_download_identity, ignore=UNKEYED), persist_result=True
+    name="download",
+    task_run_name=lambda parameters: f"download {file_name_from_url(parameters['url'])}",
+    cache_policy=stage_cache(_download_identity, ignore=UNKEYED),
+    persist_result=True,
 )(download_file)

@@ -93,9 +93,12 @@ def _extraction_identity(parameters: dict) -> str | None:
     return None if top is None else (top / RECORD_NAME).read_text()
 
 
-extract_task = task(name="extract-archive", cache_policy=stage_cache(_extraction_identity), persist_result=True)(
-    extract_archive
-)
+extract_task = task(
+    name="extract-archive",
+    task_run_name=lambda parameters: f"extract {Path(parameters['archive']).name}",
+    cache_policy=stage_cache(_extraction_identity),
+    persist_result=True,
+)(extract_archive)
 
 
 def _make_room(final: Path) -> None:

@@ -204,4 +204,4 @@ def run_iris(
     return _summary(model_dir, metrics)
 
 
-iris_task = task(name="iris")(run_iris)
+iris_task = task(name="iris", task_run_name="iris seed {seed}")(run_iris)

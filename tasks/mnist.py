@@ -116,6 +116,7 @@ def _mnist_splits_identity(parameters: dict) -> str | None:
     return None if manifest is None else manifest_identity(manifest)
 
 
-mnist_splits_task = task(name="mnist-splits", cache_policy=stage_cache(_mnist_splits_identity), persist_result=True)(
-    build_mnist_splits
-)
+mnist_splits_task = task(
+    name="mnist-splits", task_run_name="splits of mnist.npz", cache_policy=stage_cache(_mnist_splits_identity),
+    persist_result=True,
+)(build_mnist_splits)

@@ -307,4 +307,9 @@ def _splits_identity(parameters: dict) -> str | None:
     return None if manifest is None else manifest_identity(manifest)
 
 
-splits_task = task(name="splits", cache_policy=stage_cache(_splits_identity), persist_result=True)(build_splits)
+splits_task = task(
+    name="splits",
+    task_run_name="splits {train_size}/{valid_size}/{test_size} seed {seed}",
+    cache_policy=stage_cache(_splits_identity),
+    persist_result=True,
+)(build_splits)

@@ -246,5 +246,6 @@ def _retry_unless_pipeline_error(task, task_run, state) -> bool:
 
 
 train_task = task(
-    name="train", retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_unless_pipeline_error
+    name="train", task_run_name="train {experiment}", retries=1, retry_delay_seconds=10,
+    retry_condition_fn=_retry_unless_pipeline_error,
 )(train_model)

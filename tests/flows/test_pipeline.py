@@ -17,7 +17,7 @@ from flows.train import train_remotely
 from storage.layout import DataRoot
 from tests.flows.conftest import pipeline_parameters
 
-DATA_TASKS = {"download", "extract-archive", "decode-shards", "splits"}
+DATA_TASKS = {"download", "extract", "decode", "splits"}
 
 
 def task_states(flow_run_id) -> dict[str, list[str]]:
@@ -30,7 +30,7 @@ def task_states(flow_run_id) -> dict[str, list[str]]:
             )
         states: dict[str, list[str]] = {}
         for run in runs:
-            states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)  # "download-a1b" -> "download"
+            states.setdefault(run.name.split()[0], []).append(run.state.name)  # "download notMNIST_large.tar.gz" -> "download"
         return states
 
     return asyncio.run(read())
@@ -113,10 +113,10 @@ def test_a_damaged_stage_output_is_rebuilt_and_the_stages_before_it_come_from_th
     assert first.is_completed(), first.message
     layout, fingerprint = DataRoot(parameters["data_dir"]), first.result()["dataset_fingerprint"]
     splits = next(layout.splits_root.glob("train*"))
-    order = ["extract-archive", "decode-shards", "splits"]
+    order = ["extract", "decode", "splits"]
     damages = {
-        "extract-archive": lambda: next((layout.extracted / "notMNIST_small" / "B").iterdir()).unlink(),
-        "decode-shards": lambda: _flip_a_byte(layout.shards("notMNIST_large") / "C" / "part-00000.parquet"),
+        "extract": lambda: next((layout.extracted / "notMNIST_small" / "B").iterdir()).unlink(),
+        "decode": lambda: _flip_a_byte(layout.shards("notMNIST_large") / "C" / "part-00000.parquet"),
         "splits": lambda: _flip_a_byte(splits / "train_x.npy"),
     }
     for stage, damage in damages.items():
@@ -135,3 +135,20 @@ def test_a_damaged_stage_output_is_rebuilt_and_the_stages_before_it_come_from_th
     assert again.is_completed() and model.is_file()
     assert {name: set(states) for name, states in task_states(again.state_details.flow_run_id).items()
             if name in DATA_TASKS} == {name: {"Cached"} for name in DATA_TASKS}
+
+
+def test_task_runs_are_named_for_what_they_do_and_keep_their_names(first_run):
+    parameters, state = first_run
+
+    async def names():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
+        return sorted(run.name for run in runs)
+
+    names_of_runs = asyncio.run(names())
+    assert [name for name in names_of_runs if not name.startswith("train-")] == sorted([
+        "download notMNIST_large.tar.gz", "download notMNIST_small.tar.gz", "extract notMNIST_large.tar.gz",
+        "extract notMNIST_small.tar.gz", "decode notMNIST_large", "decode notMNIST_small", "splits 250/50/50 seed 133",
+    ])  # "train-0" stands for the training subflow, whose own task run is "train notmnist"
