@@ -177,6 +177,18 @@ def _iris(args: argparse.Namespace) -> dict[str, Any]:
     return _run_flow(iris_pipeline, args)
 
 
+def _predict(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.predict import predict_files
+
+    return predict_files(args.model, args.images, top=args.top)
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.predict import evaluate_model
+
+    return evaluate_model(args.model, args.data, split=args.split)
+
+
 def _demo(args: argparse.Namespace) -> dict[str, Any]:
     from demo.run import run_demo
 
@@ -344,6 +356,22 @@ def _add_iris(commands) -> None:
     )
 
 
+def _add_predict(commands) -> None:
+    predict = commands("predict", _predict, "Print the letter (and its probability) of each PNG: files, folders or an archive.")
+    predict.add_argument("model", type=Path, metavar="MODEL", help="a model folder (models/<key>) or its model.keras")
+    predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="PNG files, folders of them, or a .tar.gz")
+    predict.add_argument("--top", type=POSITIVE, default=1, help="how many of the most likely classes to list")
+
+
+def _add_evaluate(commands) -> None:
+    evaluate = commands("evaluate", _evaluate, "Score a model on a split folder, or on a folder of letter folders.")
+    evaluate.add_argument("model", type=Path, metavar="MODEL", help="a model folder (models/<key>) or its model.keras")
+    evaluate.add_argument("data", type=Path, metavar="DATA",
+                          help="a split folder (splits/<key>) or a folder with one folder of PNGs per class (A ... J)")
+    evaluate.add_argument("--split", choices=("train", "valid", "test"), default="test",
+                          help="which split of a split folder to score")
+
+
 def _add_demo(commands) -> None:
     demo = commands("demo", _demo, "Run the pipeline offline on generated archives served from 127.0.0.1.")
     _data_dir(demo, "data/demo")
@@ -368,8 +396,8 @@ def _add_make_archives(commands) -> None:
 
 
 COMMANDS = (
-    _add_fetch, _add_extract, _add_shards, _add_splits, _add_run, _add_train, _add_mnist, _add_iris, _add_demo,
-    _add_make_archives,
+    _add_fetch, _add_extract, _add_shards, _add_splits, _add_run, _add_train, _add_mnist, _add_iris, _add_predict,
+    _add_evaluate, _add_demo, _add_make_archives,
 )
 
 
@@ -405,9 +433,19 @@ def _version() -> str:
 
 
 def _print_human(result: dict[str, Any]) -> None:
+    """Key and value a line; a list of records (predictions, rejected files) one record a line below its key."""
     width = max((len(key) for key in result), default=0)
     for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            print(f"{key} ({len(value)}):")
+            for item in value:
+                print("  " + "  ".join(_cell(v) for k, v in item.items() if k != "top"))
+        else:
+            print(f"{key:<{width}}  {value}")
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 class _RunFormatter(logging.Formatter):

@@ -83,7 +83,7 @@ def decode_png(data: bytes) -> tuple[bytes | None, Rejected | None]:
     return pixels, None
 
 
-def _is_utf8(name: str) -> bool:
+def is_utf8(name: str) -> bool:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:  # bytes that were not UTF-8, kept as surrogates by the file system or tar reader
@@ -123,7 +123,7 @@ def decode_batch(job: BatchJob) -> BatchResult:
     kept_pixels: list[bytes] = []
     rejected: list[Rejected] = []
     for index, name in enumerate(job.files):
-        if not _is_utf8(name):  # Parquet strings are UTF-8; Linux names need not be
+        if not is_utf8(name):  # Parquet strings are UTF-8; Linux names need not be
             rejected.append(Rejected(printable_name(name), BAD_NAME, "the file name is not valid UTF-8"))
             continue
         if job.blobs is not None:

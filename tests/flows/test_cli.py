@@ -20,7 +20,7 @@ import pytest
 from flows.cli import build_parser, main
 from tests.tasks.synthetic_splits import pattern_images
 
-COMMANDS = ["fetch", "extract", "shards", "splits", "run", "train", "mnist", "iris", "demo", "make-archives"]
+COMMANDS = ["fetch", "extract", "shards", "splits", "run", "train", "mnist", "iris", "predict", "evaluate", "demo", "make-archives"]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=COMMANDS)

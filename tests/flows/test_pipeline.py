@@ -11,7 +11,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import TaskRunSort
 
 from core.errors import PipelineError
-from demo.loopback import Fault
+from demo.loopback import Fault, FileServer
 from flows.notmnist import notmnist_pipeline
 from flows.train import train_remotely
 from storage.layout import DataRoot
@@ -106,6 +106,16 @@ def _flip_a_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size: only a digest can tell
     path.write_bytes(bytes(data))
+
+
+def test_the_same_archives_from_another_address_come_from_the_cache(first_run, served_archives):
+    """What the demo does on every run: a new loopback port, the same files."""
+    parameters, _ = first_run
+    with FileServer(served_archives.server.root) as mirror:
+        again = notmnist_pipeline(**{**parameters, "base_url": mirror.base_url}, return_state=True)
+        assert again.is_completed(), again.message
+        assert set(task_states(again.state_details.flow_run_id)["download"]) == {"Cached"}
+        assert not mirror.state.requests  # nothing was fetched
 
 
 def test_a_damaged_stage_output_is_rebuilt_and_the_stages_before_it_come_from_the_cache(first_run):

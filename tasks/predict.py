@@ -1,0 +1,165 @@
+"""Using a trained model: the letter of each PNG (files, folders or an archive), and scores on labelled data.
+
+Images go through the decode stage's own check (`tasks.images.decode_png`), so a file the pipeline
+would reject is reported with the same reason (empty, unreadable, wrong size, wrong mode, bad name)
+and never reaches the model. Models are loaded with Keras' safe mode on: a `.keras` file that would
+run arbitrary code when loaded (a Lambda layer's pickled function) is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import PipelineError
+from core.seed import LETTERS
+from storage.atomic import read_json
+from storage.models import METRICS_FILE, MODEL_FILE, RECORD_FILE
+from storage.splits import open_split, read_splits_manifest
+from storage.tar_stream import iter_files
+from tasks.batches import NORMALISATIONS
+from tasks.images import IMAGE_SIDE, decode_png, is_utf8, printable_name
+from tasks.training_record import confusion_matrix, per_class_accuracy
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+# Limits for reading an archive given to `predict`: a few times notMNIST_large, still no bomb.
+MAX_MEMBERS, MAX_TOTAL_BYTES = 2_000_000, 4 << 30
+BATCH = 1024
+
+
+@dataclass
+class TrainedModel:
+    """A model with what it needs to be used: its class names and the normalisation it was trained with."""
+
+    model: object
+    class_names: list[str]
+    normalisation: tuple[float, float]
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, classes) for uint8 images (N, 28, 28)."""
+        offset, scale = self.normalisation
+        outputs = []
+        for start in range(0, len(images), BATCH):
+            pixels = (images[start : start + BATCH].astype(np.float32) - offset) / scale
+            outputs.append(np.asarray(self.model.predict(pixels[..., np.newaxis], verbose=0)))
+        return np.concatenate(outputs) if outputs else np.empty((0, len(self.class_names)), np.float32)
+
+
+def load_trained_model(path: Path) -> TrainedModel:
+    """A model folder (or the `.keras` file in one), with its class names and normalisation from its record."""
+    import keras
+
+    path = Path(path)
+    model_file = path / MODEL_FILE if path.is_dir() else path
+    if not model_file.is_file():
+        raise PipelineError(f"{path} is not a model: give a model folder (models/<key>) or its {MODEL_FILE}.")
+    try:
+        model = keras.saving.load_model(model_file, safe_mode=True, compile=False)
+    except Exception as error:  # Keras raises ValueError, OSError, zipfile errors...: all mean "not loadable"
+        raise PipelineError(f"{model_file} cannot be loaded safely ({error}); it is not this project's model.") from error
+    folder = model_file.parent
+    try:
+        experiment = read_json(folder / RECORD_FILE).get("experiment", "notmnist")
+        class_names = list(read_json(folder / METRICS_FILE)["class_names"])
+    except (OSError, ValueError, KeyError):
+        experiment, class_names = "notmnist", list(LETTERS)  # a bare .keras file: the notMNIST model
+    if experiment not in NORMALISATIONS:
+        raise PipelineError(f"{folder}: no normalisation known for experiment {experiment!r}.")
+    return TrainedModel(model, class_names, NORMALISATIONS[experiment])
+
+
+def image_inputs(paths: list[Path]) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every file given: files as they are, folders walked in sorted order, archives read whole."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            for folder, subfolders, files in os.walk(path):
+                subfolders.sort()
+                for name in sorted(files):
+                    yield str(Path(folder) / name), (Path(folder) / name).read_bytes()
+        elif path.name.endswith(ARCHIVE_SUFFIXES):
+            yield from ((f"{path}:{name}", data) for name, data in
+                        iter_files(path, max_members=MAX_MEMBERS, max_total_bytes=MAX_TOTAL_BYTES))
+        elif path.is_file():
+            yield str(path), path.read_bytes()
+        else:
+            raise PipelineError(f"{path} does not exist: give PNG files, folders of them or a .tar.gz.")
+
+
+def decode_inputs(inputs: Iterator[tuple[str, bytes]]) -> tuple[list[str], np.ndarray, list[dict]]:
+    """Names and uint8 pixels (N, 28, 28) of the images the decode stage would accept, and the others with why."""
+    names, pixels, rejected = [], [], []
+    for name, data in inputs:
+        if not is_utf8(name):
+            rejected.append({"file": printable_name(name), "reason": "bad name", "detail": "not valid UTF-8"})
+            continue
+        image, problem = decode_png(data)
+        if problem is not None:
+            rejected.append({"file": name, "reason": problem.reason, "detail": problem.detail})
+            continue
+        names.append(name)
+        pixels.append(np.frombuffer(image, dtype=np.uint8))
+    shape = (len(pixels), IMAGE_SIDE, IMAGE_SIDE)
+    return names, np.stack(pixels).reshape(shape) if pixels else np.empty(shape, np.uint8), rejected
+
+
+def predict_files(model_path: Path, paths: list[Path], *, top: int = 1) -> dict:
+    """Each accepted image's `top` most likely classes with their probabilities, and every rejected file with why."""
+    if top < 1:
+        raise PipelineError(f"top must be at least 1; got {top}.")
+    trained = load_trained_model(model_path)
+    names, images, rejected = decode_inputs(image_inputs(paths))
+    probabilities = trained.probabilities(images)
+    predictions = []
+    for name, row in zip(names, probabilities):
+        best = np.argsort(row)[::-1][:top]
+        ranked = [{"class": trained.class_names[i], "probability": round(float(row[i]), 6)} for i in best]
+        predictions.append({"file": name, "class": ranked[0]["class"], "probability": ranked[0]["probability"],
+                            **({"top": ranked} if top > 1 else {})})
+    return {"predictions": predictions, "rejected": rejected}
+
+
+def evaluate_model(model_path: Path, data: Path, *, split: str = "test") -> dict:
+    """Accuracy, per-class accuracy and the confusion matrix on a split folder, or on a folder of class folders."""
+    trained = load_trained_model(model_path)
+    data = Path(data)
+    rejected: list[dict] = []
+    if (data / "_manifest.json").is_file():
+        images, labels = open_split(data, read_splits_manifest(data), split)
+        source = f"{data} ({split})"
+    else:
+        images, labels, rejected = _labelled_folders(data, trained.class_names)
+        source = str(data)
+    if not len(labels):
+        raise PipelineError(f"{source} holds no image the model can score.")
+    predicted = np.argmax(trained.probabilities(np.asarray(images)), axis=1)
+    matrix = confusion_matrix(np.asarray(labels), predicted, len(trained.class_names))
+    return {
+        "data": source,
+        "images": int(len(labels)),
+        "accuracy": float(np.trace(matrix) / matrix.sum()),
+        "per_class_accuracy": per_class_accuracy(matrix, trained.class_names),
+        "class_names": trained.class_names,
+        "confusion_matrix": matrix.tolist(),
+        "rejected": rejected,
+    }
+
+
+def _labelled_folders(root: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Images and labels of `root/<class name>/*`, the class folders the model knows."""
+    present = [name for name in class_names if (root / name).is_dir()]
+    if not present:
+        raise PipelineError(
+            f"{root} holds neither a split folder's manifest nor folders named {', '.join(class_names)}."
+        )
+    images, labels, rejected = [], [], []
+    for name in present:
+        _, pixels, skipped = decode_inputs(image_inputs([root / name]))
+        images.append(pixels)
+        labels.append(np.full(len(pixels), class_names.index(name), dtype=np.int64))
+        rejected += skipped
+    return np.concatenate(images), np.concatenate(labels), rejected
+
