@@ -465,6 +465,11 @@ def _no_tracebacks(record: logging.LogRecord) -> bool:
     return record.exc_info is None
 
 
+def _not_relayed(record: logging.LogRecord) -> bool:
+    """Console filter: an epoch line the pipeline repeats in its own run's log was printed once already."""
+    return not getattr(record, "relayed", False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `notmnist` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -473,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_RunFormatter())
+        handler.addFilter(_not_relayed)
     if not args.debug:  # a failed run's exception is the one line below, not a traceback per task
         for handler in logging.getLogger().handlers:
             handler.addFilter(_no_tracebacks)

@@ -100,15 +100,18 @@ def notmnist_pipeline(
         )
         for name, (size, sha256, _) in archives.items()
     }
+    glyphs = {}
     for name, (_, _, min_images) in archives.items():
         top = extract_task(downloads[name].result(), layout.extracted)
         letters = shards_task(top, layout.shards(name), min_images=min_images, workers=workers)
-        publish_letters(archive_stem(name), letters)
+        glyphs[f"{archive_stem(name)}_glyphs"] = publish_letters(archive_stem(name), letters, layout.shards(name))
     splits = splits_task(
         layout.root, large=large_archive, small=small_archive, train_size=train_size, valid_size=valid_size,
         test_size=test_size, seed=seed, dedup=dedup,
     )
     publish_splits(splits)
     training = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
-    result, report = train_and_report(layout, "notmnist", splits, training, train_deployment, train_timeout_seconds)
+    result, report = train_and_report(
+        layout, "notmnist", splits, training, train_deployment, train_timeout_seconds, pictures=glyphs
+    )
     return pipeline_result(layout, result, splits, report)

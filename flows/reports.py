@@ -1,21 +1,37 @@
-"""What a run shows in the Prefect UI: tables and a report as artifacts with stable keys.
+"""What a run shows in the Prefect UI: tables, pictures and a report as artifacts with stable keys.
 
-Keys are lowercase with dashes, so every run's versions line up on the Artifacts page.
+Keys are lowercase with dashes, so every run's versions line up on the Artifacts page. Pictures are
+markdown artifacts holding the PNG itself (a data URI), so the UI shows them without any file server;
+the same PNGs are written beside the model, where `report.md` links to them.
 """
 
 from __future__ import annotations
 
+import base64
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.settings import get_current_settings
 
 from core.seed import reported
+from flows import pictures
+from storage.letters import LetterShards
+from storage.models import write_picture
+from storage.splits import open_split
 from tasks.reporting import artifact_key
 
 
-def publish_letters(archive: str, manifests: dict[str, dict]) -> None:
-    """Per-letter table (loaded, rejected, mean, std) and the list of rejected files with reasons."""
+def publish_picture(key: str, png: bytes, title: str, description: str) -> None:
+    """A picture as a markdown artifact (the PNG inline, as a data URI)."""
+    encoded = base64.b64encode(png).decode()
+    create_markdown_artifact(key=key, markdown=f"![{title}](data:image/png;base64,{encoded})", description=description)
+
+
+def publish_letters(archive: str, manifests: dict[str, dict], shards_dir: Path) -> bytes:
+    """Per-letter table (loaded, rejected, mean, std), the rejected files with reasons, and a grid of sample
+    glyphs per letter; returns that picture's PNG."""
     create_table_artifact(
         key=artifact_key(archive, "letters"),
         table=[
@@ -40,6 +56,22 @@ def publish_letters(archive: str, manifests: dict[str, dict]) -> None:
         table=rejected or [{"file": "(none)", "reason": "", "detail": ""}],
         description=f"{archive}: every file that did not become a row, and why",
     )
+    samples = {}
+    for letter in manifests:
+        shards = LetterShards(shards_dir, letter)
+        table = shards.read(0, ["pixels"]) if len(shards) else None
+        samples[letter] = pixels_of_first(table, pictures.SAMPLES_PER_LETTER)
+    png = pictures.glyph_grid(archive, samples, rejected)
+    publish_picture(artifact_key(archive, "glyphs"), png, f"{archive} glyphs",
+                    f"{archive}: sample glyphs of each letter, and the rejected files")
+    return png
+
+
+def pixels_of_first(table, count: int) -> np.ndarray:
+    """The first `count` images of a shard table (none for a letter without shards)."""
+    from storage.shards import pixels_of
+
+    return pixels_of(table.slice(0, count)) if table is not None else np.empty((0, 28, 28), np.uint8)
 
 
 def publish_splits(manifest: dict) -> None:
@@ -71,13 +103,42 @@ def publish_training(experiment: str, metrics: dict[str, Any]) -> None:
     )
 
 
-def publish_report(experiment: str, result: dict[str, Any], metrics: dict[str, Any], splits: dict) -> str:
-    """A markdown report: accuracy against the seed's numbers, confusion matrix, where things are."""
+def publish_pictures(
+    experiment: str, model_dir: Path, metrics: dict[str, Any], split_dir: Path, splits: dict, extra: dict[str, bytes]
+) -> list[str]:
+    """The confusion matrix, learning curves and misclassified test images as artifacts and PNGs beside the model
+    (with `extra` pictures, such as the glyph grids); returns the PNG names written."""
+    images, _ = open_split(split_dir, splits, "test")
+    wrong = metrics.get("misclassified", [])
+    drawn = {
+        "confusion_matrix": pictures.confusion_heatmap(
+            metrics["confusion_matrix"], metrics["class_names"], f"{experiment}: test confusion matrix"
+        ),
+        "learning_curves": pictures.learning_curves(metrics["history"], f"{experiment}: loss and accuracy per epoch"),
+        "misclassified": pictures.misclassified(
+            np.asarray(images[[item["row"] for item in wrong]]) if wrong else np.empty((0, 28, 28), np.uint8),
+            [item["true"] for item in wrong], [item["predicted"] for item in wrong],
+            f"{experiment}: misclassified test images (true as predicted)",
+        ),
+    }
+    for name, png in drawn.items():
+        title = name.replace("_", " ")
+        publish_picture(artifact_key(experiment, name), png, title, f"{experiment}: {title} (test split)"
+                        if name != "learning_curves" else f"{experiment}: {title}")
+    for name, png in {**drawn, **extra}.items():
+        write_picture(model_dir, name, png)
+    return [f"{name}.png" for name in {**drawn, **extra}]
+
+
+def publish_report(
+    experiment: str, result: dict[str, Any], metrics: dict[str, Any], splits: dict, figures: list[str]
+) -> str:
+    """A markdown report: accuracy against the seed's numbers, confusion matrix, pictures, where things are."""
     seed = reported(experiment)
     lines = [f"# {experiment} run", "", "| measure | this run | seed |", "| --- | --- | --- |"]
     for name in ("test_accuracy", "test_loss", "val_accuracy"):
         if result.get(name) is not None:
-            lines.append(f"| {name} | {result[name]:.4f} | {seed.get(name, '')} |")
+            lines.append(f"| {name} | {result[name]:.4f} | {_number(seed.get(name))} |")
     matrix = metrics.get("confusion_matrix")
     if matrix:
         labels = metrics.get("class_names") or [str(i) for i in range(len(matrix))]
@@ -85,11 +146,19 @@ def publish_report(experiment: str, result: dict[str, Any], metrics: dict[str, A
                   "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
         lines += [f"| **{label}** | " + " | ".join(str(v) for v in row) + " |" for label, row in zip(labels, matrix)]
     lines += ["", f"- model: `{result['model']}` (in the data root)", f"- splits: `splits/{splits['key']}`",
-              f"- dataset fingerprint: `{result.get('dataset_fingerprint')}`", f"- device: {result.get('device')}"]
-    markdown = "\n".join(lines)
-    create_markdown_artifact(key=artifact_key(experiment, "report"), markdown=markdown,
-                             description=f"{experiment}: results against the seed's")
-    return markdown
+              f"- dataset fingerprint: `{result.get('dataset_fingerprint')}`", f"- device: {result.get('device')}",
+              "- TensorBoard: `tensorboard --logdir data/models` (the logs are in the model's `tensorboard/`)"]
+    # The UI has its own artifact for each picture; report.md shows the PNGs written beside it.
+    keys = [artifact_key(experiment, name.removesuffix(".png")) for name in figures]
+    create_markdown_artifact(
+        key=artifact_key(experiment, "report"), description=f"{experiment}: results against the seed's",
+        markdown="\n".join([*lines, f"- pictures: the artifacts {', '.join(f'`{key}`' for key in keys)}"]),
+    )
+    return "\n".join([*lines, ""] + [f"![{name.removesuffix('.png').replace('_', ' ')}]({name})" for name in figures])
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
 
 
 def run_url(flow_run_id) -> str | None:

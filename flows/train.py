@@ -7,6 +7,10 @@ splits and the model folder through storage/ (see README, "A server, work pools,
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +22,14 @@ from prefect.exceptions import ObjectNotFound
 from core.defaults import TRAIN_TIMEOUT_SECONDS
 from core.errors import PipelineError
 from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED
-from flows.reports import publish_report, publish_training
+from flows.reports import publish_pictures, publish_report, publish_training, run_url
 from storage.layout import DataRoot
 from storage.models import MODEL_FILE, read_metrics, write_report
+from tasks.reporting import stage_logger
 from tasks.train import train_task
+
+RELAYED = "relayed"  # marks a log record repeated from the training run (the terminal shows it once)
+POLL_SECONDS = 2.0  # how often the pipeline looks at a training run it sent to a work pool
 
 
 @flow(name="train", persist_result=True)
@@ -58,40 +66,72 @@ def train(
     layout: DataRoot, experiment: str, splits: str, training: dict[str, Any], deployment: str | None,
     timeout_seconds: float = TRAIN_TIMEOUT_SECONDS,
 ) -> dict[str, Any]:
-    """Train in this process as a subflow, or on `deployment`'s work pool when one is named."""
+    """Train in this process as a subflow, or on `deployment`'s work pool when one is named.
+
+    Either way the caller's log says where training went and carries its per-epoch lines.
+    """
     parameters = dict(data_dir=str(layout.root), splits=splits, experiment=experiment, **training)
     if deployment:
         return train_remotely(deployment, parameters, timeout_seconds)
-    return train_flow(**parameters)
+    logger = stage_logger(__name__)
+    logger.info("Training %s in this process, as a subflow of this run", experiment)
+    with _relayed_epochs(logger):
+        return train_flow(**parameters)
+
+
+@contextlib.contextmanager
+def _relayed_epochs(logger) -> Iterator[None]:
+    """Repeat the training task's epoch lines in `logger` (the caller's run), whose log would stay silent."""
+
+    class Relay(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, "task_run_name", "").startswith("train ") and record.getMessage().startswith("Epoch "):
+                logger.info("%s: %s", record.task_run_name, record.getMessage(), extra={RELAYED: True})
+
+    relay, source = Relay(), logging.getLogger("prefect.task_runs")
+    source.addHandler(relay)
+    try:
+        yield
+    finally:
+        source.removeHandler(relay)
 
 
 def train_and_report(
     layout: DataRoot, experiment: str, splits: dict, training: dict[str, Any], deployment: str | None,
-    timeout_seconds: float,
+    timeout_seconds: float, pictures: dict[str, bytes] | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """Train (here or on `deployment`), publish the epoch table and the report; returns the result and report.md."""
+    """Train (here or on `deployment`); publish the epoch table, the pictures (with `pictures` given, such as
+    glyph grids) and the report, also written beside the model; returns the result and report.md."""
     result = train(layout, experiment, splits["key"], training, deployment, timeout_seconds)
     model_dir = layout.root / result["model"]
     metrics = read_metrics(model_dir)
     publish_training(experiment, metrics)
-    report = write_report(model_dir, publish_report(experiment, result, metrics, splits))
+    figures = publish_pictures(experiment, model_dir, metrics, layout.splits(splits["key"]), splits, pictures or {})
+    report = write_report(model_dir, publish_report(experiment, result, metrics, splits, figures))
     return result, report
 
 
 def train_remotely(deployment: str, parameters: dict[str, Any], timeout_seconds: float) -> dict[str, Any]:
-    """Run `train_flow`'s deployment (e.g. "train/gpu"), wait for it, and return its persisted result."""
+    """Run `train_flow`'s deployment (e.g. "train/gpu"), wait for it relaying its epochs, and return its result.
+
+    A child run that does not finish within `timeout_seconds` is cancelled, so no training keeps running,
+    or waits in its pool's queue, after the pipeline gave up on it.
+    """
+    logger = stage_logger(__name__)
     try:
-        run = run_deployment(name=deployment, parameters=parameters, timeout=timeout_seconds)
+        run = run_deployment(name=deployment, parameters=parameters, timeout=0)
     except ObjectNotFound as error:
         raise PipelineError(
             f"No deployment named {deployment!r}: create it with `prefect deploy --all` (see prefect.yaml), "
             "or leave train_deployment empty to train in this process."
         ) from error
-    state = run.state
+    logger.info("Training sent to %s as run %s: %s", deployment, run.name, run_url(run.id) or run.id)
+    state = _wait_relaying(run, timeout_seconds, logger)
     if state is None or not state.is_final():
+        _cancel(run.id)
         raise PipelineError(
             f"Training run {run.name!r} of {deployment!r} did not finish within {timeout_seconds:.0f} s "
-            f"(state: {state.name if state else 'unknown'}); is a worker polling its work pool?"
+            f"(state: {state.name if state else 'unknown'}); it was cancelled. Is a worker polling its work pool?"
         )
     if not state.is_completed():
         raise PipelineError(f"Training run {run.name!r} of {deployment!r} ended {state.name}: {state.message}")
@@ -109,3 +149,35 @@ def pipeline_result(layout: DataRoot, result: dict[str, Any], splits: dict, repo
         "report": str(report),
         "device": result.get("device"),
     }
+
+
+def _wait_relaying(run, timeout_seconds: float, logger):
+    """Poll the child run until it ends or `timeout_seconds` pass, logging its new epoch lines; its last state."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    deadline, relayed, settled = time.monotonic() + timeout_seconds, 0, None
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(run.id).state
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])), sort=LogSort.TIMESTAMP_ASC)
+            for log in logs[relayed:]:
+                if log.message.startswith("Epoch "):
+                    logger.info("%s: %s", run.name, log.message, extra={RELAYED: True})
+            finished = state is not None and state.is_final()
+            # A run's last log lines reach the API after its final state: wait until they stop coming.
+            if (finished and len(logs) == relayed and settled is not None) or time.monotonic() >= deadline:
+                return state
+            settled = len(logs) if finished else None
+            relayed = len(logs)
+            time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+
+
+def _cancel(flow_run_id) -> None:
+    """Cancel a child run that is still scheduled or running."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Cancelled(message="the pipeline stopped waiting for it"), force=True)

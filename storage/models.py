@@ -6,7 +6,8 @@
       record.json                parameters, dataset fingerprint and split folder (relative to the data
                                  root), package versions, commit, device, the seed's numbers
       _manifest.json             written last (storage/folders.py)
-      report.md                  added by the flows once the folder is in place
+      tensorboard/               Keras' TensorBoard logs (`tensorboard --logdir data/models`)
+      report.md, *.png           added by the flows once the folder is in place: the report and its pictures
     models/<key>.backup/         while training: the last finished epoch (storage.layout.backup_folder)
 
 A model folder is reused only when its record names the same parameters and dataset fingerprint and
@@ -47,6 +48,11 @@ def find_model(folder: Path, parameters: dict, fingerprint: str) -> tuple[dict, 
 def write_report(folder: Path, markdown: str) -> Path:
     """Write the run's markdown report beside a finished model; returns its path."""
     return write_bytes(report_file(folder), markdown.encode())
+
+
+def write_picture(folder: Path, name: str, png: bytes) -> Path:
+    """Write a picture of the run (`<name>.png`) beside a finished model; returns its path."""
+    return write_bytes(Path(folder) / f"{name}.png", png)
 
 
 def read_metrics(folder: Path) -> dict:

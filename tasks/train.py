@@ -9,6 +9,7 @@ time holds that folder's lock.
 
 from __future__ import annotations
 
+import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +34,8 @@ from tasks.training_record import confusion_matrix, per_class_accuracy, provenan
 
 BACKUP_IDENTITY, BACKUP_HISTORY = "run.json", "history.json"
 OPTIMIZER, LOSS = "adadelta", "categorical_crossentropy"  # the seed's, on one-hot labels
+TENSORBOARD = "tensorboard"  # Keras' TensorBoard logs, in the backup while training, then in the model folder
+MISCLASSIFIED_KEPT = 24
 
 
 def make_deterministic(seed: int) -> None:
@@ -144,6 +147,8 @@ def train_model(
             model.save(writer.work / MODEL_FILE)
             write_json(writer.work / METRICS_FILE, metrics)
             write_json(writer.work / RECORD_FILE, record)
+            if (backup / TENSORBOARD).is_dir():
+                shutil.copytree(backup / TENSORBOARD, writer.work / TENSORBOARD)
             writer.commit(experiment=experiment, dataset_fingerprint=fingerprint)
         remove(backup)
     logger.info(
@@ -173,7 +178,7 @@ def _fit(
         # The checkpoint stays after `fit` until the outputs are in place, so a crash while evaluating
         # or saving does not cost the training.
         checkpoint = EpochCheckpoint(backup, logger=logger)
-        callbacks = [ShuffleEachEpoch(train), recorder, checkpoint, BatchProgress(progress)]
+        callbacks = [ShuffleEachEpoch(train), recorder, checkpoint, BatchProgress(progress), *_tensorboard(backup)]
         # Our progress and per-epoch log lines replace Keras' own bar, which would garble logs and TTYs alike.
         model.fit(
             train, validation_data=batches["valid"], epochs=epochs, shuffle=False, verbose=0,
@@ -187,6 +192,13 @@ def _fit(
         )
     # The epoch this call started from: 0 for a fresh run, `epochs` when an earlier run had finished them all.
     return entries, recorder.first_epoch_run if recorder.first_epoch_run is not None else epochs
+
+
+def _tensorboard(backup: Path) -> list[keras.callbacks.Callback]:
+    """Keras' TensorBoard callback (it writes through TensorFlow's summaries), where TensorFlow is the backend."""
+    if keras.backend.backend() != "tensorflow":
+        return []
+    return [keras.callbacks.TensorBoard(log_dir=str(backup / TENSORBOARD), write_graph=False)]
 
 
 def _record(
@@ -228,6 +240,11 @@ def _evaluate(
         "class_names": class_names,
         "per_class_accuracy": per_class_accuracy(matrix, class_names),
         "confusion_matrix": matrix.tolist(),
+        # The first test rows the model got wrong, for the pictures (row of the test split, true, predicted).
+        "misclassified": [
+            {"row": int(row), "true": class_names[test.labels[row]], "predicted": class_names[predicted[row]]}
+            for row in np.flatnonzero(predicted != np.asarray(test.labels))[:MISCLASSIFIED_KEPT]
+        ],
         "training_seconds": seconds,
         "samples_per_second": train_rows * len(entries) / seconds,
         "evaluation_seconds": time.perf_counter() - started,

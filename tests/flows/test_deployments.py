@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import DeploymentFilter, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from core.errors import PipelineError
@@ -92,7 +92,8 @@ def test_deploy_all_registers_every_deployment_and_the_weekly_schedule(prefect_s
 
 def test_training_is_dispatched_to_a_worker_of_the_gpu_pool(prefect_server, deployed, served_archives, tmp_path):
     assert deployed.returncode == 0
-    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "gpu", "--limit", "1"], env=prefect_server,
+    worker_env = {**prefect_server, "PREFECT_LOGGING_LEVEL": "INFO"}  # the training run's epoch lines reach the API
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "gpu", "--limit", "1"], env=worker_env,
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         parameters = pipeline_parameters(served_archives, tmp_path / "data", train_deployment="train/gpu",
@@ -117,12 +118,30 @@ def test_training_is_dispatched_to_a_worker_of_the_gpu_pool(prefect_server, depl
 
     runs, artifacts = read(prefect_server, child_runs)
     assert [(run.work_pool_name, run.state.name) for run in runs] == [("gpu", "Completed")]
-    assert {"notmnist-splits", "notmnist-report"} <= {a.key for a in artifacts}
+    assert {"notmnist-splits", "notmnist-report", "notmnist-confusion-matrix"} <= {a.key for a in artifacts}
+
+    async def parent_log():
+        async with get_client() as client:
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        return [log.message for log in logs]
+
+    lines = read(prefect_server, parent_log)
+    sent = f"Training sent to train/gpu as run {runs[0].name}: http://127.0.0.1:"
+    assert any(line.startswith(sent) and line.endswith(f"/runs/flow-run/{runs[0].id}") for line in lines), lines
+    assert [line.split(": ", 1)[0] for line in lines if ": Epoch " in line] == [runs[0].name] * 2
 
 
 def test_a_training_run_nobody_picks_up_times_out_with_a_clear_error(prefect_server, deployed, tmp_path):
     assert deployed.returncode == 0
     parameters = {"data_dir": str(tmp_path), "splits": "nothing-here"}
     with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
-        with pytest.raises(PipelineError, match=r"did not finish within 3 s .*is a worker polling its work pool"):
+        with pytest.raises(PipelineError, match=r"did not finish within 3 s .*it was cancelled\. Is a worker polling"):
             train_remotely("train/gpu", parameters, timeout_seconds=3)
+
+    async def runs_left():
+        async with get_client() as client:
+            deployment = await client.read_deployment_by_name("train/gpu")
+            runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [deployment.id]}))
+        return [run.state.name for run in runs if run.parameters.get("splits") == "nothing-here"]
+
+    assert read(prefect_server, runs_left) == ["Cancelled"]  # nothing left Late in the queue for the next worker

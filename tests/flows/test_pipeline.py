@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
+import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.sorting import TaskRunSort
 
 from core.errors import PipelineError
@@ -80,21 +84,50 @@ def test_interrupted_download_fails_the_run_and_the_rerun_resumes_from_the_part(
     assert server.requests_for(name)[-1].headers["Range"] == f"bytes={size // 3}-"
 
 
-def test_artifacts_have_stable_keys(first_run):
+def test_artifacts_have_stable_keys_and_the_pictures_are_pngs_in_the_ui_and_beside_the_model(first_run):
     state = first_run[1]
     assert state.is_completed()
 
-    async def keys():
+    async def artifacts():
         async with get_client() as client:
-            artifacts = await client.read_artifacts(
+            return await client.read_artifacts(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
             )
-        return {artifact.key for artifact in artifacts if artifact.key}
 
-    assert {
-        "notmnist-large-letters", "notmnist-large-rejected-files", "notmnist-small-letters",
-        "notmnist-small-rejected-files", "notmnist-splits", "notmnist-overlap", "notmnist-epochs", "notmnist-report",
-    } <= asyncio.run(keys())
+    by_key = {artifact.key: artifact for artifact in asyncio.run(artifacts()) if artifact.key}
+    tables = {"notmnist-large-letters", "notmnist-large-rejected-files", "notmnist-small-letters",
+              "notmnist-small-rejected-files", "notmnist-splits", "notmnist-overlap", "notmnist-epochs"}
+    pictures = {"notmnist-large-glyphs": (600, 300), "notmnist-small-glyphs": (600, 300),
+                "notmnist-confusion-matrix": (400, 300), "notmnist-learning-curves": (600, 250),
+                "notmnist-misclassified": (500, 100)}
+    assert tables | set(pictures) | {"notmnist-report"} <= set(by_key)
+    assert {by_key[key].type for key in tables} == {"table"}
+    for key, (least_width, least_height) in pictures.items():
+        assert by_key[key].type == "markdown"
+        encoded = re.fullmatch(r"!\[[^]]+\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", by_key[key].data).group(1)
+        width, height = Image.open(io.BytesIO(base64.b64decode(encoded))).size
+        assert width >= least_width and height >= least_height, (key, width, height)
+
+    model_dir = Path(state.result()["model_path"]).parent
+    report = (model_dir / "report.md").read_text()
+    for name in ("confusion_matrix", "learning_curves", "misclassified", "notMNIST_large_glyphs"):
+        assert f"]({name}.png)" in report and Image.open(model_dir / f"{name}.png").format == "PNG"
+    assert list((model_dir / "tensorboard" / "train").glob("events.out.tfevents.*"))  # Keras' TensorBoard logs
+
+
+def test_the_pipelines_log_says_where_training_went_and_carries_its_epochs(first_run):
+    state = first_run[1]
+
+    async def messages():
+        async with get_client() as client:
+            logs = await client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+            )
+        return [log.message for log in logs if log.task_run_id is None]
+
+    lines = asyncio.run(messages())
+    assert "Training notmnist in this process, as a subflow of this run" in lines
+    assert [line.split(":")[0] for line in lines if "Epoch" in line] == ["train notmnist"] * 2
 
 
 def test_a_missing_training_deployment_is_a_clear_error(prefect_api):

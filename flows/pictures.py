@@ -1,0 +1,116 @@
+"""Pictures where people would rather look than read: glyphs per letter, the confusion matrix, learning curves,
+misclassified test images. Each function returns PNG bytes (matplotlib, drawn off-screen), which the flows
+publish as artifacts and write beside the model.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: draw into memory, in any thread
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+DPI = 100
+SAMPLES_PER_LETTER = 10
+REJECTED_LISTED = 14
+MISCLASSIFIED_SHOWN = 24
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _glyph(axes, image: np.ndarray, title: str | None = None, color: str = "black") -> None:
+    axes.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    axes.set_xticks([]), axes.set_yticks([])
+    if title:
+        axes.set_title(title, fontsize=8, color=color)
+
+
+def _tail(name: str, width: int = 30) -> str:
+    """The end of a file name (letter folder and file), shortened from the left to fit `width`."""
+    tail = "/".join(name.split("/")[-2:])
+    return tail if len(tail) <= width else "..." + tail[-(width - 3):]
+
+
+def mosaic(rows: Sequence[np.ndarray], columns: int, gap: int = 2) -> np.ndarray:
+    """One image of 28x28 tiles: a row of tiles per entry of `rows`, `columns` wide, on a mid-grey ground."""
+    side = 28 + gap
+    canvas = np.full((len(rows) * side + gap, columns * side + gap), 128, dtype=np.uint8)
+    for row, images in enumerate(rows):
+        for column, image in enumerate(images[:columns]):
+            canvas[gap + row * side : gap + row * side + 28, gap + column * side : gap + column * side + 28] = image
+    return canvas
+
+
+def glyph_grid(archive: str, samples: dict[str, np.ndarray], rejected: Sequence[dict]) -> bytes:
+    """A row of sample glyphs for each letter, with the rejected files and their reasons listed beside."""
+    letters = list(samples)
+    figure, (glyphs, text) = plt.subplots(
+        1, 2, figsize=(11, 0.62 * len(letters) + 1), gridspec_kw={"width_ratios": [SAMPLES_PER_LETTER, 6]}
+    )
+    glyphs.imshow(mosaic([samples[letter] for letter in letters], SAMPLES_PER_LETTER), cmap="gray", vmin=0,
+                  vmax=255, interpolation="nearest")
+    glyphs.set_yticks([2 + 30 * row + 14 for row in range(len(letters))], letters, fontsize=12)
+    glyphs.set_xticks([])
+    text.axis("off")
+    listed = [f"{item['reason']:<11} {_tail(item['file'])}" for item in rejected[:REJECTED_LISTED]]
+    more = [f"... and {len(rejected) - REJECTED_LISTED} more"] if len(rejected) > REJECTED_LISTED else []
+    body = "\n".join(listed + more) or "(none)"
+    text.text(0, 1, f"rejected files ({len(rejected)})\n\n{body}", va="top", fontsize=8, family="monospace")
+    figure.suptitle(f"{archive}: sample glyphs per letter", fontsize=11)
+    return _png(figure)
+
+
+def confusion_heatmap(matrix: Sequence[Sequence[int]], class_names: Sequence[str], title: str) -> bytes:
+    """The confusion matrix as a heatmap, counts written in each cell; rows true, columns predicted."""
+    counts = np.asarray(matrix)
+    figure, axes = plt.subplots(figsize=(6.4, 5.6))
+    image = axes.imshow(counts, cmap="Blues")
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    ticks = range(len(class_names))
+    axes.set_xticks(ticks, class_names), axes.set_yticks(ticks, class_names)
+    axes.set_xlabel("predicted"), axes.set_ylabel("true")
+    threshold = counts.max() / 2 if counts.size else 0
+    for (row, column), value in np.ndenumerate(counts):
+        axes.text(column, row, str(value), ha="center", va="center", fontsize=7,
+                  color="white" if value > threshold else "black")
+    axes.set_title(title)
+    return _png(figure)
+
+
+def learning_curves(history: dict[str, list[float]], title: str) -> bytes:
+    """Loss and accuracy per epoch, training and validation."""
+    figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for axes, measure in ((loss, "loss"), (accuracy, "accuracy")):
+        for prefix, label in (("", "training"), ("val_", "validation")):
+            values = history.get(prefix + measure)
+            if values:
+                axes.plot(range(1, len(values) + 1), values, marker="o", label=label)
+        axes.set_xlabel("epoch"), axes.set_title(measure), axes.grid(alpha=0.3), axes.legend()
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    figure.suptitle(title)
+    return _png(figure)
+
+
+def misclassified(images: np.ndarray, true: Sequence[str], predicted: Sequence[str], title: str) -> bytes:
+    """Test images the model got wrong, each titled with its true and predicted class."""
+    shown = min(len(images), MISCLASSIFIED_SHOWN)
+    columns = 8
+    rows = max(1, -(-shown // columns))
+    figure, grid = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.35), squeeze=False)
+    for index, axes in enumerate(grid.flat):
+        if index < shown:
+            _glyph(axes, images[index], f"{true[index]} as {predicted[index]}", color="firebrick")
+        else:
+            axes.axis("off")
+    figure.suptitle(title if shown else f"{title}: none")
+    return _png(figure)
