@@ -35,10 +35,12 @@ def _glyph(axes, image: np.ndarray, title: str | None = None, color: str = "blac
         axes.set_title(title, fontsize=8, color=color)
 
 
-def _tail(name: str, width: int = 30) -> str:
-    """The end of a file name (letter folder and file), shortened from the left to fit `width`."""
-    tail = "/".join(name.split("/")[-2:])
-    return tail if len(tail) <= width else "..." + tail[-(width - 3):]
+def _tail(name: str, width: int = 22) -> str:
+    """`<letter folder>/<file>`, the file's name shortened in the middle to fit `width`."""
+    *_, folder, file = ["", *name.split("/")]
+    if len(file) > width:
+        file = f"{file[: width // 2 - 1]}...{file[-(width // 2 - 2):]}"
+    return f"{folder}/{file}" if folder else file
 
 
 def mosaic(rows: Sequence[np.ndarray], columns: int, gap: int = 2) -> np.ndarray:
