@@ -56,22 +56,11 @@ def publish_letters(archive: str, manifests: dict[str, dict], shards_dir: Path) 
         table=rejected or [{"file": "(none)", "reason": "", "detail": ""}],
         description=f"{archive}: every file that did not become a row, and why",
     )
-    samples = {}
-    for letter in manifests:
-        shards = LetterShards(shards_dir, letter)
-        table = shards.read(0, ["pixels"]) if len(shards) else None
-        samples[letter] = pixels_of_first(table, pictures.SAMPLES_PER_LETTER)
+    samples = {letter: LetterShards(shards_dir, letter).sample(pictures.SAMPLES_PER_LETTER) for letter in manifests}
     png = pictures.glyph_grid(archive, samples, rejected)
     publish_picture(artifact_key(archive, "glyphs"), png, f"{archive} glyphs",
                     f"{archive}: sample glyphs of each letter, and the rejected files")
     return png
-
-
-def pixels_of_first(table, count: int) -> np.ndarray:
-    """The first `count` images of a shard table (none for a letter without shards)."""
-    from storage.shards import pixels_of
-
-    return pixels_of(table.slice(0, count)) if table is not None else np.empty((0, 28, 28), np.uint8)
 
 
 def publish_splits(manifest: dict) -> None:

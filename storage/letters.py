@@ -18,13 +18,14 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from core.errors import PipelineError
-from core.seed import LETTERS
+from core.seed import IMAGE_SIDE, LETTERS
 from storage.atomic import replace
 from storage.folders import describe_files, folder_problem, read_manifest, read_verified, write_manifest
-from storage.shards import read_shard, read_shard_bytes
+from storage.shards import pixels_of, read_shard, read_shard_bytes
 
 KIND, FORMAT = "letter", 2
 
@@ -89,6 +90,13 @@ class LetterShards:
         data = read_verified(self.folder, self.manifest, name, self._remedy)
         self._checked[name] = _identity(path)
         return read_shard_bytes(data, columns)
+
+
+    def sample(self, count: int) -> np.ndarray:
+        """The first `count` images of the letter, uint8 (n, 28, 28): none for a letter without shards."""
+        if not len(self):
+            return np.empty((0, IMAGE_SIDE, IMAGE_SIDE), np.uint8)
+        return pixels_of(self.read(0, ["pixels"]).slice(0, count))
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

@@ -53,6 +53,7 @@ def _forget(task, key: str) -> bool:
     storage = store.metadata_storage or store.result_storage
     if not isinstance(storage, LocalFileSystem):
         return False
+    # The path the store itself wrote the record to: LocalFileSystem resolves keys under its base path.
     Path(storage._resolve_path(key)).unlink(missing_ok=True)
     return True
 
