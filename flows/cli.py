@@ -12,6 +12,7 @@ import argparse
 import inspect
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -35,7 +36,7 @@ def _number(kind: type, *, low: float, high: float | None = None, what: str) -> 
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if value < low or (high is not None and value >= high) or value != value:
+        if value < low or (high is not None and value >= high) or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text} is not {what}")
         return value
 
@@ -147,6 +148,7 @@ def _without_checks(args: argparse.Namespace, *names: str) -> None:
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     from flows.notmnist import notmnist_pipeline
 
+    _data_root(args, must_exist=False)
     _without_checks(args, "large_bytes", "large_sha256", "small_bytes", "small_sha256")
     return _run_flow(notmnist_pipeline, args)
 
@@ -167,6 +169,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 def _mnist(args: argparse.Namespace) -> dict[str, Any]:
     from flows.mnist import mnist_pipeline
 
+    _data_root(args, must_exist=False)
     _without_checks(args, "expected_bytes", "sha256")
     return _run_flow(mnist_pipeline, args)
 
@@ -174,6 +177,7 @@ def _mnist(args: argparse.Namespace) -> dict[str, Any]:
 def _iris(args: argparse.Namespace) -> dict[str, Any]:
     from flows.iris import iris_pipeline
 
+    _data_root(args, must_exist=False)
     return _run_flow(iris_pipeline, args)
 
 
@@ -193,7 +197,7 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
     from demo.run import run_demo
 
     return run_demo(
-        args.data_dir, per_letter=args.per_letter, epochs=args.epochs, workers=args.workers,
+        _data_root(args, must_exist=False), per_letter=args.per_letter, epochs=args.epochs, workers=args.workers,
         train_deployment=args.train_deployment,
     )
 
@@ -439,7 +443,9 @@ def _print_human(result: dict[str, Any]) -> None:
         if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
             print(f"{key} ({len(value)}):")
             for item in value:
-                print("  " + "  ".join(_cell(v) for k, v in item.items() if k != "top"))
+                line = "  ".join(_cell(v) for k, v in item.items() if k != "top")
+                ranked = ", ".join(f"{entry['class']} {entry['probability']:.4f}" for entry in item.get("top", [])[1:])
+                print(f"  {line}" + (f"  (then {ranked})" if ranked else ""))
         else:
             print(f"{key:<{width}}  {value}")
 
@@ -493,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # one line for the user; the traceback only on request
         if args.debug:
             traceback.print_exc()
+        elif isinstance(error, OSError) and error.strerror:  # a path that cannot serve: say which and why
+            error = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
         elif not isinstance(error, PipelineError):
             print("notmnist: unexpected failure; rerun with --debug for the traceback.", file=sys.stderr)
         print(f"notmnist {args.command}: error: {error}", file=sys.stderr)

@@ -38,6 +38,11 @@ from tasks.extract import extract_task
 from tasks.splits import splits_task
 
 
+def archive_url(base_url: str, name: str) -> str:
+    """Where archive `name` is under `base_url` (a URL, file:// URL or folder; with or without its last slash)."""
+    return base_url if base_url.endswith("/" + name) else f"{base_url.rstrip('/')}/{name}"
+
+
 @flow(name="notmnist-pipeline")
 def notmnist_pipeline(
     base_url: str = NOTMNIST_BASE_URL,
@@ -96,7 +101,7 @@ def notmnist_pipeline(
     }
     downloads = {
         name: download_task.submit(
-            base_url + name, layout.raw, expected_bytes=size, sha256=sha256, read_timeout=read_timeout_seconds
+            archive_url(base_url, name), layout.raw, expected_bytes=size, sha256=sha256, read_timeout=read_timeout_seconds
         )
         for name, (size, sha256, _) in archives.items()
     }

@@ -31,6 +31,7 @@ class StageCache(CachePolicy):
 
     output: OutputIdentity | None = None
     ignore: Iterable[str] = field(default_factory=tuple)
+    keyed_on: Callable[[dict[str, Any]], str] | None = None  # what stands in the key for ignored inputs
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         inputs_policy = INPUTS
@@ -40,6 +41,8 @@ class StageCache(CachePolicy):
             policy.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters=flow_parameters, **kwargs)
             for policy in (inputs_policy, TASK_SOURCE)
         ]
+        if self.keyed_on is not None:
+            keys.append(self.keyed_on(inputs))
         key = hash_objects(*keys, raise_on_failure=True)
         if self.output is not None and self.output(inputs) is None and not _forget(task_ctx.task, key):
             # A record that cannot be removed must not be served: this run stores under a key of its own.
@@ -58,6 +61,11 @@ def _forget(task, key: str) -> bool:
     return True
 
 
-def stage_cache(output: OutputIdentity, ignore: Iterable[str] = ()) -> StageCache:
-    """The cache policy of a stage whose finished output `output(parameters)` identifies (None: not there)."""
-    return StageCache(output=output, ignore=tuple(ignore))
+def stage_cache(
+    output: OutputIdentity, ignore: Iterable[str] = (), keyed_on: Callable[[dict[str, Any]], str] | None = None
+) -> StageCache:
+    """The cache policy of a stage whose finished output `output(parameters)` identifies (None: not there).
+
+    `ignore` leaves inputs out of the key; `keyed_on(parameters)` puts what they stood for back in.
+    """
+    return StageCache(output=output, ignore=tuple(ignore), keyed_on=keyed_on)

@@ -244,13 +244,17 @@ def decode_to_shards(
             for group in filter(None, groups):
                 short += _decode_group(source, group, out_dir, sources, min_images, pool, progress)
 
+    manifests = {letter: read_letter_manifest(out_dir, letter) for letter in letters if letter not in {
+        m["letter"] for m in short}}
+    # Letters decoded by an earlier run count too: a higher min_images applies to them as well.
+    short += [manifest for manifest in manifests.values() if manifest["images"] < min_images]
     if short:
-        details = "; ".join(f"letter {m['letter']} has {m['images']:,}" for m in short)
+        details = "; ".join(f"letter {m['letter']} has {m['images']:,}" for m in sorted(short, key=lambda m: m["letter"]))
         raise TooFewImagesError(
             f"{details} usable images, fewer than min_images={min_images:,} (rejected files: "
             f"{sum(len(m['rejected']) for m in short):,}). Check the archive, or lower min_images."
         )
-    return {letter: read_letter_manifest(out_dir, letter) for letter in letters}
+    return manifests
 
 
 def _shards_identity(parameters: dict) -> str | None:

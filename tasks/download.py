@@ -389,11 +389,10 @@ def _with_retries(attempt, url: str, part: Path, retries: int, backoff_base_seco
             if not is_transient(error):
                 raise
             if number == retries:
-                raise DownloadError(
-                    f"{url}: still failing after {retries + 1} attempts ({error}). "
-                    f"{part.name} keeps the {part.stat().st_size if part.exists() else 0:,} bytes "
-                    "received; rerun to resume."
-                ) from error
+                kept = part.stat().st_size if part.exists() else 0
+                attempts = f"{retries + 1} attempt{'s' if retries else ''}"
+                resume = f"{part.name} keeps the {kept:,} bytes received; rerun to resume." if kept else "Rerun to try again."
+                raise DownloadError(f"{url}: still failing after {attempts} ({error}). {resume}") from error
             wait = clamped_poisson_interval(delays[number], clamping_factor=JITTER) if delays[number] else 0.0
             logger.warning("Attempt %d for %s failed (%s); retrying in %.1f s", number + 1, url, error, wait)
             time.sleep(wait)
@@ -437,13 +436,15 @@ def _download_identity(parameters: dict) -> str | None:
 
 # No Prefect retries on top: `download_file` retries itself, keeping the running hash across attempts.
 # How a file is fetched does not change what is fetched: retries and timeouts stay out of the key, and
-# so does the URL: the file in place, checked against the expected size and sha256, is the output
-# whichever mirror served it (as `download_file` itself reuses it), so a demo served from a new
-# loopback port each run still finds its downloads cached.
+# so does the URL, for its file name alone: the file in place, checked against the expected size and
+# sha256, is the output whichever mirror served it (as `download_file` itself reuses it), so a demo
+# served from a new loopback port each run still finds its downloads cached.
 UNKEYED = ("url", "retries", "backoff_base_seconds", "connect_timeout", "read_timeout", "session")
 download_task = task(
     name="download",
     task_run_name=lambda parameters: f"download {file_name_from_url(parameters['url'])}",
-    cache_policy=stage_cache(_download_identity, ignore=UNKEYED),
+    cache_policy=stage_cache(
+        _download_identity, ignore=UNKEYED, keyed_on=lambda parameters: file_name_from_url(parameters["url"])
+    ),
     persist_result=True,
 )(download_file)

@@ -9,6 +9,7 @@ run arbitrary code when loaded (a Lambda layer's pickled function) is refused.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +23,15 @@ from storage.models import METRICS_FILE, MODEL_FILE, RECORD_FILE
 from storage.splits import open_split, read_splits_manifest
 from storage.tar_stream import iter_files
 from tasks.batches import NORMALISATIONS
-from tasks.images import IMAGE_SIDE, decode_png, is_utf8, printable_name
+from tasks.images import IMAGE_SIDE, UNREADABLE, Rejected, decode_png, is_utf8, printable_name
 from tasks.training_record import confusion_matrix, per_class_accuracy
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 # Limits for reading an archive given to `predict`: a few times notMNIST_large, still no bomb.
 MAX_MEMBERS, MAX_TOTAL_BYTES = 2_000_000, 4 << 30
 BATCH = 1024
+# A 28x28 8-bit PNG takes under 2 kB; a file this large is no such image, and is not read whole.
+MAX_IMAGE_BYTES = 1 << 20
 
 
 @dataclass
@@ -60,7 +63,11 @@ def load_trained_model(path: Path) -> TrainedModel:
     try:
         model = keras.saving.load_model(model_file, safe_mode=True, compile=False)
     except Exception as error:  # Keras raises ValueError, OSError, zipfile errors...: all mean "not loadable"
-        raise PipelineError(f"{model_file} cannot be loaded safely ({error}); it is not this project's model.") from error
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PipelineError(
+            f"{model_file} cannot be loaded safely as a Keras model ({reason[:160]}); give a model folder this "
+            "project trained (models/<key>)."
+        ) from error
     folder = model_file.parent
     try:
         experiment = read_json(folder / RECORD_FILE).get("experiment", "notmnist")
@@ -72,27 +79,50 @@ def load_trained_model(path: Path) -> TrainedModel:
     return TrainedModel(model, class_names, NORMALISATIONS[experiment])
 
 
-def image_inputs(paths: list[Path]) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every file given: files as they are, folders walked in sorted order, archives read whole."""
+def image_inputs(paths: list[Path]) -> Iterator[tuple[str, bytes | Rejected]]:
+    """(name, bytes) of every file given: files as they are, folders walked in sorted order, archives read whole.
+
+    What cannot be read as a file (a dangling link, a FIFO, a device, something over MAX_IMAGE_BYTES, a read
+    error) comes as (name, Rejected) instead, so one bad entry never costs the others.
+    """
     for path in map(Path, paths):
         if path.is_dir():
             for folder, subfolders, files in os.walk(path):
                 subfolders.sort()
                 for name in sorted(files):
-                    yield str(Path(folder) / name), (Path(folder) / name).read_bytes()
-        elif path.name.endswith(ARCHIVE_SUFFIXES):
+                    yield str(Path(folder) / name), _read_image_file(Path(folder) / name)
+        elif path.name.endswith(ARCHIVE_SUFFIXES) and path.is_file():
             yield from ((f"{path}:{name}", data) for name, data in
                         iter_files(path, max_members=MAX_MEMBERS, max_total_bytes=MAX_TOTAL_BYTES))
-        elif path.is_file():
-            yield str(path), path.read_bytes()
+        elif path.exists() or path.is_symlink():
+            yield str(path), _read_image_file(path)
         else:
             raise PipelineError(f"{path} does not exist: give PNG files, folders of them or a .tar.gz.")
 
 
-def decode_inputs(inputs: Iterator[tuple[str, bytes]]) -> tuple[list[str], np.ndarray, list[dict]]:
+def _read_image_file(path: Path) -> bytes | Rejected:
+    """The bytes of a regular file of at most MAX_IMAGE_BYTES, or why it is not read."""
+    try:
+        status = path.stat()  # follows a link: a link to a regular file is read
+    except OSError as error:
+        return Rejected(str(path), UNREADABLE, error.strerror or str(error))
+    if not stat.S_ISREG(status.st_mode):
+        return Rejected(str(path), UNREADABLE, "not a regular file")
+    if status.st_size > MAX_IMAGE_BYTES:
+        return Rejected(str(path), UNREADABLE, f"{status.st_size:,} bytes, more than a 28x28 PNG can need")
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        return Rejected(str(path), UNREADABLE, error.strerror or str(error))
+
+
+def decode_inputs(inputs: Iterator[tuple[str, bytes | Rejected]]) -> tuple[list[str], np.ndarray, list[dict]]:
     """Names and uint8 pixels (N, 28, 28) of the images the decode stage would accept, and the others with why."""
     names, pixels, rejected = [], [], []
     for name, data in inputs:
+        if isinstance(data, Rejected):
+            rejected.append({"file": printable_name(name), "reason": data.reason, "detail": data.detail})
+            continue
         if not is_utf8(name):
             rejected.append({"file": printable_name(name), "reason": "bad name", "detail": "not valid UTF-8"})
             continue
@@ -112,6 +142,8 @@ def predict_files(model_path: Path, paths: list[Path], *, top: int = 1) -> dict:
         raise PipelineError(f"top must be at least 1; got {top}.")
     trained = load_trained_model(model_path)
     names, images, rejected = decode_inputs(image_inputs(paths))
+    if not names and not rejected:
+        raise PipelineError(f"No files in {', '.join(map(str, paths))}: give PNG files, folders of them or a .tar.gz.")
     probabilities = trained.probabilities(images)
     predictions = []
     for name, row in zip(names, probabilities):
@@ -126,6 +158,8 @@ def evaluate_model(model_path: Path, data: Path, *, split: str = "test") -> dict
     """Accuracy, per-class accuracy and the confusion matrix on a split folder, or on a folder of class folders."""
     trained = load_trained_model(model_path)
     data = Path(data)
+    if not data.is_dir():
+        raise PipelineError(f"{data} does not exist or is not a folder: give a split folder or a folder of letters.")
     rejected: list[dict] = []
     if (data / "_manifest.json").is_file():
         images, labels = open_split(data, read_splits_manifest(data), split)

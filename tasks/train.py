@@ -9,6 +9,7 @@ time holds that folder's lock.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from datetime import UTC, datetime
@@ -185,6 +186,12 @@ def _fit(
             callbacks=callbacks + list(extra_callbacks or []),
         )
     entries = recorder.completed_entries()
+    if diverged := [entry["epoch"] + 1 for entry in entries if not math.isfinite(entry.get("loss", 0.0))]:
+        remove(backup)  # resuming from diverged weights would only diverge again
+        raise PipelineError(
+            f"The training loss became {entries[diverged[0] - 1]['loss']} in epoch {diverged[0]}: the model "
+            "diverged. Train again with a lower learning rate."
+        )
     if len(entries) != epochs:
         raise PipelineError(
             f"Training ended with {len(entries)} of {epochs} epochs recorded: a callback stopped it, or {backup} "

@@ -178,10 +178,11 @@ def test_mnist_takes_any_keras_layout_npz_with_its_checks_off(prefect_api, tmp_p
         (["shards", "x", "--workers", "0"], "0 is not a positive integer"),
         (["shards", "x", "--min-images", "-3"], "-3 is not a count"),
         (["run", "--learning-rate", "-1"], "-1 is not a positive learning rate"),
+        (["train", "--learning-rate", "inf"], "inf is not a positive learning rate"),
         (["run", "--epochs", "two"], "'two' is not an integer"),
     ],
     ids=["negative-seed", "seed-too-large", "negative-retries", "negative-bytes", "zero-timeout", "zero-workers",
-         "negative-min-images", "negative-rate", "not-a-number"],
+         "negative-min-images", "negative-rate", "infinite-rate", "not-a-number"],
 )
 def test_values_out_of_range_are_usage_errors_naming_the_range(arguments, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -197,16 +198,23 @@ def test_values_out_of_range_are_usage_errors_naming_the_range(arguments, messag
         ("train", "missing", r"--data-dir .* does not exist: give the data root that holds splits/"),
         ("splits", "file", r"--data-dir .* is a file, not a folder"),
         ("shards", "file", r"--data-dir .* is a file, not a folder"),
+        ("run", "file", r"--data-dir .* is a file, not a folder"),
+        ("fetch", "file", r": File exists$"),
     ],
-    ids=["splits-missing", "train-missing", "splits-file", "shards-file"],
+    ids=["splits-missing", "train-missing", "splits-file", "shards-file", "run-file", "fetch-dest-file"],
 )
 def test_a_data_dir_that_cannot_serve_is_one_line(tmp_path, capsys, command, state, message):
     data_dir = tmp_path / "data"
     if state == "file":
         data_dir.write_text("not a folder")
-    arguments = [command, "--data-dir", str(data_dir)] + ([str(tmp_path)] if command == "shards" else [])
+    if command == "fetch":
+        (tmp_path / "x.bin").write_bytes(b"x")
+        arguments = [command, str(tmp_path / "x.bin"), "--dest", str(data_dir)]
+    else:
+        arguments = [command, "--data-dir", str(data_dir)] + ([str(tmp_path)] if command == "shards" else [])
     assert main(arguments) == 1
     lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
     assert re.search(message, lines[-1]) and lines[-1].startswith(f"notmnist {command}: error: ")
 
 

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.sorting import TaskRunSort
 
 from core.errors import PipelineError
 from demo.loopback import Fault, FileServer
-from flows.notmnist import notmnist_pipeline
+from flows.notmnist import archive_url, notmnist_pipeline
 from flows.train import train_remotely
 from storage.layout import DataRoot
+from tasks.download import download_task
 from tests.flows.conftest import pipeline_parameters
 
 DATA_TASKS = {"download", "extract", "decode", "splits"}
@@ -149,6 +151,20 @@ def test_the_same_archives_from_another_address_come_from_the_cache(first_run, s
         assert again.is_completed(), again.message
         assert set(task_states(again.state_details.flow_run_id)["download"]) == {"Cached"}
         assert not mirror.state.requests  # nothing was fetched
+
+
+def test_downloads_without_checks_are_cached_per_file_and_a_base_url_needs_no_last_slash(prefect_api, tmp_path):
+    """Two downloads with nothing to check differ by their file name alone: each keeps its own cached result."""
+    (tmp_path / "mirror").mkdir()
+    for name in ("one.bin", "two.bin"):
+        (tmp_path / "mirror" / name).write_text(name)
+
+    @flow
+    def fetch_both(base_url: str) -> list[str]:
+        return [str(download_task(archive_url(base_url, name), tmp_path / "raw")) for name in ("one.bin", "two.bin")]
+
+    base = (tmp_path / "mirror").as_uri()  # no last slash
+    assert fetch_both(base) == fetch_both(base) == [str(tmp_path / "raw" / name) for name in ("one.bin", "two.bin")]
 
 
 def test_a_damaged_stage_output_is_rebuilt_and_the_stages_before_it_come_from_the_cache(first_run):

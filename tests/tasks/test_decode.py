@@ -236,3 +236,10 @@ def test_workers_and_the_resource_tracker_end_when_the_parent_is_killed(tmp_path
         parent.wait()
     assert any("resource_tracker" in command for command in spawned.values())
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in spawned), 10), spawned
+
+
+def test_a_higher_min_images_applies_to_letters_decoded_before(folders, tmp_path):
+    decode_to_shards(folders.root, tmp_path, workers=1)
+    fewest = min(folders.good_per_letter.values())
+    with pytest.raises(TooFewImagesError, match=rf"fewer than min_images={fewest + 1}"):
+        decode_to_shards(folders.root, tmp_path, workers=1, min_images=fewest + 1)

@@ -116,7 +116,7 @@ def test_transient_errors_are_retried_then_succeed(file_server, tmp_path, status
 def test_transient_errors_past_the_retry_budget_fail_with_advice(file_server, tmp_path):
     file_server.put(NAME, CONTENT)
     file_server.add_faults(NAME, *[Fault(status=503)] * 3)
-    with pytest.raises(DownloadError, match=r"after 3 attempts .*HTTP 503.*rerun to resume"):
+    with pytest.raises(DownloadError, match=r"after 3 attempts .*HTTP 503.*Rerun to try again"):
         fetch(file_server, tmp_path, retries=2)
     assert len(file_server.requests_for(NAME)) == 3
 

@@ -99,10 +99,13 @@ def test_hostile_files_are_reported_with_the_decode_stages_reasons_and_never_cra
         (tmp_path / name).write_bytes(data)
     with open(os.fsencode(tmp_path) + b"/caf\xe9.png", "wb") as handle:
         handle.write(good)
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    os.mkfifo(tmp_path / "fifo.png")  # reading it would wait forever
     assert main(["predict", str(model), str(tmp_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     reasons = {Path(item["file"]).name: item["reason"] for item in result["rejected"]}
-    assert reasons == {**{name: reason for name, (_, reason) in hostile.items()}, "caf\\xe9.png": "bad name"}
+    assert reasons == {**{name: reason for name, (_, reason) in hostile.items()}, "caf\\xe9.png": "bad name",
+                       "dangling.png": "unreadable", "fifo.png": "unreadable"}
     assert result["predictions"] == []
 
 
@@ -123,7 +126,7 @@ def test_a_model_that_cannot_be_loaded_safely_is_refused(tmp_path, kind):
 def test_the_command_line_prints_a_line_per_file(model, letters, capsys):
     assert main(["predict", str(model), *map(str, sorted((letters / "D").iterdir())[:2]), "--top", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "predictions (2):" and all(line.startswith("  ") for line in lines[1:3])
+    assert lines[0] == "predictions (2):" and all(line.startswith("  ") and "(then " in line for line in lines[1:3])
     assert main(["evaluate", str(model), str(letters)]) == 0
     assert "accuracy" in capsys.readouterr().out
 
@@ -133,4 +136,8 @@ def test_missing_inputs_are_one_line_errors(model, tmp_path, capsys):
     assert "does not exist: give PNG files" in capsys.readouterr().err
     assert main(["evaluate", str(model), str(tmp_path)]) == 1
     assert "holds neither a split folder's manifest nor folders named A" in capsys.readouterr().err
+    assert main(["evaluate", str(model), str(tmp_path / "absent")]) == 1
+    assert "absent does not exist or is not a folder" in capsys.readouterr().err
+    assert main(["predict", str(model), str(tmp_path)]) == 1
+    assert "No files in" in capsys.readouterr().err
     assert list(image_inputs([])) == []

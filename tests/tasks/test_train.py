@@ -406,3 +406,10 @@ def test_two_trainings_of_one_model_take_turns_and_the_second_reuses_the_first(d
         thread.join(timeout=120)
     assert sorted(b.epochs for b in begun) == [[], [0, 1]]  # without the lock both would train, in one backup
     assert results[0] == results[1]
+
+
+def test_a_diverging_training_is_an_error_not_a_model(data_root):
+    with pytest.raises(PipelineError, match=r"The training loss became nan in epoch 1: the model diverged\. .*lower"):
+        train_model(data_root, "synthetic", **{**FAST, "learning_rate": 1e30})
+    models = DataRoot(data_root).models_root
+    assert not [path for path in models.glob("*") if path.is_dir()]  # no model, and no checkpoint to resume from
