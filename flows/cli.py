@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -41,6 +42,13 @@ def _number(kind: type, *, low: float, high: float | None = None, what: str) -> 
         return value
 
     return parse
+
+
+def SHA256(text: str) -> str:  # noqa: N802 (an argparse type, named like the others)
+    """An argparse type: a sha256 as 64 hexadecimal digits, lower-cased."""
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sha256 (64 hexadecimal digits)")
+    return text.lower()
 
 
 COUNT = _number(int, low=0, what="a count (0 or more)")
@@ -140,6 +148,12 @@ def _splits(args: argparse.Namespace) -> dict[str, Any]:
 
 def _without_checks(args: argparse.Namespace, *names: str) -> None:
     """With --no-checks, the named size and sha256 options become None (nothing checked)."""
+    from core.errors import PipelineError
+
+    given = [f"--{name.replace('_', '-')}" for name in names if "sha256" in name and getattr(args, name)
+             and getattr(args, name) != SEED_FACTS.MNIST_SHA256]
+    if args.no_checks and given:
+        raise PipelineError(f"--no-checks turns off the check {', '.join(given)} asks for: give one or the other.")
     if args.no_checks:
         for name in names:
             setattr(args, name, None)
@@ -271,7 +285,7 @@ def _add_fetch(commands) -> None:
     fetch.add_argument("url", help="http(s) or file:// URL, or a local path")
     fetch.add_argument("--dest", type=Path, default=Path("."), help="folder to put the file in")
     fetch.add_argument("--expected-bytes", type=COUNT, default=None, help="exact size the file must have")
-    fetch.add_argument("--sha256", default=None, help="hex sha256 the file must have")
+    fetch.add_argument("--sha256", type=SHA256, default=None, help="hex sha256 the file must have")
     fetch.add_argument("--retries", type=COUNT, default=5, help="further attempts after a network or 5xx error")
     _read_timeout_option(fetch)
 
@@ -318,7 +332,7 @@ def _add_run(commands) -> None:
     ):
         run.add_argument(f"--{size}-archive", default=archive, help=f"file name under --base-url that {name}")
         run.add_argument(f"--{size}-bytes", type=COUNT, default=default_bytes, help=f"size the {size} archive must have")
-        run.add_argument(f"--{size}-sha256", default=None, help=f"sha256 the {size} archive must have")
+        run.add_argument(f"--{size}-sha256", type=SHA256, default=None, help=f"sha256 the {size} archive must have")
         run.add_argument(f"--min-images-{size}", type=COUNT, default=minimum,
                          help=f"fewest usable images per letter of the {size} archive")
     _no_checks_option(run, "the archives' sizes nor their sha256")
@@ -344,7 +358,7 @@ def _add_mnist(commands) -> None:
     _data_dir(mnist)
     mnist.add_argument("--url", default=SEED_FACTS.MNIST_URL, help="where mnist.npz is (http(s), file:// or a path)")
     mnist.add_argument("--expected-bytes", type=COUNT, default=SEED_FACTS.MNIST_BYTES, help="size the file must have")
-    mnist.add_argument("--sha256", default=SEED_FACTS.MNIST_SHA256, help="sha256 the file must have")
+    mnist.add_argument("--sha256", type=SHA256, default=SEED_FACTS.MNIST_SHA256, help="sha256 the file must have")
     _no_checks_option(mnist, "the file's size nor its sha256")
     _read_timeout_option(mnist)
     _training_options(mnist)

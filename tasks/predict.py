@@ -21,7 +21,7 @@ from core.seed import LETTERS
 from storage.atomic import read_json
 from storage.models import METRICS_FILE, MODEL_FILE, RECORD_FILE
 from storage.splits import open_split, read_splits_manifest
-from storage.tar_stream import iter_files
+from storage.tar_stream import TarReader
 from tasks.batches import NORMALISATIONS
 from tasks.images import IMAGE_SIDE, UNREADABLE, Rejected, decode_png, is_utf8, printable_name
 from tasks.training_record import confusion_matrix, per_class_accuracy
@@ -92,12 +92,24 @@ def image_inputs(paths: list[Path]) -> Iterator[tuple[str, bytes | Rejected]]:
                 for name in sorted(files):
                     yield str(Path(folder) / name), _read_image_file(Path(folder) / name)
         elif path.name.endswith(ARCHIVE_SUFFIXES) and path.is_file():
-            yield from ((f"{path}:{name}", data) for name, data in
-                        iter_files(path, max_members=MAX_MEMBERS, max_total_bytes=MAX_TOTAL_BYTES))
+            yield from _archive_images(path)
         elif path.exists() or path.is_symlink():
             yield str(path), _read_image_file(path)
         else:
             raise PipelineError(f"{path} does not exist: give PNG files, folders of them or a .tar.gz.")
+
+
+def _archive_images(archive: Path) -> Iterator[tuple[str, bytes | Rejected]]:
+    """The files of an archive, members over MAX_IMAGE_BYTES skipped unread (the tar reader checks the rest)."""
+    with TarReader(archive, max_members=MAX_MEMBERS, max_total_bytes=MAX_TOTAL_BYTES) as reader:
+        for member in reader:
+            if member.is_directory:
+                continue
+            name = f"{archive}:{member.name}"
+            if member.size > MAX_IMAGE_BYTES:
+                yield name, Rejected(name, UNREADABLE, f"{member.size:,} bytes, more than a 28x28 PNG can need")
+            else:
+                yield name, member.read()
 
 
 def _read_image_file(path: Path) -> bytes | Rejected:

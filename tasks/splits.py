@@ -220,6 +220,11 @@ def _check_parameters(sizes: dict[str, int], dedup: str) -> None:
         raise PipelineError(f"dedup must be one of {', '.join(DEDUP_MODES)}; got {dedup!r}")
     if min(sizes.values()) < len(LETTERS):
         raise PipelineError(f"each split needs at least {len(LETTERS)} rows (one per class); got {sizes}")
+    if uneven := {split: size for split, size in sizes.items() if size % len(LETTERS)}:
+        raise PipelineError(
+            f"split sizes are shared equally by the {len(LETTERS)} classes, so each must be a multiple of "
+            f"{len(LETTERS)}; got {uneven}"
+        )
 
 
 def _write_splits(

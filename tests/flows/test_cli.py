@@ -133,7 +133,7 @@ def test_run_passes_every_option_to_the_flow_and_no_checks_turns_the_checks_off(
     assert set(received) == set(inspect.signature(real.fn).parameters)
     assert (received["large_bytes"], received["small_archive"], received["train_timeout_seconds"]) == (
         5, "other.tar.gz", 9.0)
-    assert main(["run", "--no-checks", "--large-sha256", "ab"]) == 0
+    assert main(["run", "--no-checks"]) == 0
     assert [received[name] for name in ("large_bytes", "large_sha256", "small_bytes", "small_sha256")] == [None] * 4
 
 
@@ -180,9 +180,10 @@ def test_mnist_takes_any_keras_layout_npz_with_its_checks_off(prefect_api, tmp_p
         (["run", "--learning-rate", "-1"], "-1 is not a positive learning rate"),
         (["train", "--learning-rate", "inf"], "inf is not a positive learning rate"),
         (["run", "--epochs", "two"], "'two' is not an integer"),
+        (["fetch", "x", "--sha256", "nothex"], "'nothex' is not a sha256 (64 hexadecimal digits)"),
     ],
     ids=["negative-seed", "seed-too-large", "negative-retries", "negative-bytes", "zero-timeout", "zero-workers",
-         "negative-min-images", "negative-rate", "infinite-rate", "not-a-number"],
+         "negative-min-images", "negative-rate", "infinite-rate", "not-a-number", "not-a-sha256"],
 )
 def test_values_out_of_range_are_usage_errors_naming_the_range(arguments, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -232,3 +233,8 @@ def test_a_failed_flow_ends_with_one_line_and_the_runs_page_without_a_traceback(
     assert "Traceback" not in completed.stderr
     assert re.fullmatch(r"notmnist run: error: file:///nonexistent/notMNIST_\w+\.tar\.gz: no such file\.", lines[-2])
     assert re.fullmatch(r"notmnist run: the run: http://127\.0\.0\.1:\d+/runs/flow-run/[0-9a-f-]{36}", lines[-1])
+
+
+def test_no_checks_beside_an_explicit_sha256_is_a_contradiction_not_a_silent_choice(capsys):
+    assert main(["run", "--no-checks", "--large-sha256", "a" * 64]) == 1
+    assert "--no-checks turns off the check --large-sha256 asks for" in capsys.readouterr().err

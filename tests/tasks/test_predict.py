@@ -141,3 +141,15 @@ def test_missing_inputs_are_one_line_errors(model, tmp_path, capsys):
     assert main(["predict", str(model), str(tmp_path)]) == 1
     assert "No files in" in capsys.readouterr().err
     assert list(image_inputs([])) == []
+
+
+def test_an_archive_member_too_large_for_an_image_is_rejected_unread(model, letters, tmp_path):
+    archive = tmp_path / "mixed.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(next((letters / "E").iterdir()), arcname="mixed/E/good.png")
+        big = tarfile.TarInfo("mixed/E/huge.png")
+        big.size = 8 << 20
+        tar.addfile(big, io.BytesIO(bytes(big.size)))
+    result = predict_files(model, [archive])
+    assert [p["file"].rsplit("/", 1)[-1] for p in result["predictions"]] == ["good.png"]
+    assert [(r["file"].rsplit("/", 1)[-1], r["reason"]) for r in result["rejected"]] == [("huge.png", "unreadable")]

@@ -202,3 +202,8 @@ def test_arrays_load_memory_mapped_without_pickle(shard_sets, tmp_path):
     manifest = build(shard_sets)
     x, y, files = split_arrays(shard_sets, manifest, "train")
     assert isinstance(x, np.memmap) and y.dtype == np.int64 and files.dtype.kind == "S"
+
+
+def test_split_sizes_must_share_equally_among_the_classes(shard_sets):
+    with pytest.raises(Exception, match=r"each must be a multiple of 10; got \{'train': 205\}"):
+        build(shard_sets, train_size=205)
