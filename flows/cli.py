@@ -243,9 +243,9 @@ def _data_dir(sub: argparse.ArgumentParser, default: str = "data") -> None:
 
 
 def _split_options(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--train-size", type=POSITIVE, default=SEED_FACTS.TRAIN_SIZE, help="training rows (size // 10 per class)")
-    sub.add_argument("--valid-size", type=POSITIVE, default=SEED_FACTS.VALID_SIZE, help="validation rows")
-    sub.add_argument("--test-size", type=POSITIVE, default=SEED_FACTS.TEST_SIZE, help="test rows")
+    sub.add_argument("--train-size", type=POSITIVE, default=SEED_FACTS.TRAIN_SIZE, help="training rows, a multiple of 10 (a tenth per class)")
+    sub.add_argument("--valid-size", type=POSITIVE, default=SEED_FACTS.VALID_SIZE, help="validation rows, a multiple of 10")
+    sub.add_argument("--test-size", type=POSITIVE, default=SEED_FACTS.TEST_SIZE, help="test rows, a multiple of 10")
     sub.add_argument(
         "--dedup", choices=("none", "cross-split", "all"), default="cross-split",
         help="none: the seed's sampling; cross-split: no valid/test image in train, no test image in valid; "

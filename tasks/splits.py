@@ -270,7 +270,7 @@ def build_splits(
         data_dir: the data root; shards are read from shards/<archive>, the folder goes to splits/<key>.
         large: the archive whose shards valid and train are drawn from (notMNIST_large).
         small: the archive whose shards test is drawn from (notMNIST_small).
-        train_size, valid_size, test_size: rows per split; each class gives size // 10.
+        train_size, valid_size, test_size: rows per split, multiples of 10: each class gives a tenth.
         seed: the seed of the shuffles (the seed's np.random.seed(133)).
         dedup: "none", "cross-split" or "all" (see the module docstring).
     """
