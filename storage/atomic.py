@@ -7,6 +7,7 @@ finished; a rerun ignores and replaces such leftovers.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -65,16 +66,16 @@ def remove_leftovers(folder: Path) -> None:
                 remove(entry)
 
 
-def remove_temporaries_of(path: Path) -> None:
-    """Delete the temporary siblings `temporary_sibling(path)` made for `path` that an interrupted run left."""
+def remove_temporaries_of(path: Path) -> list[Path]:
+    """Delete the temporary siblings `temporary_sibling(path)` made for `path` that an interrupted run left.
+
+    Returns what was deleted.
+    """
     path = Path(path)
-    for entry in path.parent.glob(f".{glob_escape(path.name)}{TEMPORARY_MARK}*"):
+    leftovers = sorted(path.parent.glob(f".{glob.escape(path.name)}{TEMPORARY_MARK}*"))
+    for entry in leftovers:
         remove(entry)
-
-
-def glob_escape(name: str) -> str:
-    """`name` with glob's special characters escaped."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+    return leftovers
 
 
 def remove(path: Path) -> None:

@@ -101,7 +101,7 @@ def plan_download(
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether a failed attempt is worth retrying (Prefect `retry_condition_fn` uses this too)."""
+    """Whether a failed attempt is worth retrying: network trouble, 408, 429 and 5xx, never a 4xx or a bad file."""
     transient = (DownloadError, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
     return isinstance(error, transient)
 

@@ -18,7 +18,7 @@ from filelock import FileLock
 from prefect import task
 
 from core.errors import ArchiveError, UnsafeArchiveError
-from storage.atomic import TEMPORARY_MARK, remove, temporary_sibling
+from storage.atomic import remove, remove_temporaries_of, temporary_sibling
 from storage.extraction import RECORD_NAME, class_folders, find_extraction, listing_digest, write_record
 from storage.tar_stream import TarReader
 from tasks.caching import stage_cache
@@ -57,10 +57,8 @@ def extract_archive(
         if found is not None:
             logger.info("%s already present - Skipping extraction of %s.", found, archive)
             return found
-        for entry in dest_dir.iterdir():
-            if entry.name.startswith(f".{archive.name}{TEMPORARY_MARK}"):
-                logger.warning("Deleting %s, left by an interrupted extraction.", entry)
-                remove(entry)
+        for entry in remove_temporaries_of(dest_dir / archive.name):
+            logger.warning("Deleted %s, left by an interrupted extraction.", entry)
         status, started = archive.stat(), time.perf_counter()
         logger.info("Extracting %s (%s bytes) into %s.", archive, f"{status.st_size:,}", dest_dir)
         work = temporary_sibling(dest_dir / archive.name)
