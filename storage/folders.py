@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -116,6 +116,19 @@ def manifest_identity(manifest: dict) -> str:
     return hashlib.sha256(repr(listing).encode()).hexdigest()
 
 
+def commit_folder(
+    work: Path, final: Path, kind: str, format_version: int, names: Iterable[str],
+    derived: Callable[[dict[str, dict]], dict[str, Any]] | None = None, **fields: Any,
+) -> dict:
+    """Describe the `names` files of `work`, write its manifest last (with `fields`, and what `derived(files)`
+    adds), and rename it onto `final`; returns the manifest."""
+    files = describe_files(work, names)
+    manifest = write_manifest(work, kind, format_version, files, **(derived(files) if derived else {}), **fields)
+    Path(final).parent.mkdir(parents=True, exist_ok=True)
+    replace(work, final)
+    return manifest
+
+
 class FolderWriter:
     """Writes a committed folder: files go into a temporary sibling (`work`); `commit` lists them all in the
     manifest, last, and renames the folder into place. Leaving the `with` block without committing (an
@@ -136,10 +149,8 @@ class FolderWriter:
 
     def commit(self, **fields: Any) -> dict:
         """Describe every file written, write the manifest and put the folder in place; returns the manifest."""
-        files = describe_files(self.work, sorted(path.name for path in self.work.iterdir() if path.is_file()))
-        manifest = write_manifest(self.work, self.kind, self.format_version, files, **self.fields(files), **fields)
-        replace(self.work, self.folder)
-        return manifest
+        names = sorted(path.name for path in self.work.iterdir() if path.is_file())
+        return commit_folder(self.work, self.folder, self.kind, self.format_version, names, self.fields, **fields)
 
     def fields(self, files: dict[str, dict]) -> dict[str, Any]:
         """Fields derived from the written files, for a kind of folder to add to its manifest."""

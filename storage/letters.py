@@ -23,8 +23,7 @@ import pyarrow as pa
 
 from core.errors import PipelineError
 from core.seed import IMAGE_SIDE, LETTERS
-from storage.atomic import replace
-from storage.folders import describe_files, folder_problem, read_manifest, read_verified, write_manifest
+from storage.folders import commit_folder, folder_problem, read_manifest, read_verified
 from storage.shards import pixels_of, read_shard, read_shard_bytes
 
 KIND, FORMAT = "letter", 2
@@ -37,11 +36,7 @@ def letter_folder(shards_dir: Path, letter: str) -> Path:
 
 def commit_letter(work: Path, final: Path, **fields) -> dict:
     """Write the manifest of a letter decoded into `work` (listing its shards) and move it to `final`."""
-    files = describe_files(work, [shard["file"] for shard in fields["shards"]])
-    manifest = write_manifest(work, KIND, FORMAT, files, **fields)
-    Path(final).parent.mkdir(parents=True, exist_ok=True)
-    replace(work, final)
-    return manifest
+    return commit_folder(work, final, KIND, FORMAT, [shard["file"] for shard in fields["shards"]], **fields)
 
 
 def find_letter(folder: Path, source_fingerprint: str | None = None) -> dict | None:
