@@ -206,13 +206,16 @@ def _write_split(
     writer.save_files(split, files.tolist())
 
 
+def input_identities(layout: DataRoot, large: str, small: str) -> list[tuple[str, str]]:
+    """(archive name, shard-set fingerprint) of the large input, then of the small one."""
+    return [(name, shard_set_identity(layout.shards(name))) for name in (large, small)]
+
+
 def split_folder(
-    layout: DataRoot, *, large: str, small: str, train_size: int, valid_size: int, test_size: int, seed: int, dedup: str
+    layout: DataRoot, inputs: list[tuple[str, str]], sizes: dict[str, int], seed: int, dedup: str
 ) -> Path:
     """The folder that holds the splits of these input shard sets and parameters (one folder per combination)."""
-    inputs = short_digest([shard_set_identity(layout.shards(large)), shard_set_identity(layout.shards(small))])
-    sizes = {"train": train_size, "valid": valid_size, "test": test_size}
-    return layout.splits(splits_key(sizes, seed, dedup, inputs))
+    return layout.splits(splits_key(sizes, seed, dedup, short_digest([fingerprint for _, fingerprint in inputs])))
 
 
 def _check_parameters(sizes: dict[str, int], dedup: str) -> None:
@@ -228,9 +231,10 @@ def _check_parameters(sizes: dict[str, int], dedup: str) -> None:
 
 
 def _write_splits(
-    layout: DataRoot, folder: Path, large: str, small: str, sizes: dict[str, int], seed: int, dedup: str
+    layout: DataRoot, folder: Path, inputs: list[tuple[str, str]], sizes: dict[str, int], seed: int, dedup: str
 ) -> dict:
     """Choose each split's rows, write them into `folder` and commit it; returns the manifest."""
+    (large, _), (small, _) = inputs
     large_letters = [_read_letter(layout.shards(large), letter) for letter in LETTERS]
     small_letters = [_read_letter(layout.shards(small), letter) for letter in LETTERS]
     per_class = {split: size // len(LETTERS) for split, size in sizes.items()}
@@ -245,9 +249,8 @@ def _write_splits(
             dedup=dedup,
             requested_sizes=sizes,
             inputs={
-                archive_stem(name): {"shards": layout.relative(layout.shards(name)),
-                                     "fingerprint": shard_set_identity(layout.shards(name))}
-                for name in (large, small)
+                archive_stem(name): {"shards": layout.relative(layout.shards(name)), "fingerprint": fingerprint}
+                for name, fingerprint in inputs
             },
             overlap={"seed_sampling": before, "after_dedup": overlap_report(chosen)},
         )
@@ -277,7 +280,8 @@ def build_splits(
     sizes = {"train": train_size, "valid": valid_size, "test": test_size}
     _check_parameters(sizes, dedup)
     layout, logger = DataRoot(data_dir), stage_logger(__name__)
-    folder = split_folder(layout, large=large, small=small, seed=seed, dedup=dedup, **_size_arguments(sizes))
+    inputs = input_identities(layout, large, small)
+    folder = split_folder(layout, inputs, sizes, seed, dedup)
     if (manifest := find_splits(folder)) is not None:
         logger.info("Splits already built for these inputs and parameters: %s", folder)
         return manifest
@@ -288,7 +292,7 @@ def build_splits(
         if (manifest := find_splits(folder)) is not None:
             return manifest
         remove_leftovers(layout.splits_root)
-        manifest = _write_splits(layout, folder, large, small, sizes, seed, dedup)
+        manifest = _write_splits(layout, folder, inputs, sizes, seed, dedup)
     before, after = manifest["overlap"]["seed_sampling"], manifest["overlap"]["after_dedup"]
     logger.info(
         "Splits %s: train %s, valid %s, test %s rows; test images also in train: %d before, %d after dedup",
@@ -298,16 +302,14 @@ def build_splits(
     return manifest
 
 
-def _size_arguments(sizes: dict[str, int]) -> dict[str, int]:
-    return {f"{split}_size": size for split, size in sizes.items()}
-
-
 def _splits_identity(parameters: dict) -> str | None:
     """Cache identity: the intact split folder these inputs and parameters lead to, else None."""
+    layout, sizes = DataRoot(parameters["data_dir"]), {split: parameters[f"{split}_size"] for split in SPLITS}
     try:
-        folder = split_folder(DataRoot(parameters["data_dir"]), **{k: v for k, v in parameters.items() if k != "data_dir"})
+        inputs = input_identities(layout, parameters["large"], parameters["small"])
     except (OSError, ValueError, KeyError, PipelineError):
         return None
+    folder = split_folder(layout, inputs, sizes, parameters["seed"], parameters["dedup"])
     manifest = find_splits(folder)
     return None if manifest is None else manifest_identity(manifest)
 
