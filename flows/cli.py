@@ -133,12 +133,13 @@ def _splits(args: argparse.Namespace) -> dict[str, Any]:
     from storage.layout import DataRoot
     from tasks.splits import build_splits
 
+    data_dir = _data_root(args, must_exist=True, before="shards/ (run `notmnist shards` first)")
     manifest = build_splits(
-        _data_root(args, must_exist=True, before="shards/ (run `notmnist shards` first)"), train_size=args.train_size, valid_size=args.valid_size, test_size=args.test_size,
+        data_dir, train_size=args.train_size, valid_size=args.valid_size, test_size=args.test_size,
         seed=args.seed, dedup=args.dedup,
     )
     return {
-        "folder": str(DataRoot(args.data_dir).splits(manifest["key"])),
+        "folder": str(DataRoot(data_dir).splits(manifest["key"])),
         "fingerprint": manifest["fingerprint"],
         "rows": {split: info["rows"] for split, info in manifest["splits"].items()},
         "overlap_seed_sampling": manifest["overlap"]["seed_sampling"],

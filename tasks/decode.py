@@ -244,8 +244,8 @@ def decode_to_shards(
             for group in filter(None, groups):
                 short += _decode_group(source, group, out_dir, sources, min_images, pool, progress)
 
-    manifests = {letter: read_letter_manifest(out_dir, letter) for letter in letters if letter not in {
-        m["letter"] for m in short}}
+    left_out = {manifest["letter"] for manifest in short}  # too short to be put in place
+    manifests = {letter: read_letter_manifest(out_dir, letter) for letter in letters if letter not in left_out}
     # Letters decoded by an earlier run count too: a higher min_images applies to them as well.
     short += [manifest for manifest in manifests.values() if manifest["images"] < min_images]
     if short:
