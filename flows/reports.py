@@ -86,10 +86,14 @@ def publish_training(experiment: str, metrics: dict[str, Any]) -> None:
     epochs = len(next(iter(history.values()), []))
     create_table_artifact(
         key=artifact_key(experiment, "epochs"),
-        table=[{"epoch": epoch + 1, **{name: round(values[epoch], 4) for name, values in history.items()}}
+        table=[{"epoch": epoch + 1, **{name: _rounded(values[epoch]) for name, values in history.items()}}
                for epoch in range(epochs)],
         description=f"{experiment}: loss and accuracy per epoch",
     )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def publish_pictures(

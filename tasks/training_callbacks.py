@@ -31,6 +31,9 @@ def history_columns(entries: list[dict]) -> dict[str, list[float]]:
 class BatchProgress(keras.callbacks.Callback):
     """Advances a `Progress` by one for every training batch.
 
+    With `steps_per_execution` > 1, Keras calls the hook once per group of batches, with the index
+    of the group's last batch: the progress advances by the batches done since the last call.
+
     On backends that run batch hooks in a thread pool (JAX, PyTorch; not TensorFlow), an unmarked
     batch hook makes Keras wait for each step's results before starting the next; marked
     `async_safe`, the hooks may overlap, hence the lock.
@@ -42,10 +45,18 @@ class BatchProgress(keras.callbacks.Callback):
         super().__init__()
         self.progress = progress
         self._lock = threading.Lock()
+        self._next_batch = 0  # of the current epoch
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._next_batch = 0
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if steps := (self.params or {}).get("steps"):
+            batch = min(batch, steps - 1)  # a last, shorter group is reported as a whole one
         with self._lock:
-            self.progress.advance(1)
+            done, self._next_batch = batch + 1 - self._next_batch, max(self._next_batch, batch + 1)
+            if done > 0:
+                self.progress.advance(done)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
@@ -117,8 +128,9 @@ class EpochRecorder(keras.callbacks.Callback):
         self.samples_per_epoch = samples_per_epoch
         self.entries = load_history(self.history_path)
         self.first_epoch_run: int | None = None
-        self._epoch_started = 0.0
+        self._epoch_started = self._epoch_cpu_started = 0.0
         self._training_seconds: float | None = None
+        self._training_cpu_seconds = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         if self.first_epoch_run is None:
@@ -128,17 +140,24 @@ class EpochRecorder(keras.callbacks.Callback):
                 self.logger.info("Resuming from the checkpoint after epoch %d of %d", epoch, self.epochs)
             self.progress.reset(epoch * self.steps_per_epoch)
         self._training_seconds = None
-        self._epoch_started = time.perf_counter()
+        self._epoch_started, self._epoch_cpu_started = time.perf_counter(), time.process_time()
 
     def on_test_begin(self, logs: dict | None = None) -> None:
         # Validation runs inside the epoch; samples per second counts the training steps alone.
         if self._training_seconds is None:
             self._training_seconds = time.perf_counter() - self._epoch_started
+            self._training_cpu_seconds = time.process_time() - self._epoch_cpu_started
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        seconds = self._training_seconds if self._training_seconds is not None else time.perf_counter() - self._epoch_started
+        if self._training_seconds is None:  # no validation data
+            self.on_test_begin()
+        seconds = self._training_seconds
         measures = {name: float(value) for name, value in sorted((logs or {}).items())}
-        entry = {"epoch": epoch, **measures, "seconds": seconds, "samples_per_second": self.samples_per_epoch / seconds}
+        entry = {
+            "epoch": epoch, **measures, "seconds": seconds, "samples_per_second": self.samples_per_epoch / seconds,
+            # The process's CPU time over the same steps (every thread): less disturbed by other jobs than seconds.
+            "cpu_seconds": self._training_cpu_seconds,
+        }
         self.entries = [e for e in self.entries if e["epoch"] < epoch] + [entry]
         write_json(self.history_path, self.entries)
         self.logger.info(

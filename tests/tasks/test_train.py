@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import re
 import threading
@@ -141,6 +142,20 @@ def test_each_epoch_has_its_own_order_and_the_same_seed_and_epoch_give_the_same_
     batches.set_epoch(0)
     assert [batches.batch_rows(i).tolist() for i in range(len(batches))] == epoch_zero
     assert epoch_permutation(300, 133, 1).tolist() != epoch_permutation(300, 134, 1).tolist()
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_the_keras_input_reads_exactly_the_batches_of_each_epoch(split_dir, split):
+    batches = open_splits(split_dir, read_splits_manifest(split_dir), experiment="notmnist", batch_size=32, seed=7)[split]
+    feed = batches.keras_input()
+    for epoch in (0, 1, 0):
+        batches.set_epoch(epoch)  # what ShuffleEachEpoch does before Keras reads the epoch
+        read = list(feed)
+        assert len(read) == len(batches) == math.ceil(batches.rows / 32)
+        for index, (pixels, targets) in enumerate(read):
+            expected_pixels, expected_targets = batches[index]
+            np.testing.assert_array_equal(np.asarray(pixels), expected_pixels)
+            np.testing.assert_array_equal(np.asarray(targets), expected_targets)
 
 
 def test_validation_and_test_batches_keep_file_order(split_dir):
@@ -338,14 +353,15 @@ def test_the_commit_is_null_rather_than_an_error_when_git_cannot_tell(tmp_path, 
     assert git_commit(tmp_path) is None
 
 
-def test_progress_counts_every_batch(split_dir, tmp_path):
+@pytest.mark.parametrize("steps_per_execution", [1, 4], ids=["each-batch", "batches-in-groups"])
+def test_progress_counts_every_batch(split_dir, tmp_path, steps_per_execution):
     images, labels = open_split(split_dir, read_splits_manifest(split_dir), "train")
     batches = SplitBatches(images, labels, batch_size=64, classes=10, normalisation=(127.5, 255.0), shuffle_seed=1)
     model = build_one_layer_cnn()
-    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    model.compile(optimizer="sgd", loss="categorical_crossentropy", steps_per_execution=steps_per_execution)
     with Progress("train", 2 * len(batches)) as progress:
         callbacks = [BatchProgress(progress), EpochCheckpoint(tmp_path / "backup", logger=logging.getLogger("t"))]
-        model.fit(batches, epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
+        model.fit(batches.keras_input(), epochs=2, verbose=0, callbacks=callbacks)
     assert progress.completed == 2 * len(batches) == 10
     # The last epoch's checkpoint alone is kept after fit, until the outputs are in place.
     assert [path.name for path in (tmp_path / "backup").iterdir()] == ["epoch-0002"]
