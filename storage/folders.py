@@ -148,8 +148,9 @@ class FolderWriter:
         remove(self.work)
 
     def commit(self, **fields: Any) -> dict:
-        """Describe every file written, write the manifest and put the folder in place; returns the manifest."""
-        names = sorted(path.name for path in self.work.iterdir() if path.is_file())
+        """Describe every file written (in subfolders too), write the manifest and put the folder in place;
+        returns the manifest."""
+        names = sorted(path.relative_to(self.work).as_posix() for path in self.work.rglob("*") if path.is_file())
         return commit_folder(self.work, self.folder, self.kind, self.format_version, names, self.fields, **fields)
 
     def fields(self, files: dict[str, dict]) -> dict[str, Any]:

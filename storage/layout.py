@@ -11,15 +11,27 @@
 
 Manifests and records name files relative to the data root (or to their own folder), never by
 absolute path, so a data root can be moved or copied and still describes itself.
+
+A data root may also be an object store (`s3://bucket/prefix`, storage/objects.py). Stages then
+work in a local working copy with the same layout (the scratch folder: downloads, extraction and
+everything being written), and each committed folder is published to the store once it is
+finished; a machine that needs a folder it did not make (a GPU worker, its splits) fetches it from
+the store, every file checked against the manifest. For a local data root, publishing and fetching
+do nothing: the working copy is the data root.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from storage.atomic import read_json
+from storage.folders import MANIFEST, describe_files, manifest_identity
+from storage.objects import ObjectStore, is_object_store
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 REPORT_FILE = "report.md"
@@ -57,14 +69,100 @@ def model_key(experiment: str, dataset_fingerprint: str, training: dict[str, Any
     return f"{experiment}-{dataset_fingerprint[:12]}-{short_digest(training, 8)}"
 
 
+def default_scratch(location: str) -> Path:
+    """The local working copy of an object-store data root: under the user's cache folder, one per location."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "notmnist" / location.replace("://", "/", 1)
+
+
 @dataclass(frozen=True)
 class DataRoot:
-    """The data root's layout."""
+    """The data root's layout: a local folder, or an `s3://` location with a local working copy (`scratch`)."""
 
     root: Path
+    scratch: Path | None = None
+    store: ObjectStore | None = field(default=None, init=False, compare=False)
+    location: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+        given = str(self.root)
+        store = ObjectStore(given) if is_object_store(given) else None
+        root = (self.scratch or default_scratch(store.location)) if store else self.root
+        object.__setattr__(self, "store", store)
+        object.__setattr__(self, "root", Path(root).expanduser().resolve())
+        object.__setattr__(self, "location", store.location if store else str(self.root))
+
+    def url(self, path: Path) -> str:
+        """Where `path` of the working copy is in the data root: an s3:// URL, or the local path itself."""
+        return self.store.url(self.relative(path)) if self.store else str(Path(path).resolve())
+
+    # --- publishing to, and fetching from, an object-store data root ----------------------------
+
+    def publish(self, folder: Path, *, describe: bool = False) -> None:
+        """Publish a committed folder of the working copy, unless the data root already holds this very content.
+
+        With `describe`, the folder is one that changes in place (a training's checkpoint): its files
+        are described now, for the published manifest, instead of read from a manifest of its own.
+        """
+        if self.store is None:
+            return
+        folder = Path(folder)
+        if describe:
+            names = sorted(
+                path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file() and path.name != MANIFEST
+            )
+            manifest = {"kind": "working", "format": 1, "files": describe_files(folder, names)}
+        else:
+            manifest = read_json(folder / MANIFEST)
+        published = self.published(folder)
+        if published is None or manifest_identity(published) != manifest_identity(manifest):
+            self.store.upload(folder, self.relative(folder), manifest)
+
+    def published(self, folder: Path) -> dict | None:
+        """The data root's manifest of `folder` when it is published whole (always the local one's for a
+        local data root), else None."""
+        if self.store is None:
+            try:
+                return read_json(Path(folder) / MANIFEST)
+            except (OSError, ValueError):
+                return None
+        relative = self.relative(folder)
+        manifest = self.store.manifest(relative)
+        return manifest if manifest is not None and self.store.problem(relative, manifest) is None else None
+
+    def is_published(self, folder: Path, manifest: dict) -> bool:
+        """True when the data root holds exactly the content `manifest` describes at `folder`."""
+        if self.store is None:
+            return True
+        published = self.published(folder)
+        return published is not None and manifest_identity(published) == manifest_identity(manifest)
+
+    def fetch(self, folder: Path) -> bool:
+        """Make the working copy of `folder` the data root's (downloading it, verified, when it differs);
+        False when the data root holds no such committed folder. Local data roots: True when it exists."""
+        folder = Path(folder)
+        if self.store is None:
+            return folder.is_dir()
+        published = self.published(folder)
+        if published is None:
+            return False
+        try:
+            local = read_json(folder / MANIFEST)
+        except (OSError, ValueError):
+            local = None
+        if local is None or manifest_identity(local) != manifest_identity(published):
+            self.store.download(self.relative(folder), folder)
+        return True
+
+    def publish_file(self, path: Path) -> None:
+        """Copy one file written beside a committed folder (a report, a picture) to the data root."""
+        if self.store is not None:
+            self.store.put_file(path, self.relative(path))
+
+    def discard(self, folder: Path) -> None:
+        """Remove the data root's copy of a working folder (a training's checkpoint, once the model is in)."""
+        if self.store is not None:
+            self.store.delete(self.relative(folder))
 
     @property
     def raw(self) -> Path:
@@ -106,6 +204,11 @@ class DataRoot:
     def relative(self, path: Path) -> str:
         """`path` relative to the data root, with forward slashes, as manifests and records store it."""
         return Path(path).resolve().relative_to(self.root).as_posix()
+
+
+def working_copy(layout: DataRoot) -> str | None:
+    """The `scratch_dir` to give a stage or flow so that it works in `layout`'s working copy (None: a local root)."""
+    return str(layout.root) if layout.store is not None else None
 
 
 def backup_folder(model_dir: Path) -> Path:

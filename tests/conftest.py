@@ -1,7 +1,9 @@
-"""Shared fixtures: a loopback file server with injectable faults."""
+"""Shared fixtures: a loopback file server with injectable faults, and a loopback S3 server."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,3 +17,29 @@ def file_server(tmp_path: Path) -> Iterator[FileServer]:
     """A threaded HTTP server on 127.0.0.1 serving a temporary folder."""
     with FileServer(tmp_path / "served") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A SeaweedFS S3 server on 127.0.0.1 for the session, with the bucket `notmnist`; the AWS_* variables
+    that reach it are set in this process while it runs (and yielded, for subprocesses)."""
+    from demo.s3server import create_bucket, seaweed_s3
+
+    with seaweed_s3(tmp_path_factory.mktemp("seaweedfs")) as environment:
+        create_bucket(environment, "notmnist")
+        saved = {name: os.environ.get(name) for name in environment}
+        os.environ.update(environment)
+        try:
+            yield environment
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+@pytest.fixture
+def s3_root(s3_server, request) -> str:
+    """An s3:// data root of its own for one test."""
+    return f"s3://notmnist/{request.node.name.replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:8]}"

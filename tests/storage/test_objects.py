@@ -1,0 +1,152 @@
+"""Committed folders on a real S3-compatible server (SeaweedFS on 127.0.0.1): publish, fetch, damage, abandon."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pyarrow import fs as arrow_fs
+
+from core.errors import CorruptDataError, PipelineError
+from storage.atomic import write_json
+from storage.folders import MANIFEST, FolderWriter, manifest_identity, read_manifest
+from storage.layout import DataRoot
+from storage.objects import GENERATION_PREFIX, ObjectStore
+
+KIND, FORMAT = "example", 1
+
+
+def committed_folder(layout: DataRoot, name: str, content: bytes = b"first") -> Path:
+    """A committed folder of the working copy, with a file in a subfolder too."""
+    folder = layout.root / "things" / name
+    with FolderWriter(folder, KIND, FORMAT) as writer:
+        (writer.work / "data.bin").write_bytes(content * 1000)
+        (writer.work / "logs").mkdir()
+        (writer.work / "logs" / "events.txt").write_text("epoch 1\n")
+        writer.commit()
+    return folder
+
+
+def objects_under(store: ObjectStore, relative: str) -> list[str]:
+    prefix = f"{store.base}/{relative}"
+    infos = store.fs.get_file_info(arrow_fs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return sorted(info.path[len(prefix) + 1:] for info in infos if info.type == arrow_fs.FileType.File)
+
+
+def test_a_published_folder_is_fetched_whole_into_another_working_copy(s3_root, tmp_path):
+    here = DataRoot(s3_root, tmp_path / "here")
+    folder = committed_folder(here, "a")
+    here.publish(folder)
+
+    there = DataRoot(s3_root, tmp_path / "there")
+    copy = there.root / "things" / "a"
+    assert there.fetch(copy)
+    for name in ("data.bin", "logs/events.txt"):
+        assert (copy / name).read_bytes() == (folder / name).read_bytes()
+    assert read_manifest(copy, KIND, FORMAT) == read_manifest(folder, KIND, FORMAT)  # no store detail leaks in
+    assert there.url(copy) == f"{s3_root}/things/a"
+    generation = json.loads(there.store.read_bytes("things/a/" + MANIFEST))["generation"]
+    assert objects_under(there.store, "things/a") == sorted(
+        [MANIFEST, f"{generation}/data.bin", f"{generation}/logs/events.txt"]
+    )
+
+
+def test_publishing_the_same_content_again_uploads_nothing(s3_root, tmp_path):
+    layout = DataRoot(s3_root, tmp_path / "copy")
+    folder = committed_folder(layout, "a")
+    layout.publish(folder)
+    before = objects_under(layout.store, "things/a")
+    layout.publish(folder)
+    assert objects_under(layout.store, "things/a") == before
+
+
+def test_an_interrupted_upload_is_never_taken_for_a_folder_and_the_next_publish_removes_it(s3_root, tmp_path):
+    layout = DataRoot(s3_root, tmp_path / "copy")
+    folder = committed_folder(layout, "a")
+    # What a crash before the manifest leaves: a generation's files, no manifest naming them.
+    layout.store.put_file(folder / "data.bin", f"things/a/{GENERATION_PREFIX}abandoned/data.bin")
+    assert layout.store.manifest("things/a") is None
+    assert layout.published(folder) is None
+    assert not DataRoot(s3_root, tmp_path / "other").fetch(tmp_path / "other" / "things" / "a")
+
+    layout.publish(folder)
+    assert not any("abandoned" in name for name in objects_under(layout.store, "things/a"))
+    assert layout.is_published(folder, read_manifest(folder, KIND, FORMAT))
+
+
+def test_a_new_version_replaces_the_old_one_whole(s3_root, tmp_path):
+    first = DataRoot(s3_root, tmp_path / "first")
+    first.publish(committed_folder(first, "a", b"first"))
+    reader = DataRoot(s3_root, tmp_path / "reader")
+    copy = reader.root / "things" / "a"
+    reader.fetch(copy)
+
+    second = DataRoot(s3_root, tmp_path / "second")
+    second.publish(committed_folder(second, "a", b"other"))
+    assert reader.fetch(copy)  # the working copy follows the data root
+    assert (copy / "data.bin").read_bytes() == b"other" * 1000
+    generations = {name.split("/")[0] for name in objects_under(reader.store, "things/a") if name != MANIFEST}
+    assert len(generations) == 1  # the old generation is gone
+
+
+def test_a_damaged_object_is_refused_and_leaves_no_local_folder(s3_root, tmp_path):
+    layout = DataRoot(s3_root, tmp_path / "copy")
+    layout.publish(committed_folder(layout, "a"))
+    generation = layout.store.manifest("things/a")["generation"]
+    layout.store.write_bytes(f"things/a/{generation}/data.bin", b"X" * 5000)  # same size, other bytes
+
+    reader = DataRoot(s3_root, tmp_path / "reader")
+    copy = reader.root / "things" / "a"
+    with pytest.raises(CorruptDataError, match=r"data\.bin does not match the size and sha256 recorded"):
+        reader.fetch(copy)
+    assert not copy.exists()
+    assert list(copy.parent.iterdir()) == []  # nor a temporary one
+
+
+def test_a_missing_object_means_the_folder_is_not_there(s3_root, tmp_path):
+    layout = DataRoot(s3_root, tmp_path / "copy")
+    folder = committed_folder(layout, "a")
+    layout.publish(folder)
+    generation = layout.store.manifest("things/a")["generation"]
+    layout.store.fs.delete_file(f"{layout.store.base}/things/a/{generation}/data.bin")
+    assert layout.published(folder) is None
+    assert not layout.is_published(folder, read_manifest(folder, KIND, FORMAT))
+    layout.publish(folder)  # a republish repairs it
+    assert layout.is_published(folder, read_manifest(folder, KIND, FORMAT))
+
+
+def test_a_folder_that_changes_in_place_is_described_when_published(s3_root, tmp_path):
+    layout = DataRoot(s3_root, tmp_path / "copy")
+    backup = layout.root / "models" / "m.backup"
+    (backup / "epoch-0001").mkdir(parents=True)
+    write_json(backup / "run.json", {"parameters": 1})
+    (backup / "epoch-0001" / "weights.h5").write_bytes(b"w" * 100)
+    layout.publish(backup, describe=True)
+    other = DataRoot(s3_root, tmp_path / "other")
+    assert other.fetch(other.root / "models" / "m.backup")
+    assert (other.root / "models" / "m.backup" / "epoch-0001" / "weights.h5").read_bytes() == b"w" * 100
+    layout.discard(backup)
+    assert layout.store.manifest("models/m.backup") is None and objects_under(layout.store, "models/m.backup") == []
+
+
+def test_wrong_credentials_give_one_line_naming_the_variables(s3_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    layout = DataRoot(s3_root, tmp_path / "copy")
+    with pytest.raises(PipelineError, match=r"Cannot access s3://notmnist/.*AWS_SECRET_ACCESS_KEY") as raised:
+        layout.publish(committed_folder(layout, "a"))
+    assert "\n" not in str(raised.value)
+
+
+def test_a_local_data_root_publishes_and_fetches_nothing(tmp_path):
+    layout = DataRoot(tmp_path / "data")
+    folder = committed_folder(layout, "a")
+    layout.publish(folder)
+    layout.discard(folder)
+    assert layout.store is None and layout.fetch(folder) and layout.url(folder) == str(folder)
+    assert manifest_identity(layout.published(folder)) == manifest_identity(read_manifest(folder, KIND, FORMAT))
+
+
+def test_a_location_without_a_bucket_is_refused():
+    with pytest.raises(PipelineError, match="names no bucket"):
+        DataRoot("s3://")
