@@ -17,7 +17,7 @@ from demo.synthetic import make_archives
 from flows.notmnist import notmnist_pipeline
 from flows.reports import run_url
 from storage.atomic import read_json, write_json
-from storage.layout import DataRoot
+from storage.layout import DataRoot, working_copy
 
 
 def demo_archives(source_dir: Path, per_letter: int) -> dict:
@@ -43,16 +43,15 @@ def demo_sizes(per_letter: int, small_per_letter: int) -> dict[str, int]:
 
 
 def run_demo(
-    data_dir: Path, *, per_letter: int = 5000, epochs: int = 5, workers: int | None = None,
+    layout: DataRoot, *, per_letter: int = 5000, epochs: int = 5, workers: int | None = None,
     train_deployment: str | None = None,
 ) -> dict[str, Any]:
     """Generate (once), serve and run the pipeline; returns its result and where to see the run."""
-    layout = DataRoot(data_dir)
     archives = demo_archives(layout.source, per_letter)
     large, small = archives[LARGE_ARCHIVE], archives[SMALL_ARCHIVE]
     with FileServer(layout.source) as server:
         state = notmnist_pipeline(
-            base_url=server.base_url, data_dir=str(layout.root),
+            base_url=server.base_url, data_dir=layout.location, scratch_dir=working_copy(layout),
             large_bytes=large["bytes"], large_sha256=large["sha256"],
             small_bytes=small["bytes"], small_sha256=small["sha256"],
             min_images_large=per_letter * 9 // 10, min_images_small=(small["images"] // 10) * 9 // 10,

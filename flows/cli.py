@@ -79,16 +79,20 @@ def _run_flow(flow, args: argparse.Namespace) -> dict[str, Any]:
         raise
 
 
-def _data_root(args: argparse.Namespace, *, must_exist: bool, before: str = "") -> Path:
-    """`--data-dir`, refused with a sentence when it is a file, or missing where it must hold inputs."""
+def _data_root(args: argparse.Namespace, *, must_exist: bool, before: str = ""):
+    """`--data-dir` (with `--scratch-dir`) as a DataRoot; a local one is refused with a sentence when it is a
+    file, or missing where it must hold inputs."""
     from core.errors import PipelineError
+    from storage.layout import DataRoot
+    from storage.objects import is_object_store
 
-    data_dir = args.data_dir
-    if data_dir.exists() and not data_dir.is_dir():
-        raise PipelineError(f"--data-dir {data_dir} is a file, not a folder: give the data root's folder.")
-    if must_exist and not data_dir.is_dir():
-        raise PipelineError(f"--data-dir {data_dir} does not exist: give the data root that holds {before}.")
-    return data_dir
+    if not is_object_store(args.data_dir):
+        data_dir = Path(args.data_dir)
+        if data_dir.exists() and not data_dir.is_dir():
+            raise PipelineError(f"--data-dir {data_dir} is a file, not a folder: give the data root's folder.")
+        if must_exist and not data_dir.is_dir():
+            raise PipelineError(f"--data-dir {data_dir} does not exist: give the data root that holds {before}.")
+    return DataRoot(args.data_dir, args.scratch_dir)
 
 
 def _fetch(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,18 +115,20 @@ def _extract(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _shards(args: argparse.Namespace) -> dict[str, Any]:
-    from storage.layout import DataRoot
+    from storage.letters import letter_folder
     from tasks.decode import decode_to_shards
     from tasks.extract import extract_archive
 
-    layout = DataRoot(_data_root(args, must_exist=False))
+    layout = _data_root(args, must_exist=False)
     source = args.source
     if source.is_file() and not args.from_archive:
         source = extract_archive(source, layout.extracted)
     out_dir = layout.shards(args.source)
     manifests = decode_to_shards(source, out_dir, min_images=args.min_images, workers=args.workers)
+    for letter in manifests:
+        layout.publish(letter_folder(out_dir, letter))
     return {
-        "shards": str(out_dir),
+        "shards": layout.url(out_dir),
         "images": sum(m["images"] for m in manifests.values()),
         "rejected": sum(len(m["rejected"]) for m in manifests.values()),
         "per_letter": {letter: m["images"] for letter, m in manifests.items()},
@@ -130,16 +136,16 @@ def _shards(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _splits(args: argparse.Namespace) -> dict[str, Any]:
-    from storage.layout import DataRoot
+    from storage.layout import working_copy
     from tasks.splits import build_splits
 
-    data_dir = _data_root(args, must_exist=True, before="shards/ (run `notmnist shards` first)")
+    layout = _data_root(args, must_exist=True, before="shards/ (run `notmnist shards` first)")
     manifest = build_splits(
-        data_dir, train_size=args.train_size, valid_size=args.valid_size, test_size=args.test_size,
-        seed=args.seed, dedup=args.dedup,
+        layout.location, scratch_dir=working_copy(layout), train_size=args.train_size, valid_size=args.valid_size,
+        test_size=args.test_size, seed=args.seed, dedup=args.dedup,
     )
     return {
-        "folder": str(DataRoot(data_dir).splits(manifest["key"])),
+        "folder": layout.url(layout.splits(manifest["key"])),
         "fingerprint": manifest["fingerprint"],
         "rows": {split: info["rows"] for split, info in manifest["splits"].items()},
         "overlap_seed_sampling": manifest["overlap"]["seed_sampling"],
@@ -169,11 +175,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
+    from core.errors import PipelineError
     from flows.train import train, train_flow
-    from storage.layout import DataRoot
     from storage.splits import newest_splits
 
-    layout = DataRoot(_data_root(args, must_exist=True, before="splits/ (run `notmnist splits` first)"))
+    layout = _data_root(args, must_exist=True, before="splits/ (run `notmnist splits` first)")
+    if not args.splits and layout.store is not None:
+        raise PipelineError(f"Name the split folder to train on with --splits: {layout.location} is an object store.")
     if not args.splits:
         args.splits = newest_splits(layout.splits_root, "mnist-" if args.experiment == "mnist" else "train").name
     arguments = _flow_arguments(train_flow, args)
@@ -240,7 +248,11 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def _data_dir(sub: argparse.ArgumentParser, default: str = "data") -> None:
-    sub.add_argument("--data-dir", type=Path, default=Path(default), help="data root")
+    sub.add_argument("--data-dir", default=default,
+                     help="data root: a folder, or s3://BUCKET/PREFIX (endpoint and keys from the AWS_* variables)")
+    sub.add_argument("--scratch-dir", default=None,
+                     help="local working copy of an s3:// data root: downloads, extraction, files being written "
+                          "(default: ~/.cache/notmnist/s3/BUCKET/PREFIX)")
 
 
 def _split_options(sub: argparse.ArgumentParser) -> None:

@@ -18,17 +18,19 @@ def iris_pipeline(
     batch_size: int = IRIS_BATCH_SIZE,
     learning_rate: float = IRIS_LEARNING_RATE,
     seed: int = SEED,
+    scratch_dir: str | None = None,
 ) -> dict[str, Any]:
     """Both iris fits (seed: 0.89 sparse, 0.87 one-hot, scored on the training rows) plus held-out accuracy.
 
     Args:
-        data_dir: the data root (the models go to models/).
+        data_dir: the data root (the models go to models/): a folder, or s3://bucket/prefix.
         epochs: training epochs.
         batch_size: training batch size.
         learning_rate: SGD's learning rate.
         seed: seed of the weights, the shuffles and the held-out rows.
+        scratch_dir: the local working copy of an s3:// data root (default: under ~/.cache/notmnist).
     """
-    result = iris_task(data_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+    result = iris_task(data_dir, scratch_dir=scratch_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     create_table_artifact(
         key="iris-report",
         table=[

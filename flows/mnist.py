@@ -8,13 +8,13 @@ from prefect import flow
 
 from core.defaults import READ_TIMEOUT_SECONDS, TRAIN_TIMEOUT_SECONDS
 from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, MNIST_BYTES, MNIST_SHA256, MNIST_URL, SEED
-from flows.train import pipeline_result, train_and_report
-from storage.layout import DataRoot
+from flows.train import cancel_training_runs, pipeline_result, train_and_report
+from storage.layout import DataRoot, working_copy
 from tasks.download import download_task
 from tasks.mnist import mnist_splits_task
 
 
-@flow(name="mnist-pipeline")
+@flow(name="mnist-pipeline", on_cancellation=[cancel_training_runs], on_crashed=[cancel_training_runs])
 def mnist_pipeline(
     data_dir: str = "data",
     url: str = MNIST_URL,
@@ -27,11 +27,12 @@ def mnist_pipeline(
     train_deployment: str | None = None,
     train_timeout_seconds: float = TRAIN_TIMEOUT_SECONDS,
     read_timeout_seconds: float = READ_TIMEOUT_SECONDS,
+    scratch_dir: str | None = None,
 ) -> dict[str, Any]:
     """MNIST with the seed's CNN (Adadelta lr 1.0, batch 128, 2 epochs); returns test accuracy, paths, report.
 
     Args:
-        data_dir: the data root.
+        data_dir: the data root: a folder, or s3://bucket/prefix.
         url: where mnist.npz is (http(s), file:// or a path).
         expected_bytes: the size it must have (None: not checked).
         sha256: the sha256 it must have (None: not checked).
@@ -42,10 +43,11 @@ def mnist_pipeline(
         train_deployment: send training to this deployment (e.g. train/gpu) instead of training here.
         train_timeout_seconds: how long to wait for a training sent to a deployment.
         read_timeout_seconds: a download attempt ends after this long without data; the next one resumes.
+        scratch_dir: the local working copy of an s3:// data root (default: under ~/.cache/notmnist).
     """
-    layout = DataRoot(data_dir)
+    layout = DataRoot(data_dir, scratch_dir)
     npz = download_task(url, layout.raw, expected_bytes=expected_bytes, sha256=sha256, read_timeout=read_timeout_seconds)
-    splits = mnist_splits_task(npz, layout.root)
+    splits = mnist_splits_task(npz, layout.location, scratch_dir=working_copy(layout))
     training = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     result, report = train_and_report(layout, "mnist", splits, training, train_deployment, train_timeout_seconds)
     return pipeline_result(layout, result, splits, report)

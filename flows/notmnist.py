@@ -30,8 +30,9 @@ from core.seed import (
     VALID_SIZE,
 )
 from flows.reports import publish_letters, publish_splits
-from flows.train import pipeline_result, train_and_report
-from storage.layout import DataRoot, archive_stem
+from flows.train import cancel_training_runs, pipeline_result, train_and_report
+from storage.layout import DataRoot, archive_stem, working_copy
+from storage.letters import letter_folder
 from tasks.decode import shards_task
 from tasks.download import download_task
 from tasks.extract import extract_task
@@ -43,7 +44,7 @@ def archive_url(base_url: str, name: str) -> str:
     return base_url if base_url.endswith("/" + name) else f"{base_url.rstrip('/')}/{name}"
 
 
-@flow(name="notmnist-pipeline")
+@flow(name="notmnist-pipeline", on_cancellation=[cancel_training_runs], on_crashed=[cancel_training_runs])
 def notmnist_pipeline(
     base_url: str = NOTMNIST_BASE_URL,
     data_dir: str = "data",
@@ -67,12 +68,13 @@ def notmnist_pipeline(
     train_deployment: str | None = None,
     train_timeout_seconds: float = TRAIN_TIMEOUT_SECONDS,
     read_timeout_seconds: float = READ_TIMEOUT_SECONDS,
+    scratch_dir: str | None = None,
 ) -> dict[str, Any]:
     """The whole notMNIST experiment; returns test accuracy and loss, model path, fingerprint and report.
 
     Args:
         base_url: where both archives are published (http(s), file:// or a folder).
-        data_dir: the data root.
+        data_dir: the data root: a folder, or s3://bucket/prefix.
         large_archive: the archive valid and train are drawn from.
         large_bytes: the size it must have (None: not checked).
         large_sha256: the sha256 it must have (None: not checked).
@@ -93,8 +95,10 @@ def notmnist_pipeline(
         train_deployment: send training to this deployment (e.g. train/gpu) instead of training here.
         train_timeout_seconds: how long to wait for a training sent to a deployment.
         read_timeout_seconds: a download attempt ends after this long without data; the next one resumes.
+        scratch_dir: the local working copy of an s3:// data root: downloads, extraction, and every
+            folder while it is written (default: under ~/.cache/notmnist).
     """
-    layout = DataRoot(data_dir)
+    layout = DataRoot(data_dir, scratch_dir)
     archives = {
         large_archive: (large_bytes, large_sha256, min_images_large),
         small_archive: (small_bytes, small_sha256, min_images_small),
@@ -109,9 +113,11 @@ def notmnist_pipeline(
     for name, (_, _, min_images) in archives.items():
         top = extract_task(downloads[name].result(), layout.extracted)
         letters = shards_task(top, layout.shards(name), min_images=min_images, workers=workers)
+        for letter in letters:
+            layout.publish(letter_folder(layout.shards(name), letter))
         glyphs[f"{archive_stem(name)}_glyphs"] = publish_letters(archive_stem(name), letters, layout.shards(name))
     splits = splits_task(
-        layout.root, large=large_archive, small=small_archive, train_size=train_size, valid_size=valid_size,
+        layout.location, scratch_dir=working_copy(layout), large=large_archive, small=small_archive, train_size=train_size, valid_size=valid_size,
         test_size=test_size, seed=seed, dedup=dedup,
     )
     publish_splits(splits)

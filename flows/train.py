@@ -2,7 +2,11 @@
 
 The parent pipeline runs it as a subflow, or, with `train_deployment` set, runs its deployment and
 waits for it. Either way the flow is given the data root and the split folder's key, and finds the
-splits and the model folder through storage/ (see README, "A server, work pools, workers and a GPU").
+splits and the model folder through storage/ (see README, "Training on another machine"). A
+training sent to a work pool shares nothing with its parent but the Prefect API and the data root:
+the parent reads the model folder back from the data root when the run has completed, so no
+result storage needs to be shared, and it cancels the run when it stops waiting for it (timeout,
+failure, cancellation), so none is left running or queued.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ from core.defaults import TRAIN_TIMEOUT_SECONDS
 from core.errors import PipelineError
 from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED
 from flows.reports import publish_pictures, publish_report, publish_training, run_url
-from storage.layout import DataRoot
+from storage.layout import DataRoot, working_copy
 from storage.models import MODEL_FILE, read_metrics, write_report
 from tasks.reporting import stage_logger
-from tasks.train import train_task
+from tasks.train import find_trained, train_task
 
 RELAYED = "relayed"  # marks a log record repeated from the training run (the terminal shows it once)
 POLL_SECONDS = 2.0  # how often the pipeline looks at a training run it sent to a work pool
@@ -41,24 +45,27 @@ def train_flow(
     batch_size: int = BATCH_SIZE,
     learning_rate: float = LEARNING_RATE,
     seed: int = SEED,
+    scratch_dir: str | None = None,
 ) -> dict[str, Any]:
     """Train the seed's CNN on a split folder; returns test accuracy/loss, where the model is, and the device.
 
     Args:
-        data_dir: the data root, holding splits/ and models/.
+        data_dir: the data root, holding splits/ and models/: a folder, or s3://bucket/prefix.
         splits: the split folder's name under splits/.
         experiment: notmnist or mnist (normalisation).
         epochs: training epochs.
         batch_size: training batch size.
         learning_rate: Adadelta's learning rate.
         seed: seed of the weights and of each epoch's shuffle.
+        scratch_dir: the local working copy of an s3:// data root, where the splits are fetched to and
+            the model is written before it is published (default: under ~/.cache/notmnist).
     """
     result = train_task(
-        Path(data_dir), splits, experiment=experiment, epochs=epochs, batch_size=batch_size,
+        data_dir, splits, scratch_dir=scratch_dir, experiment=experiment, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, seed=seed,
     )
     if FlowRunContext.get().flow_run.parent_task_run_id is None:  # on its own (e.g. the GPU pool); a parent publishes
-        publish_training(experiment, read_metrics(DataRoot(data_dir).root / result["model"]))
+        publish_training(experiment, read_metrics(DataRoot(data_dir, scratch_dir).root / result["model"]))
     return result
 
 
@@ -70,13 +77,20 @@ def train(
 
     Either way the caller's log says where training went and carries its per-epoch lines.
     """
-    parameters = dict(data_dir=str(layout.root), splits=splits, experiment=experiment, **training)
+    parameters = dict(data_dir=layout.location, splits=splits, experiment=experiment, **training)
     if deployment:
-        return train_remotely(deployment, parameters, timeout_seconds)
+        # The worker keeps its own working copy: its scratch_dir is its own default.
+        train_remotely(deployment, parameters, timeout_seconds)
+        if (result := find_trained(layout, splits, experiment, training)) is None:
+            raise PipelineError(
+                f"The training run of {deployment!r} completed, but {layout.location} holds no model of these "
+                "splits and parameters: does the worker see the same data root (and its AWS variables)?"
+            )
+        return result
     logger = stage_logger(__name__)
     logger.info("Training %s in this process, as a subflow of this run", experiment)
     with _relayed_epochs(logger):
-        return train_flow(**parameters)
+        return train_flow(**parameters, scratch_dir=working_copy(layout))
 
 
 @contextlib.contextmanager
@@ -108,14 +122,17 @@ def train_and_report(
     publish_training(experiment, metrics)
     figures = publish_pictures(experiment, model_dir, metrics, layout.splits(splits["key"]), splits, pictures or {})
     report = write_report(model_dir, publish_report(experiment, result, metrics, splits, figures))
+    for name in (report.name, *figures):
+        layout.publish_file(model_dir / name)
     return result, report
 
 
-def train_remotely(deployment: str, parameters: dict[str, Any], timeout_seconds: float) -> dict[str, Any]:
-    """Run `train_flow`'s deployment (e.g. "train/gpu"), wait for it relaying its epochs, and return its result.
+def train_remotely(deployment: str, parameters: dict[str, Any], timeout_seconds: float) -> None:
+    """Run `train_flow`'s deployment (e.g. "train/gpu") and wait for it to complete, relaying its epochs.
 
-    A child run that does not finish within `timeout_seconds` is cancelled, so no training keeps running,
-    or waits in its pool's queue, after the pipeline gave up on it.
+    A child run that does not finish within `timeout_seconds` is cancelled, and so is one whose parent
+    fails or is stopped while waiting, so no training keeps running, or waits in its pool's queue,
+    after the pipeline gave up on it.
     """
     logger = stage_logger(__name__)
     try:
@@ -126,7 +143,11 @@ def train_remotely(deployment: str, parameters: dict[str, Any], timeout_seconds:
             "or leave train_deployment empty to train in this process."
         ) from error
     logger.info("Training sent to %s as run %s: %s", deployment, run.name, run_url(run.id) or run.id)
-    state = _wait_relaying(run, timeout_seconds, logger)
+    try:
+        state = _wait_relaying(run, timeout_seconds, logger)
+    except BaseException:  # this run failed, was interrupted or is being cancelled: so is the child
+        _cancel(run.id)
+        raise
     if state is None or not state.is_final():
         _cancel(run.id)
         raise PipelineError(
@@ -135,7 +156,7 @@ def train_remotely(deployment: str, parameters: dict[str, Any], timeout_seconds:
         )
     if not state.is_completed():
         raise PipelineError(f"Training run {run.name!r} of {deployment!r} ended {state.name}: {state.message}")
-    return state.result()
+    logger.info("Training run %s completed; reading its model from the data root", run.name)
 
 
 def pipeline_result(layout: DataRoot, result: dict[str, Any], splits: dict, report: Path) -> dict[str, Any]:
@@ -144,9 +165,9 @@ def pipeline_result(layout: DataRoot, result: dict[str, Any], splits: dict, repo
         "test_accuracy": result["test_accuracy"],
         "test_loss": result["test_loss"],
         "val_accuracy": result.get("val_accuracy"),
-        "model_path": str(layout.root / result["model"] / MODEL_FILE),
+        "model_path": layout.url(layout.root / result["model"] / MODEL_FILE),
         "dataset_fingerprint": splits["fingerprint"],
-        "report": str(report),
+        "report": layout.url(report),
         "device": result.get("device"),
     }
 
@@ -175,9 +196,30 @@ def _wait_relaying(run, timeout_seconds: float, logger):
 
 
 def _cancel(flow_run_id) -> None:
-    """Cancel a child run that is still scheduled or running."""
+    """Cancel a child run: a scheduled one becomes Cancelled at once (no worker picks it up later), a running
+    one Cancelling (its worker stops the process). A run already over is left alone."""
     from prefect.client.orchestration import get_client
-    from prefect.states import Cancelled
+    from prefect.states import Cancelling
 
     with get_client(sync_client=True) as client:
-        client.set_flow_run_state(flow_run_id, Cancelled(message="the pipeline stopped waiting for it"), force=True)
+        state = client.read_flow_run(flow_run_id).state
+        if state is None or not state.is_final():
+            client.set_flow_run_state(flow_run_id, Cancelling(message="the pipeline stopped waiting for it"))
+
+
+def cancel_training_runs(flow, flow_run, state) -> None:
+    """Flow hook (on cancellation and crash): cancel the training runs this run sent to a work pool.
+
+    It runs where Prefect runs hooks, after this run's own process may be gone, so it finds the
+    children through the API rather than in memory.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id]))
+        )
+    for child in children:
+        if child.deployment_id is not None and (child.state is None or not child.state.is_final()):
+            _cancel(child.id)

@@ -110,14 +110,14 @@ def score(model: keras.Model, features: np.ndarray, labels: np.ndarray, variant:
     }
 
 
-def _summary(model_dir: Path, metrics: dict) -> dict[str, Any]:
+def _summary(layout: DataRoot, model_dir: Path, metrics: dict) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for variant, result in metrics["variants"].items():
         summary[f"{variant}_train_accuracy"] = result["seed_protocol"]["accuracy"]
         summary[f"{variant}_held_out_accuracy"] = result["held_out"]["accuracy"]
     summary.update(
-        metrics_path=str(model_dir / METRICS_FILE), record_path=str(model_dir / RECORD_FILE),
-        model_paths={variant: str(model_dir / f"{variant}.keras") for variant in VARIANTS},
+        metrics_path=layout.url(model_dir / METRICS_FILE), record_path=layout.url(model_dir / RECORD_FILE),
+        model_paths={variant: layout.url(model_dir / f"{variant}.keras") for variant in VARIANTS},
         dataset_fingerprint=metrics["dataset_fingerprint"], device=metrics["device"],
     )
     return summary
@@ -153,8 +153,9 @@ def _fit_variant(
 
 
 def run_iris(
-    data_dir: Path,
+    data_dir: Path | str,
     *,
+    scratch_dir: Path | str | None = None,
     epochs: int = IRIS_EPOCHS,
     batch_size: int = IRIS_BATCH_SIZE,
     learning_rate: float = IRIS_LEARNING_RATE,
@@ -165,14 +166,16 @@ def run_iris(
     Writes `<variant>.keras` (trained on all 150 rows, as the seed did), metrics.json and record.json
     into the model folder these parameters determine; reuses an intact one.
     """
-    logger, layout, text = stage_logger(__name__), DataRoot(data_dir), iris_text()
+    logger, layout, text = stage_logger(__name__), DataRoot(data_dir, scratch_dir), iris_text()
     fingerprint = hashlib.sha256(text.encode()).hexdigest()
     options = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed}
     parameters = {**options, "optimizer": "sgd"}
     model_dir = layout.model(model_key("iris", fingerprint, options))
+    layout.fetch(model_dir)
     if (found := find_model(model_dir, parameters, fingerprint)) is not None:
-        logger.info("Iris already trained with these parameters: %s", model_dir)
-        return _summary(model_dir, found[1])
+        logger.info("Iris already trained with these parameters: %s", layout.url(model_dir))
+        layout.publish(model_dir)
+        return _summary(layout, model_dir, found[1])
 
     features, labels = parse_iris(text)
     train_rows, held_out_rows = held_out_split(labels, seed=seed)
@@ -201,7 +204,8 @@ def run_iris(
         write_json(writer.work / METRICS_FILE, metrics)
         write_json(writer.work / RECORD_FILE, record)
         writer.commit(experiment="iris", dataset_fingerprint=fingerprint)
-    return _summary(model_dir, metrics)
+    layout.publish(model_dir)
+    return _summary(layout, model_dir, metrics)
 
 
 iris_task = task(name="iris", task_run_name="iris seed {seed}")(run_iris)

@@ -84,13 +84,15 @@ def _read_member(archive: np.lib.npyio.NpzFile, path: Path, name: str) -> np.nda
         raise PipelineError(f"{path}: {name} is damaged ({error}); delete the file and rerun.") from error
 
 
-def build_mnist_splits(npz_path: Path, data_dir: Path) -> dict:
+def build_mnist_splits(npz_path: Path, data_dir: Path | str, scratch_dir: Path | str | None = None) -> dict:
     """Write (or find) the split folder of an MNIST .npz under the data root; returns its manifest."""
-    logger, layout, npz_path = stage_logger(__name__), DataRoot(data_dir), Path(npz_path)
+    logger, layout, npz_path = stage_logger(__name__), DataRoot(data_dir, scratch_dir), Path(npz_path)
     source_sha256 = sha256_of(npz_path)
     folder = layout.splits(mnist_splits_key(source_sha256))
+    layout.fetch(folder)
     if (manifest := find_splits(folder)) is not None:
-        logger.info("MNIST splits already built from this file: %s", folder)
+        logger.info("MNIST splits already built from this file: %s", layout.url(folder))
+        layout.publish(folder)
         return manifest
     arrays = load_mnist(npz_path)
     with SplitWriter(folder, list(DIGITS)) as writer:
@@ -104,16 +106,18 @@ def build_mnist_splits(npz_path: Path, data_dir: Path) -> dict:
     rows = manifest["splits"]
     logger.info("MNIST splits in %s: train %s, valid = test %s rows", folder, f"{rows['train']['rows']:,}",
                 f"{rows['test']['rows']:,}")
+    layout.publish(folder)
     return manifest
 
 
 def _mnist_splits_identity(parameters: dict) -> str | None:
     """Cache identity: the intact split folder of this very file, else None."""
-    npz_path, layout = Path(parameters["npz_path"]), DataRoot(parameters["data_dir"])
+    npz_path, layout = Path(parameters["npz_path"]), DataRoot(parameters["data_dir"], parameters.get("scratch_dir"))
     if not npz_path.is_file():
         return None
-    manifest = find_splits(layout.splits(mnist_splits_key(sha256_of(npz_path))))
-    return None if manifest is None else manifest_identity(manifest)
+    folder = layout.splits(mnist_splits_key(sha256_of(npz_path)))
+    manifest = find_splits(folder)
+    return None if manifest is None or not layout.is_published(folder, manifest) else manifest_identity(manifest)
 
 
 mnist_splits_task = task(

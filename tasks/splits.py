@@ -33,7 +33,7 @@ from core.seed import LARGE_ARCHIVE, LETTERS, SEED, SMALL_ARCHIVE, TEST_SIZE, TR
 from storage.atomic import remove_leftovers
 from storage.folders import manifest_identity
 from storage.layout import DataRoot, archive_stem, short_digest, splits_key
-from storage.letters import LetterShards, shard_set_identity
+from storage.letters import LetterShards, letter_folder, shard_set_identity
 from storage.shards import pixels_of
 from storage.splits import SPLITS, SplitWriter, find_splits
 from tasks.caching import stage_cache
@@ -257,8 +257,9 @@ def _write_splits(
 
 
 def build_splits(
-    data_dir: Path,
+    data_dir: Path | str,
     *,
+    scratch_dir: Path | str | None = None,
     large: str = LARGE_ARCHIVE,
     small: str = SMALL_ARCHIVE,
     train_size: int = TRAIN_SIZE,
@@ -271,6 +272,7 @@ def build_splits(
 
     Args:
         data_dir: the data root; shards are read from shards/<archive>, the folder goes to splits/<key>.
+        scratch_dir: the local working copy of an s3:// data root (its letters are fetched there first).
         large: the archive whose shards valid and train are drawn from (notMNIST_large).
         small: the archive whose shards test is drawn from (notMNIST_small).
         train_size, valid_size, test_size: rows per split, multiples of 10: each class gives a tenth.
@@ -279,11 +281,15 @@ def build_splits(
     """
     sizes = {"train": train_size, "valid": valid_size, "test": test_size}
     _check_parameters(sizes, dedup)
-    layout, logger = DataRoot(data_dir), stage_logger(__name__)
+    layout, logger = DataRoot(data_dir, scratch_dir), stage_logger(__name__)
+    for archive in (large, small):
+        for letter in LETTERS:
+            layout.fetch(letter_folder(layout.shards(archive), letter))
     inputs = input_identities(layout, large, small)
     folder = split_folder(layout, inputs, sizes, seed, dedup)
     if (manifest := find_splits(folder)) is not None:
-        logger.info("Splits already built for these inputs and parameters: %s", folder)
+        logger.info("Splits already built for these inputs and parameters: %s", layout.url(folder))
+        layout.publish(folder)
         return manifest
     layout.splits_root.mkdir(parents=True, exist_ok=True)
     # One build at a time per splits root: leftovers are then surely a dead run's, and a second
@@ -293,6 +299,7 @@ def build_splits(
             return manifest
         remove_leftovers(layout.splits_root)
         manifest = _write_splits(layout, folder, inputs, sizes, seed, dedup)
+    layout.publish(folder)
     before, after = manifest["overlap"]["seed_sampling"], manifest["overlap"]["after_dedup"]
     logger.info(
         "Splits %s: train %s, valid %s, test %s rows; test images also in train: %d before, %d after dedup",
@@ -304,14 +311,15 @@ def build_splits(
 
 def _splits_identity(parameters: dict) -> str | None:
     """Cache identity: the intact split folder these inputs and parameters lead to, else None."""
-    layout, sizes = DataRoot(parameters["data_dir"]), {split: parameters[f"{split}_size"] for split in SPLITS}
+    layout = DataRoot(parameters["data_dir"], parameters.get("scratch_dir"))
+    sizes = {split: parameters[f"{split}_size"] for split in SPLITS}
     try:
         inputs = input_identities(layout, parameters["large"], parameters["small"])
     except (OSError, ValueError, KeyError, PipelineError):
         return None
     folder = split_folder(layout, inputs, sizes, parameters["seed"], parameters["dedup"])
     manifest = find_splits(folder)
-    return None if manifest is None else manifest_identity(manifest)
+    return None if manifest is None or not layout.is_published(folder, manifest) else manifest_identity(manifest)
 
 
 splits_task = task(

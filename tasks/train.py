@@ -55,15 +55,16 @@ def make_deterministic(seed: int) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def _summary(layout: DataRoot, model_dir: Path, metrics: dict, fingerprint: str) -> dict[str, Any]:
+def summary(layout: DataRoot, model_dir: Path, metrics: dict, fingerprint: str) -> dict[str, Any]:
+    """What training returns: the scores, where the model folder's files are in the data root, speed and device."""
     return {
         "test_accuracy": metrics["test_accuracy"],
         "test_loss": metrics["test_loss"],
         "val_accuracy": metrics.get("val_accuracy"),
         "model": layout.relative(model_dir),
-        "model_path": str(model_dir / MODEL_FILE),
-        "metrics_path": str(model_dir / METRICS_FILE),
-        "record_path": str(model_dir / RECORD_FILE),
+        "model_path": layout.url(model_dir / MODEL_FILE),
+        "metrics_path": layout.url(model_dir / METRICS_FILE),
+        "record_path": layout.url(model_dir / RECORD_FILE),
         "dataset_fingerprint": fingerprint,
         "device": metrics["device"],
         "samples_per_second": metrics["samples_per_second"],
@@ -95,9 +96,10 @@ def _check_parameters(experiment: str, epochs: int, batch_size: int) -> None:
 
 
 def train_model(
-    data_dir: Path,
+    data_dir: Path | str,
     splits: str,
     *,
+    scratch_dir: Path | None = None,
     experiment: str = "notmnist",
     epochs: int = EPOCHS,
     batch_size: int = BATCH_SIZE,
@@ -110,9 +112,14 @@ def train_model(
     Reuses an intact model folder made by the same parameters from the same dataset; resumes an
     interrupted training from its last finished epoch.
 
+    With an object-store data root, the splits are fetched into the local working copy (verified,
+    and reused while they are the data root's), each epoch's checkpoint is published so that a
+    retry on another machine resumes it, and the model folder is published when it is complete.
+
     Args:
-        data_dir: the data root.
+        data_dir: the data root (a folder, or s3://bucket/prefix).
         splits: the split folder's name under splits/ (its manifest's `key`).
+        scratch_dir: the local working copy of an s3:// data root (default: under ~/.cache/notmnist).
         experiment: "notmnist" or "mnist" (the normalisation; class names come from the splits).
         epochs, batch_size, learning_rate, seed: the seed's values by default (Adadelta).
         extra_callbacks: more Keras callbacks for `fit` (run after the stage's own).
@@ -122,20 +129,24 @@ def train_model(
         metrics_path, record_path, dataset_fingerprint, device, samples_per_second, epochs_run.
     """
     _check_parameters(experiment, epochs, batch_size)
-    layout, logger = DataRoot(data_dir), stage_logger(__name__)
+    layout, logger = DataRoot(data_dir, scratch_dir), stage_logger(__name__)
     split_dir = layout.splits(splits)
+    if not layout.fetch(split_dir) and layout.store is not None:
+        raise PipelineError(f"{layout.url(split_dir)} holds no finished splits: build them first (`notmnist splits`).")
     manifest = read_splits_manifest(split_dir)
     fingerprint = manifest["fingerprint"]
     training = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed}
-    parameters = {"experiment": experiment, **training, "optimizer": OPTIMIZER}
+    parameters = _model_parameters(experiment, training)
     model_dir = layout.model(model_key(experiment, fingerprint, training))
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     backup = backup_folder(model_dir)
     # Two pipelines on one data root may ask for the same model: one trains, the other then finds it.
     with FileLock(str(backup) + ".lock"):
+        layout.fetch(model_dir)
         if (found := find_model(model_dir, parameters, fingerprint)) is not None:
-            logger.info("Already trained with these parameters on this dataset: %s", model_dir)
-            return _summary(layout, model_dir, found[1], fingerprint)
+            logger.info("Already trained with these parameters on this dataset: %s", layout.url(model_dir))
+            layout.publish(model_dir)
+            return summary(layout, model_dir, found[1], fingerprint)
         remove_temporaries_of(model_dir)  # a model folder a killed run was writing
         make_deterministic(seed)
         batches = open_splits(split_dir, manifest, experiment=experiment, batch_size=batch_size, seed=seed)
@@ -144,8 +155,10 @@ def train_model(
             optimizer=make_optimizer(OPTIMIZER, learning_rate), loss=LOSS, metrics=["accuracy"],
             steps_per_execution=STEPS_PER_EXECUTION,
         )
+        if not backup.exists() and layout.fetch(backup):
+            logger.info("Resuming from the checkpoint in %s", layout.url(backup))
         _prepare_backup(backup, {"parameters": parameters, "dataset_fingerprint": fingerprint}, logger)
-        entries, started_at = _fit(model, batches, backup, experiment, epochs, extra_callbacks, logger)
+        entries, started_at = _fit(model, batches, layout, backup, experiment, epochs, extra_callbacks, logger)
         metrics = _evaluate(model, batches["test"], manifest["class_names"], entries, batches["train"].rows)
         metrics.update(experiment=experiment, epochs_run=epochs - started_at, resumed_from_epoch=started_at)
         record = _record(model, parameters, manifest, layout.relative(split_dir), batches)
@@ -157,17 +170,37 @@ def train_model(
             if (backup / TENSORBOARD).is_dir():
                 shutil.copytree(backup / TENSORBOARD, writer.work / TENSORBOARD)
             writer.commit(experiment=experiment, dataset_fingerprint=fingerprint)
+        layout.publish(model_dir)
         remove(backup)
+        layout.discard(backup)
     logger.info(
         "%s: test accuracy %.4f (seed %s), test loss %.4f, val accuracy %.4f, on %s",
         experiment, metrics["test_accuracy"], reported(experiment).get("test_accuracy"),
         metrics["test_loss"], metrics["val_accuracy"], metrics["device"],
     )
-    return _summary(layout, model_dir, metrics, fingerprint)
+    return summary(layout, model_dir, metrics, fingerprint)
+
+
+def _model_parameters(experiment: str, training: dict[str, Any]) -> dict[str, Any]:
+    """What a model folder's record must name to be reused: the experiment, training parameters, optimizer."""
+    return {"experiment": experiment, **training, "optimizer": OPTIMIZER}
+
+
+def find_trained(layout: DataRoot, splits: str, experiment: str, training: dict[str, Any]) -> dict[str, Any] | None:
+    """The result `train_model` returned for these splits and parameters, read back from the data root
+    (the model folder fetched into the working copy, verified), or None when there is no such model."""
+    split_dir = layout.splits(splits)
+    manifest = layout.published(split_dir) or read_splits_manifest(split_dir)
+    fingerprint = manifest["fingerprint"]
+    model_dir = layout.model(model_key(experiment, fingerprint, training))
+    if not layout.fetch(model_dir):
+        return None
+    found = find_model(model_dir, _model_parameters(experiment, training), fingerprint)
+    return None if found is None else summary(layout, model_dir, found[1], fingerprint)
 
 
 def _fit(
-    model: keras.Model, batches: dict[str, SplitBatches], backup: Path, experiment: str, epochs: int,
+    model: keras.Model, batches: dict[str, SplitBatches], layout: DataRoot, backup: Path, experiment: str, epochs: int,
     extra_callbacks: list[keras.callbacks.Callback] | None, logger,
 ) -> tuple[list[dict], int]:
     """Fit from the last checkpoint in `backup` (if any); returns every epoch's history and the epoch started from."""
@@ -184,7 +217,7 @@ def _fit(
         )
         # The checkpoint stays after `fit` until the outputs are in place, so a crash while evaluating
         # or saving does not cost the training.
-        checkpoint = EpochCheckpoint(backup, logger=logger)
+        checkpoint = EpochCheckpoint(backup, logger=logger, saved=lambda: layout.publish(backup, describe=True))
         callbacks = [ShuffleEachEpoch(train), recorder, checkpoint, BatchProgress(progress), *_tensorboard(backup)]
         # Our progress and per-epoch log lines replace Keras' own bar, which would garble logs and TTYs alike.
         model.fit(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -73,10 +74,13 @@ class EpochCheckpoint(keras.callbacks.Callback):
     async_safe = True
     WEIGHTS, STATE = "checkpoint.weights.h5", "state.json"
 
-    def __init__(self, backup_dir: Path, *, logger: logging.Logger | logging.LoggerAdapter):
+    def __init__(
+        self, backup_dir: Path, *, logger: logging.Logger | logging.LoggerAdapter, saved: Callable[[], None] | None = None
+    ):
         super().__init__()
         self.backup_dir = Path(backup_dir)
         self.logger = logger
+        self.saved = saved  # called after each checkpoint is in place (e.g. to publish it)
 
     def checkpoints(self) -> list[Path]:
         """The finished checkpoints, newest first."""
@@ -105,6 +109,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
             write_json(temporary / self.STATE, {"epoch": epoch + 1})
         for older in self.checkpoints()[1:]:
             remove(older)
+        if self.saved is not None:
+            self.saved()
 
 
 class EpochRecorder(keras.callbacks.Callback):

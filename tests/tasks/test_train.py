@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import re
+import shutil
 import threading
 import tracemalloc
 from pathlib import Path
@@ -22,7 +23,7 @@ from storage.splits import open_split, read_splits_manifest
 from tasks.batches import NORMALISATIONS, SplitBatches, epoch_permutation, open_splits
 from tasks.models import build_one_layer_cnn
 from tasks.reporting import Progress
-from tasks.train import train_model
+from tasks.train import find_trained, train_model
 from tasks.training_callbacks import BatchProgress, EpochCheckpoint
 from tasks.training_record import git_commit
 from tests.tasks.synthetic_splits import write_split_folder
@@ -361,7 +362,7 @@ def test_progress_counts_every_batch(split_dir, tmp_path, steps_per_execution):
     model.compile(optimizer="sgd", loss="categorical_crossentropy", steps_per_execution=steps_per_execution)
     with Progress("train", 2 * len(batches)) as progress:
         callbacks = [BatchProgress(progress), EpochCheckpoint(tmp_path / "backup", logger=logging.getLogger("t"))]
-        model.fit(batches.keras_input(), epochs=2, verbose=0, callbacks=callbacks)
+        model.fit(batches.keras_input(), epochs=2, shuffle=False, verbose=0, callbacks=callbacks)
     assert progress.completed == 2 * len(batches) == 10
     # The last epoch's checkpoint alone is kept after fit, until the outputs are in place.
     assert [path.name for path in (tmp_path / "backup").iterdir()] == ["epoch-0002"]
@@ -429,3 +430,39 @@ def test_a_diverging_training_is_an_error_not_a_model(data_root):
         train_model(data_root, "synthetic", **{**FAST, "learning_rate": 1e30})
     models = DataRoot(data_root).models_root
     assert not [path for path in models.glob("*") if path.is_dir()]  # no model, and no checkpoint to resume from
+
+
+# --- a data root on object storage (a real S3-compatible server on 127.0.0.1) ---------------------
+
+
+def test_on_an_object_store_the_splits_are_fetched_and_the_model_published(reference_root, reference, s3_root, tmp_path):
+    pipeline = DataRoot(s3_root, tmp_path / "pipeline")
+    shutil.copytree(DataRoot(reference_root).splits("synthetic"), pipeline.splits("synthetic"))
+    pipeline.publish(pipeline.splits("synthetic"))
+
+    worker = tmp_path / "worker"  # another machine: nothing local but what it fetches
+    result = train_model(s3_root, "synthetic", scratch_dir=worker, **FAST)
+    assert result["model_path"] == f"{s3_root}/{result['model']}/model.keras"
+    assert result["test_loss"] == reference["test_loss"]  # the fetched splits are the same splits
+    assert (worker / "splits" / "synthetic" / "train_x.npy").exists()
+    # The data root holds the whole model folder (TensorBoard logs included) and no checkpoint.
+    model_manifest = pipeline.published(pipeline.root / result["model"])
+    assert {"model.keras", "metrics.json", "record.json"} <= set(model_manifest["files"])
+    assert any(name.startswith("tensorboard/") for name in model_manifest["files"])
+    assert pipeline.published(backup_folder(pipeline.root / result["model"])) is None
+    # Reading it back elsewhere gives what training returned.
+    assert find_trained(pipeline, "synthetic", "notmnist", {**FAST, "learning_rate": 1.0, "seed": 133}) == result
+
+
+def test_a_training_interrupted_on_one_machine_resumes_on_another(reference_root, reference, s3_root, tmp_path):
+    first = DataRoot(s3_root, tmp_path / "first")
+    shutil.copytree(DataRoot(reference_root).splits("synthetic"), first.splits("synthetic"))
+    first.publish(first.splits("synthetic"))
+    with pytest.raises(Interrupted):
+        train_model(s3_root, "synthetic", scratch_dir=first.root, **FAST, extra_callbacks=[InterruptAfterEpoch(0)])
+
+    begun = EpochsBegun()
+    resumed = train_model(s3_root, "synthetic", scratch_dir=tmp_path / "second", **FAST, extra_callbacks=[begun])
+    assert begun.epochs == [1]  # epoch 0 came from the checkpoint the first machine published
+    assert resumed["epochs_run"] == 1
+    assert resumed["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-5)
