@@ -252,7 +252,7 @@ def _data_dir(sub: argparse.ArgumentParser, default: str = "data") -> None:
                      help="data root: a folder, or s3://BUCKET/PREFIX (endpoint and keys from the AWS_* variables)")
     sub.add_argument("--scratch-dir", default=None,
                      help="local working copy of an s3:// data root: downloads, extraction, files being written "
-                          "(default: ~/.cache/notmnist/s3/BUCKET/PREFIX)")
+                          "(default: ~/.cache/notmnist/s3/BUCKET/PREFIX; not used with a local --data-dir)")
 
 
 def _split_options(sub: argparse.ArgumentParser) -> None:

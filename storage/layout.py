@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from storage.atomic import read_json
-from storage.folders import MANIFEST, describe_files, manifest_identity
+from storage.folders import MANIFEST, describe_files, folder_problem, manifest_identity
 from storage.objects import ObjectStore, is_object_store
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -138,20 +140,24 @@ class DataRoot:
         return published is not None and manifest_identity(published) == manifest_identity(manifest)
 
     def fetch(self, folder: Path) -> bool:
-        """Make the working copy of `folder` the data root's (downloading it, verified, when it differs);
-        False when the data root holds no such committed folder. Local data roots: True when it exists."""
+        """Make the working copy of `folder` the data root's: downloaded, verified, unless the copy already
+        holds that content intact; False when the data root holds no such committed folder. Local data
+        roots: True when it exists. One process at a time fetches a folder."""
         folder = Path(folder)
         if self.store is None:
             return folder.is_dir()
         published = self.published(folder)
         if published is None:
             return False
-        try:
-            local = read_json(folder / MANIFEST)
-        except (OSError, ValueError):
-            local = None
-        if local is None or manifest_identity(local) != manifest_identity(published):
-            self.store.download(self.relative(folder), folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder.with_name(f".{folder.name}.fetch.lock"))):
+            try:
+                local = read_json(folder / MANIFEST)
+            except (OSError, ValueError):
+                local = None
+            same = local is not None and manifest_identity(local) == manifest_identity(published)
+            if not same or folder_problem(folder, local) is not None:
+                self.store.download(self.relative(folder), folder)
         return True
 
     def publish_file(self, path: Path) -> None:

@@ -7,9 +7,11 @@ Object stores cannot rename, so a folder is published in generations:
       _manifest.json         written last, in one PUT: the folder's manifest plus "generation": "_v-<token>"
 
 A reader trusts only what a manifest names: a generation no manifest points to (an upload that was
-interrupted, or one replaced since) is ignored, and removed by the next publish of that folder.
-Publishing a new version replaces the manifest in one request, so a reader sees the old folder or
-the new one, never a mix; files are checked against the manifest's sizes and sha256 as they are
+interrupted, or one replaced since) is ignored. The next publish of that folder removes the
+generation it replaced, and others once they are older than `ABANDONED_AFTER_SECONDS` (so that an
+upload another machine is making at the same time is not cut from under it); it never removes the
+generation the manifest names. Publishing a new version replaces the manifest in one request, so a
+reader sees the old folder or the new one, never a mix; files are checked against the manifest's sizes and sha256 as they are
 fetched, exactly as local folders are when read. Files written beside a committed folder (a
 model's report and pictures) are single objects under the folder's own prefix.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 import json
 import os
 import uuid
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 from pyarrow import fs as arrow_fs
 
 from core.errors import CorruptDataError, PipelineError
@@ -41,6 +45,7 @@ SCHEME = "s3://"
 GENERATION_PREFIX = "_v-"
 CHUNK_BYTES = 8 << 20
 TRANSFER_THREADS = 8  # uploads and downloads wait on the network, not the CPU
+ABANDONED_AFTER_SECONDS = 3600.0  # an unnamed generation this old is no upload in progress
 
 
 def is_object_store(location: str | os.PathLike) -> bool:
@@ -50,7 +55,9 @@ def is_object_store(location: str | os.PathLike) -> bool:
 
 def s3_filesystem() -> arrow_fs.S3FileSystem:
     """pyarrow's S3 client, configured from the standard AWS environment variables."""
-    options: dict[str, Any] = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    options: dict[str, Any] = {}
+    if region := os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
+        options["region"] = region  # else the AWS SDK's own lookup (profile, instance metadata)
     if endpoint := os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
         parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
         options.update(endpoint_override=parts.netloc, scheme=parts.scheme)
@@ -62,7 +69,10 @@ def s3_filesystem() -> arrow_fs.S3FileSystem:
 class ObjectStore:
     """Committed folders and single files under one `s3://bucket/prefix`."""
 
-    def __init__(self, location: str, filesystem: arrow_fs.FileSystem | None = None):
+    def __init__(
+        self, location: str, filesystem: arrow_fs.FileSystem | None = None,
+        abandoned_after_seconds: float = ABANDONED_AFTER_SECONDS,
+    ):
         if not is_object_store(location):
             raise PipelineError(f"{location!r} is not an s3:// location")
         self.location = location.rstrip("/")
@@ -70,6 +80,12 @@ class ObjectStore:
         if not self.base or self.base.startswith("/"):
             raise PipelineError(f"{location!r} names no bucket: use s3://BUCKET/PREFIX")
         self.fs = filesystem or s3_filesystem()
+        self.abandoned_after_seconds = abandoned_after_seconds
+        self._bucket_seen = False
+
+    def __reduce__(self):
+        # Rebuilt from its location where it is unpickled: the client (and the keys it holds) is not pickled.
+        return (type(self), (self.location, None, self.abandoned_after_seconds))
 
     def url(self, relative: str) -> str:
         """The s3:// URL of a path relative to the data root."""
@@ -86,9 +102,26 @@ class ObjectStore:
             with self.fs.open_input_stream(self._key(relative)) as stream:
                 return stream.read()
         except FileNotFoundError:
+            self._check_bucket()
             return None
-        except OSError as error:
+        except (OSError, pa.ArrowException) as error:
             raise _access_error(self.url(relative), error) from error
+
+    def _check_bucket(self) -> None:
+        """A missing bucket is an error of its own, not an empty data root."""
+        if self._bucket_seen:
+            return
+        bucket = self.base.split("/", 1)[0]
+        try:
+            found = self.fs.get_file_info(bucket).type != arrow_fs.FileType.NotFound
+        except (OSError, pa.ArrowException) as error:
+            raise _access_error(f"{SCHEME}{bucket}", error) from error
+        if not found:
+            raise PipelineError(
+                f"The bucket {bucket!r} of {self.location} does not exist, or these credentials cannot see it: "
+                "create it first (e.g. `aws s3 mb s3://" + bucket + "`)."
+            )
+        self._bucket_seen = True
 
     def manifest(self, folder: str) -> dict | None:
         """The manifest of the committed folder `folder` (relative to the data root), or None."""
@@ -114,7 +147,7 @@ class ObjectStore:
                 for info in self.fs.get_file_info(arrow_fs.FileSelector(prefix, recursive=True, allow_not_found=True))
                 if info.type == arrow_fs.FileType.File
             }
-        except OSError as error:
+        except (OSError, pa.ArrowException) as error:
             raise _access_error(self.url(folder), error) from error
         for name, entry in manifest["files"].items():
             if name not in found:
@@ -159,7 +192,7 @@ class ObjectStore:
         except FileNotFoundError as error:
             raise CorruptDataError(f"{SCHEME}{key} is missing: {folder} changed while it was read, or was damaged; "
                                    "run again") from error
-        except OSError as error:
+        except (OSError, pa.ArrowException) as error:
             raise _access_error(f"{SCHEME}{key}", error) from error
         if size != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
             raise CorruptDataError(
@@ -175,12 +208,13 @@ class ObjectStore:
         Generations no manifest names any more (older versions, interrupted uploads) are removed
         afterwards; returns the published manifest.
         """
+        replaced = (self.manifest(folder) or {}).get("generation")
         generation = f"{GENERATION_PREFIX}{uuid.uuid4().hex[:16]}"
         target = self._key(f"{folder}/{generation}")
         self._transfer(lambda name: self._put(Path(local) / name, f"{target}/{name}"), manifest["files"])
         published = {**manifest, "generation": generation}
         self.write_bytes(f"{folder}/{MANIFEST}", json.dumps(published, indent=1, sort_keys=True).encode())
-        self._remove_generations(folder, keep=generation)
+        self._remove_generations(folder, replaced=replaced)
         return published
 
     def write_bytes(self, relative: str, data: bytes) -> None:
@@ -188,7 +222,7 @@ class ObjectStore:
         try:
             with self.fs.open_output_stream(self._key(relative)) as stream:
                 stream.write(data)
-        except OSError as error:
+        except (OSError, pa.ArrowException) as error:
             raise _access_error(self.url(relative), error) from error
 
     def put_file(self, path: Path, relative: str) -> None:
@@ -197,35 +231,51 @@ class ObjectStore:
 
     def _put(self, path: Path, key: str) -> None:
         try:
-            with open(path, "rb") as source, self.fs.open_output_stream(key) as stream:
+            source = open(path, "rb")  # a local file that cannot be read is the caller's error, not the store's
+        except OSError as error:
+            raise PipelineError(f"Cannot publish {path}: {error.strerror or error}") from error
+        try:
+            with source, self.fs.open_output_stream(key) as stream:
                 while chunk := source.read(CHUNK_BYTES):
                     stream.write(chunk)
-        except FileNotFoundError:
-            raise
-        except OSError as error:
+        except (OSError, pa.ArrowException) as error:
             raise _access_error(f"{SCHEME}{key}", error) from error
 
     def delete(self, folder: str) -> None:
         """Remove a folder: its manifest first (so it stops being committed), then every object under it."""
+        replaced = (self.manifest(folder) or {}).get("generation")
         try:
             self.fs.delete_file(self._key(f"{folder}/{MANIFEST}"))
         except FileNotFoundError:
             pass
-        except OSError as error:
+        except (OSError, pa.ArrowException) as error:
             raise _access_error(self.url(folder), error) from error
-        self._remove_generations(folder, keep=None)
+        self._remove_generations(folder, replaced=replaced)
 
-    def _remove_generations(self, folder: str, keep: str | None) -> None:
+    def _remove_generations(self, folder: str, replaced: str | None) -> None:
+        """Remove `replaced` and generations left long enough to be abandoned, never the one the manifest names."""
+        named = (self.manifest(folder) or {}).get("generation")  # read again: another writer may have committed
         prefix = self._key(folder)
         try:
-            infos = self.fs.get_file_info(arrow_fs.FileSelector(prefix, recursive=False, allow_not_found=True))
-            for info in infos:
+            for info in self.fs.get_file_info(arrow_fs.FileSelector(prefix, recursive=False, allow_not_found=True)):
                 name = info.path[len(prefix) + 1:]
-                if name.startswith(GENERATION_PREFIX) and name != keep and info.type == arrow_fs.FileType.Directory:
+                if not name.startswith(GENERATION_PREFIX) or name == named or info.type != arrow_fs.FileType.Directory:
+                    continue
+                if name == replaced or self._untouched_for(info.path, self.abandoned_after_seconds):
                     with contextlib.suppress(FileNotFoundError):  # some stores list a prefix emptied a moment ago
                         self.fs.delete_dir(info.path)
-        except OSError as error:
+        except (OSError, pa.ArrowException) as error:
             raise _access_error(self.url(folder), error) from error
+
+    def _untouched_for(self, prefix: str, seconds: float) -> bool:
+        """True when no object under `prefix` was written in the last `seconds`."""
+        newest = max(
+            (info.mtime.timestamp() for info in self.fs.get_file_info(
+                arrow_fs.FileSelector(prefix, recursive=True, allow_not_found=True)
+            ) if info.type == arrow_fs.FileType.File and info.mtime is not None),
+            default=0.0,
+        )
+        return time.time() - newest >= seconds
 
     @staticmethod
     def _transfer(action, names: Iterable[str]) -> None:
@@ -237,7 +287,8 @@ class ObjectStore:
 
 def _access_error(url: str, error: OSError) -> PipelineError:
     """One line for a failed request: what failed and what to check."""
+    detail = next(iter(str(error).strip().splitlines()), type(error).__name__)
     return PipelineError(
-        f"Cannot access {url}: {str(error).strip().splitlines()[0]} (check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
-        "AWS_SECRET_ACCESS_KEY and that the bucket exists)"
+        f"Cannot access {url}: {detail} (check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and "
+        "that the bucket exists)"
     )

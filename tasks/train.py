@@ -155,8 +155,7 @@ def train_model(
             optimizer=make_optimizer(OPTIMIZER, learning_rate), loss=LOSS, metrics=["accuracy"],
             steps_per_execution=STEPS_PER_EXECUTION,
         )
-        if not backup.exists() and layout.fetch(backup):
-            logger.info("Resuming from the checkpoint in %s", layout.url(backup))
+        _fetch_newer_checkpoint(layout, backup, logger)
         _prepare_backup(backup, {"parameters": parameters, "dataset_fingerprint": fingerprint}, logger)
         entries, started_at = _fit(model, batches, layout, backup, experiment, epochs, extra_callbacks, logger)
         metrics = _evaluate(model, batches["test"], manifest["class_names"], entries, batches["train"].rows)
@@ -172,7 +171,7 @@ def train_model(
             writer.commit(experiment=experiment, dataset_fingerprint=fingerprint)
         layout.publish(model_dir)
         remove(backup)
-        layout.discard(backup)
+        _best_effort(lambda: layout.discard(backup), f"remove {layout.url(backup)}", logger)
     logger.info(
         "%s: test accuracy %.4f (seed %s), test loss %.4f, val accuracy %.4f, on %s",
         experiment, metrics["test_accuracy"], reported(experiment).get("test_accuracy"),
@@ -199,6 +198,32 @@ def find_trained(layout: DataRoot, splits: str, experiment: str, training: dict[
     return None if found is None else summary(layout, model_dir, found[1], fingerprint)
 
 
+def _fetch_newer_checkpoint(layout: DataRoot, backup: Path, logger) -> None:
+    """Take the data root's checkpoint when it is further on than this working copy's (another machine ran
+    more epochs, or this one has none)."""
+    if layout.store is None or (published := layout.published(backup)) is None:
+        return
+    local = [path.relative_to(backup).as_posix() for path in backup.rglob(EpochCheckpoint.STATE)]
+    if _last_epoch(published["files"]) > _last_epoch(local):
+        layout.fetch(backup)
+        logger.info("Resuming from the checkpoint in %s", layout.url(backup))
+
+
+def _last_epoch(names) -> int:
+    """The epoch of the newest `epoch-NNNN/` checkpoint among file names relative to a backup folder (-1: none)."""
+    epochs = [int(name.split("/")[0].removeprefix("epoch-")) for name in names
+              if name.startswith("epoch-") and name.endswith("/" + EpochCheckpoint.STATE)]
+    return max(epochs, default=-1)
+
+
+def _best_effort(action, what: str, logger) -> None:
+    """Run `action`; a failure of the object store is a warning, not the end of a training."""
+    try:
+        action()
+    except PipelineError as error:
+        logger.warning("Could not %s: %s", what, error)
+
+
 def _fit(
     model: keras.Model, batches: dict[str, SplitBatches], layout: DataRoot, backup: Path, experiment: str, epochs: int,
     extra_callbacks: list[keras.callbacks.Callback] | None, logger,
@@ -217,7 +242,11 @@ def _fit(
         )
         # The checkpoint stays after `fit` until the outputs are in place, so a crash while evaluating
         # or saving does not cost the training.
-        checkpoint = EpochCheckpoint(backup, logger=logger, saved=lambda: layout.publish(backup, describe=True))
+        # Published after each epoch, so that a retry on another machine resumes; when the store cannot take
+        # it, training goes on (a retry here still resumes from the local checkpoint).
+        checkpoint = EpochCheckpoint(backup, logger=logger, saved=lambda: _best_effort(
+            lambda: layout.publish(backup, describe=True), f"publish the checkpoint to {layout.url(backup)}", logger,
+        ))
         callbacks = [ShuffleEachEpoch(train), recorder, checkpoint, BatchProgress(progress), *_tensorboard(backup)]
         # Our progress and per-epoch log lines replace Keras' own bar, which would garble logs and TTYs alike.
         model.fit(
@@ -227,14 +256,15 @@ def _fit(
     entries = recorder.completed_entries()
     if diverged := [entry["epoch"] + 1 for entry in entries if not math.isfinite(entry.get("loss", 0.0))]:
         remove(backup)  # resuming from diverged weights would only diverge again
+        _best_effort(lambda: layout.discard(backup), f"remove {layout.url(backup)}", logger)
         raise PipelineError(
             f"The training loss became {entries[diverged[0] - 1]['loss']} in epoch {diverged[0]}: the model "
             "diverged. Train again with a lower learning rate."
         )
     if len(entries) != epochs:
         raise PipelineError(
-            f"Training ended with {len(entries)} of {epochs} epochs recorded: a callback stopped it, or {backup} "
-            "lost its history.json; delete that folder to train from the start."
+            f"Training ended with {len(entries)} of {epochs} epochs recorded: a callback stopped it, or "
+            f"{layout.url(backup)} lost its history.json; delete that folder to train from the start."
         )
     # The epoch this call started from: 0 for a fresh run, `epochs` when an earlier run had finished them all.
     return entries, recorder.first_epoch_run if recorder.first_epoch_run is not None else epochs

@@ -71,7 +71,7 @@ def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
     else:
         server.terminate()
         pytest.fail("prefect server did not become healthy within 120 s")
-    for pool in ("cpu", "gpu"):
+    for pool in ("cpu", "gpu", "gpu-checkout"):
         subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=env, check=True,
                        capture_output=True, cwd=ROOT)
     yield env
@@ -131,9 +131,9 @@ def test_deploy_all_registers_every_deployment_and_the_weekly_schedule(prefect_s
     clone = found["gpu"].pull_steps[0]["prefect.deployments.steps.git_clone"]
     assert (clone["repository"], clone["commit_sha"]) == (repository["url"], repository["commit"])
     assert repository["deployer"] not in json.dumps([d.pull_steps for d in found.values()])
-    # The checkout variant reads NOTMNIST_CHECKOUT on the worker, when the run starts.
+    # The checkout variant reads NOTMNIST_CHECKOUT on the worker, when the run starts, from a pool of its own.
     script = found["gpu-checkout"].pull_steps[0]["prefect.deployments.steps.run_shell_script"]
-    assert script["script"] == "echo $NOTMNIST_CHECKOUT"
+    assert "${NOTMNIST_CHECKOUT:?" in script["script"] and found["gpu-checkout"].work_pool_name == "gpu-checkout"
 
 
 def test_training_on_a_worker_that_shares_nothing_but_the_api_and_the_object_store(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,10 @@ from storage.layout import DataRoot
 from storage.objects import GENERATION_PREFIX, ObjectStore
 
 KIND, FORMAT = "example", 1
+
+
+def s3_server_secret() -> str:
+    return os.environ["AWS_SECRET_ACCESS_KEY"]
 
 
 def committed_folder(layout: DataRoot, name: str, content: bytes = b"first") -> Path:
@@ -61,7 +67,7 @@ def test_publishing_the_same_content_again_uploads_nothing(s3_root, tmp_path):
     assert objects_under(layout.store, "things/a") == before
 
 
-def test_an_interrupted_upload_is_never_taken_for_a_folder_and_the_next_publish_removes_it(s3_root, tmp_path):
+def test_an_interrupted_upload_is_never_taken_for_a_folder_and_a_later_publish_removes_it(s3_root, tmp_path):
     layout = DataRoot(s3_root, tmp_path / "copy")
     folder = committed_folder(layout, "a")
     # What a crash before the manifest leaves: a generation's files, no manifest naming them.
@@ -70,9 +76,13 @@ def test_an_interrupted_upload_is_never_taken_for_a_folder_and_the_next_publish_
     assert layout.published(folder) is None
     assert not DataRoot(s3_root, tmp_path / "other").fetch(tmp_path / "other" / "things" / "a")
 
-    layout.publish(folder)
-    assert not any("abandoned" in name for name in objects_under(layout.store, "things/a"))
+    layout.publish(folder)  # a generation this recent may be another machine's upload in progress: kept
+    assert any("abandoned" in name for name in objects_under(layout.store, "things/a"))
     assert layout.is_published(folder, read_manifest(folder, KIND, FORMAT))
+
+    layout.store.abandoned_after_seconds = 0  # as if it had been left for an hour
+    layout.publish(committed_folder(layout, "a", b"newer"))
+    assert not any("abandoned" in name for name in objects_under(layout.store, "things/a"))
 
 
 def test_a_new_version_replaces_the_old_one_whole(s3_root, tmp_path):
@@ -101,7 +111,7 @@ def test_a_damaged_object_is_refused_and_leaves_no_local_folder(s3_root, tmp_pat
     with pytest.raises(CorruptDataError, match=r"data\.bin does not match the size and sha256 recorded"):
         reader.fetch(copy)
     assert not copy.exists()
-    assert list(copy.parent.iterdir()) == []  # nor a temporary one
+    assert [path for path in copy.parent.iterdir() if path.suffix != ".lock"] == []  # nor a temporary one
 
 
 def test_a_missing_object_means_the_folder_is_not_there(s3_root, tmp_path):
@@ -128,6 +138,29 @@ def test_a_folder_that_changes_in_place_is_described_when_published(s3_root, tmp
     assert (other.root / "models" / "m.backup" / "epoch-0001" / "weights.h5").read_bytes() == b"w" * 100
     layout.discard(backup)
     assert layout.store.manifest("models/m.backup") is None and objects_under(layout.store, "models/m.backup") == []
+
+
+def test_a_damaged_working_copy_is_fetched_again(s3_root, tmp_path):
+    layout = DataRoot(s3_root, tmp_path / "copy")
+    folder = committed_folder(layout, "a")
+    layout.publish(folder)
+    (folder / "data.bin").write_bytes(b"X" * 5000)  # same size, other bytes, manifest untouched
+    assert layout.fetch(folder)
+    assert (folder / "data.bin").read_bytes() == b"first" * 1000
+
+
+def test_a_missing_bucket_is_named(s3_server, tmp_path):
+    layout = DataRoot("s3://no-such-bucket/data", tmp_path / "copy")
+    with pytest.raises(PipelineError, match=r"The bucket 'no-such-bucket' of s3://no-such-bucket/data does not exist"):
+        layout.fetch(layout.splits("anything"))
+
+
+def test_a_store_pickles_without_its_keys_and_works_where_it_is_unpickled(s3_root, tmp_path):
+    layout = DataRoot(s3_root, tmp_path / "copy")
+    layout.publish(committed_folder(layout, "a"))
+    data = pickle.dumps(layout)
+    assert s3_server_secret().encode() not in data
+    assert pickle.loads(data).published(layout.root / "things" / "a") is not None
 
 
 def test_wrong_credentials_give_one_line_naming_the_variables(s3_root, tmp_path, monkeypatch):

@@ -466,3 +466,19 @@ def test_a_training_interrupted_on_one_machine_resumes_on_another(reference_root
     assert begun.epochs == [1]  # epoch 0 came from the checkpoint the first machine published
     assert resumed["epochs_run"] == 1
     assert resumed["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-5)
+
+
+def test_a_machine_with_an_older_checkpoint_resumes_from_the_newer_one_of_the_data_root(reference_root, s3_root, tmp_path):
+    a, b = tmp_path / "machine-a", tmp_path / "machine-b"
+    layout = DataRoot(s3_root, a)
+    shutil.copytree(DataRoot(reference_root).splits("synthetic"), layout.splits("synthetic"))
+    layout.publish(layout.splits("synthetic"))
+    three = {"epochs": 3, "batch_size": 32}
+    with pytest.raises(Interrupted):  # machine A checkpoints epoch 1
+        train_model(s3_root, "synthetic", scratch_dir=a, **three, extra_callbacks=[InterruptAfterEpoch(0)])
+    with pytest.raises(Interrupted):  # machine B takes it over and checkpoints epoch 2
+        train_model(s3_root, "synthetic", scratch_dir=b, **three, extra_callbacks=[InterruptAfterEpoch(1)])
+
+    begun = EpochsBegun()
+    result = train_model(s3_root, "synthetic", scratch_dir=a, **three, extra_callbacks=[begun])
+    assert begun.epochs == [2] and result["epochs_run"] == 1  # not epoch 1 again from its own stale checkpoint
