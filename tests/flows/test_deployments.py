@@ -115,6 +115,18 @@ def read(env: dict[str, str], coroutine_factory):
         return asyncio.run(coroutine_factory())
 
 
+def training_run_states(env: dict[str, str], splits: str) -> list[str]:
+    """The states of the runs of train/gpu that were given the split folder `splits`."""
+
+    async def states():
+        async with get_client() as client:
+            deployment = await client.read_deployment_by_name("train/gpu")
+            runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [deployment.id]}))
+        return [run.state.name for run in runs if run.parameters.get("splits") == splits]
+
+    return read(env, states)
+
+
 def test_deploy_all_registers_every_deployment_and_the_weekly_schedule(prefect_server, deployed, repository):
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
 
@@ -211,13 +223,7 @@ def test_a_parent_that_stops_waiting_cancels_its_training_run(prefect_server, de
         with pytest.raises(KeyboardInterrupt):
             train_remotely("train/gpu", parameters, timeout_seconds=60)
 
-    async def runs_left():
-        async with get_client() as client:
-            deployment = await client.read_deployment_by_name("train/gpu")
-            runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [deployment.id]}))
-        return [run.state.name for run in runs if run.parameters.get("splits") == "interrupted-parent"]
-
-    assert read(prefect_server, runs_left) == ["Cancelled"]
+    assert training_run_states(prefect_server, "interrupted-parent") == ["Cancelled"]
 
 
 def test_a_training_run_nobody_picks_up_times_out_with_a_clear_error(prefect_server, deployed, tmp_path):
@@ -227,10 +233,5 @@ def test_a_training_run_nobody_picks_up_times_out_with_a_clear_error(prefect_ser
         with pytest.raises(PipelineError, match=r"did not finish within 3 s .*it was cancelled\. Is a worker polling"):
             train_remotely("train/gpu", parameters, timeout_seconds=3)
 
-    async def runs_left():
-        async with get_client() as client:
-            deployment = await client.read_deployment_by_name("train/gpu")
-            runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [deployment.id]}))
-        return [run.state.name for run in runs if run.parameters.get("splits") == "nothing-here"]
-
-    assert read(prefect_server, runs_left) == ["Cancelled"]  # nothing left Late in the queue for the next worker
+    # Nothing left Late in the queue for the next worker.
+    assert training_run_states(prefect_server, "nothing-here") == ["Cancelled"]
