@@ -81,10 +81,6 @@ def seaweed_s3(folder: Path, *, startup_seconds: float = 60) -> Iterator[dict[st
 
 def create_bucket(environment: dict[str, str], bucket: str) -> None:
     """Create `bucket` on the server `environment` reaches."""
-    from pyarrow import fs as arrow_fs
+    from storage.objects import s3_filesystem
 
-    endpoint = environment["AWS_ENDPOINT_URL"].removeprefix("http://")
-    arrow_fs.S3FileSystem(
-        access_key=environment["AWS_ACCESS_KEY_ID"], secret_key=environment["AWS_SECRET_ACCESS_KEY"],
-        endpoint_override=endpoint, scheme="http", region=environment["AWS_REGION"], allow_bucket_creation=True,
-    ).create_dir(bucket)
+    s3_filesystem(environment, allow_bucket_creation=True).create_dir(bucket)

@@ -221,5 +221,5 @@ def cancel_training_runs(flow, flow_run, state) -> None:
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id]))
         )
     for child in children:
-        if child.deployment_id is not None and (child.state is None or not child.state.is_final()):
+        if child.deployment_id is not None:  # a run sent to a work pool, not an in-process subflow
             _cancel(child.id)

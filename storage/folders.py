@@ -39,6 +39,15 @@ def describe_files(folder: Path, names: Iterable[str]) -> dict[str, dict[str, An
     return {name: {"bytes": (folder / name).stat().st_size, "sha256": digest} for name, digest in zip(names, digests)}
 
 
+def files_under(folder: Path) -> list[str]:
+    """The files of `folder` and its subfolders, as sorted relative names with forward slashes (the manifest's
+    own file left out): what a manifest lists."""
+    folder = Path(folder)
+    return sorted(
+        path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file() and path.name != MANIFEST
+    )
+
+
 def _threads(files: int) -> int:
     """Threads to hash `files` files with: hashlib and file reads release the GIL, so each core hashes one."""
     return max(1, min(files, os.cpu_count() or 1))
@@ -150,8 +159,9 @@ class FolderWriter:
     def commit(self, **fields: Any) -> dict:
         """Describe every file written (in subfolders too), write the manifest and put the folder in place;
         returns the manifest."""
-        names = sorted(path.relative_to(self.work).as_posix() for path in self.work.rglob("*") if path.is_file())
-        return commit_folder(self.work, self.folder, self.kind, self.format_version, names, self.fields, **fields)
+        return commit_folder(
+            self.work, self.folder, self.kind, self.format_version, files_under(self.work), self.fields, **fields
+        )
 
     def fields(self, files: dict[str, dict]) -> dict[str, Any]:
         """Fields derived from the written files, for a kind of folder to add to its manifest."""

@@ -32,7 +32,7 @@ from typing import Any
 from filelock import FileLock
 
 from storage.atomic import read_json
-from storage.folders import MANIFEST, describe_files, folder_problem, manifest_identity
+from storage.folders import MANIFEST, describe_files, files_under, folder_problem, manifest_identity
 from storage.objects import ObjectStore, is_object_store
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -110,10 +110,7 @@ class DataRoot:
             return
         folder = Path(folder)
         if describe:
-            names = sorted(
-                path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file() and path.name != MANIFEST
-            )
-            manifest = {"kind": "working", "format": 1, "files": describe_files(folder, names)}
+            manifest = {"kind": "working", "format": 1, "files": describe_files(folder, files_under(folder))}
         else:
             manifest = read_json(folder / MANIFEST)
         published = self.published(folder)
@@ -157,7 +154,7 @@ class DataRoot:
                 local = None
             same = local is not None and manifest_identity(local) == manifest_identity(published)
             if not same or folder_problem(folder, local) is not None:
-                self.store.download(self.relative(folder), folder)
+                self.store.download(self.relative(folder), published, folder)
         return True
 
     def publish_file(self, path: Path) -> None:

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import time
 import json
 import os
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -53,16 +53,17 @@ def is_object_store(location: str | os.PathLike) -> bool:
     return str(location).startswith(SCHEME)
 
 
-def s3_filesystem() -> arrow_fs.S3FileSystem:
-    """pyarrow's S3 client, configured from the standard AWS environment variables."""
-    options: dict[str, Any] = {}
-    if region := os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
+def s3_filesystem(environment: Mapping[str, str] | None = None, **options: Any) -> arrow_fs.S3FileSystem:
+    """pyarrow's S3 client, configured from the standard AWS variables of `environment` (default: this
+    process's), with `options` added."""
+    environment = os.environ if environment is None else environment
+    if region := environment.get("AWS_REGION") or environment.get("AWS_DEFAULT_REGION"):
         options["region"] = region  # else the AWS SDK's own lookup (profile, instance metadata)
-    if endpoint := os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
+    if endpoint := environment.get("AWS_ENDPOINT_URL_S3") or environment.get("AWS_ENDPOINT_URL"):
         parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
         options.update(endpoint_override=parts.netloc, scheme=parts.scheme)
-    if (key := os.environ.get("AWS_ACCESS_KEY_ID")) and (secret := os.environ.get("AWS_SECRET_ACCESS_KEY")):
-        options.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    if (key := environment.get("AWS_ACCESS_KEY_ID")) and (secret := environment.get("AWS_SECRET_ACCESS_KEY")):
+        options.update(access_key=key, secret_key=secret, session_token=environment.get("AWS_SESSION_TOKEN"))
     return arrow_fs.S3FileSystem(**options)
 
 
@@ -156,15 +157,13 @@ class ObjectStore:
                 return f"{self.url(folder)}/{name} has {found[name]:,} bytes, {entry['bytes']:,} were recorded"
         return None
 
-    def download(self, folder: str, local: Path) -> dict:
-        """Copy the committed `folder` into the local folder `local`, every file checked as it arrives.
+    def download(self, folder: str, manifest: dict, local: Path) -> dict:
+        """Copy the committed `folder`, as its `manifest` describes it, into the local folder `local`, every file
+        checked as it arrives.
 
         The copy is written beside `local` and renamed into place with its manifest (without the
         generation), so a local folder is complete or absent; returns that manifest.
         """
-        manifest = self.manifest(folder)
-        if manifest is None:
-            raise PipelineError(f"{self.url(folder)} holds no committed folder: build it first.")
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         work = temporary_sibling(local)

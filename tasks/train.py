@@ -170,8 +170,7 @@ def train_model(
                 shutil.copytree(backup / TENSORBOARD, writer.work / TENSORBOARD)
             writer.commit(experiment=experiment, dataset_fingerprint=fingerprint)
         layout.publish(model_dir)
-        remove(backup)
-        _best_effort(lambda: layout.discard(backup), f"remove {layout.url(backup)}", logger)
+        _drop_checkpoint(layout, backup, logger)
     logger.info(
         "%s: test accuracy %.4f (seed %s), test loss %.4f, val accuracy %.4f, on %s",
         experiment, metrics["test_accuracy"], reported(experiment).get("test_accuracy"),
@@ -216,6 +215,12 @@ def _last_epoch(names) -> int:
     return max(epochs, default=-1)
 
 
+def _drop_checkpoint(layout: DataRoot, backup: Path, logger) -> None:
+    """Remove a training's checkpoint from the working copy and, as far as the store allows, from the data root."""
+    remove(backup)
+    _best_effort(lambda: layout.discard(backup), f"remove {layout.url(backup)}", logger)
+
+
 def _best_effort(action, what: str, logger) -> None:
     """Run `action`; a failure of the object store is a warning, not the end of a training."""
     try:
@@ -255,8 +260,7 @@ def _fit(
         )
     entries = recorder.completed_entries()
     if diverged := [entry["epoch"] + 1 for entry in entries if not math.isfinite(entry.get("loss", 0.0))]:
-        remove(backup)  # resuming from diverged weights would only diverge again
-        _best_effort(lambda: layout.discard(backup), f"remove {layout.url(backup)}", logger)
+        _drop_checkpoint(layout, backup, logger)  # resuming from diverged weights would only diverge again
         raise PipelineError(
             f"The training loss became {entries[diverged[0] - 1]['loss']} in epoch {diverged[0]}: the model "
             "diverged. Train again with a lower learning rate."

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,18 +24,11 @@ def s3_server(tmp_path_factory) -> Iterator[dict[str, str]]:
     that reach it are set in this process while it runs (and yielded, for subprocesses)."""
     from demo.s3server import create_bucket, seaweed_s3
 
-    with seaweed_s3(tmp_path_factory.mktemp("seaweedfs")) as environment:
+    with seaweed_s3(tmp_path_factory.mktemp("seaweedfs")) as environment, pytest.MonkeyPatch.context() as patch:
         create_bucket(environment, "notmnist")
-        saved = {name: os.environ.get(name) for name in environment}
-        os.environ.update(environment)
-        try:
-            yield environment
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        yield environment
 
 
 @pytest.fixture
