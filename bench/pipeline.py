@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / ".bench")
     parser.add_argument("--s3", action="store_true", help="compare a local data root with one on a loopback S3 server")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of the --s3 comparison")
+    parser.add_argument("--task-runner", default="processes", choices=("processes", "threads", "dask"),
+                        help="where the flow's letter tasks run")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -101,7 +103,7 @@ def main() -> None:
             large_bytes=archives["notMNIST_large.tar.gz"]["bytes"], large_sha256=archives["notMNIST_large.tar.gz"]["sha256"],
             small_bytes=archives["notMNIST_small.tar.gz"]["bytes"], small_sha256=archives["notMNIST_small.tar.gz"]["sha256"],
             min_images_large=minimums["notMNIST_large.tar.gz"], min_images_small=minimums["notMNIST_small.tar.gz"],
-            epochs=1, return_state=True, **sizes,
+            epochs=1, task_runner=args.task_runner, return_state=True, **sizes,
         )
         if not state.is_completed():
             raise SystemExit(f"run on {data_dir} failed: {state.message}")

@@ -44,7 +44,7 @@ def demo_sizes(per_letter: int, small_per_letter: int) -> dict[str, int]:
 
 def run_demo(
     layout: DataRoot, *, per_letter: int = 5000, epochs: int = 5, workers: int | None = None,
-    train_deployment: str | None = None,
+    task_runner: str = "processes", dask_address: str | None = None, train_deployment: str | None = None,
 ) -> dict[str, Any]:
     """Generate (once), serve and run the pipeline; returns its result and where to see the run."""
     archives = demo_archives(layout.source, per_letter)
@@ -55,7 +55,8 @@ def run_demo(
             large_bytes=large["bytes"], large_sha256=large["sha256"],
             small_bytes=small["bytes"], small_sha256=small["sha256"],
             min_images_large=per_letter * 9 // 10, min_images_small=(small["images"] // 10) * 9 // 10,
-            epochs=epochs, workers=workers, train_deployment=train_deployment,
+            epochs=epochs, workers=workers, task_runner=task_runner, dask_address=dask_address,
+            train_deployment=train_deployment,
             **demo_sizes(per_letter, small["images"] // 10),
             return_state=True,
         )

@@ -221,6 +221,7 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
 
     return run_demo(
         _data_root(args, must_exist=False), per_letter=args.per_letter, epochs=args.epochs, workers=args.workers,
+        task_runner=args.task_runner, dask_address=args.dask_address,
         train_deployment=args.train_deployment,
     )
 
@@ -275,6 +276,16 @@ def _training_options(
     sub.add_argument("--batch-size", type=POSITIVE, default=batch_size, help="training batch size (the seed's value)")
     sub.add_argument("--learning-rate", type=RATE, default=learning_rate,
                      help=f"{optimizer}'s learning rate (the seed's value)")
+
+
+def _letter_task_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--workers", type=POSITIVE, default=None,
+                     help="letters decoded at once (default: one per core; for dask without an address, its workers)")
+    sub.add_argument("--task-runner", choices=("processes", "threads", "dask"), default="processes",
+                     help="where the per-letter decode tasks run: this machine's processes, threads, or a Dask cluster")
+    sub.add_argument("--dask-address", default=None,
+                     help="scheduler of an existing Dask cluster (tcp://HOST:8786) for --task-runner dask "
+                          "(default: a local cluster started for the run)")
 
 
 def _dispatch_options(sub: argparse.ArgumentParser) -> None:
@@ -350,7 +361,7 @@ def _add_run(commands) -> None:
                          help=f"fewest usable images per letter of the {size} archive")
     _no_checks_option(run, "the archives' sizes nor their sha256")
     _read_timeout_option(run)
-    run.add_argument("--workers", type=POSITIVE, default=None, help="decode processes (default: one per core)")
+    _letter_task_options(run)
     _split_options(run)
     _training_options(run)
     _dispatch_options(run)
@@ -409,7 +420,7 @@ def _add_demo(commands) -> None:
     demo.add_argument("--per-letter", type=POSITIVE, default=5000, help="images per letter in the generated large archive")
     demo.add_argument("--epochs", type=POSITIVE, default=5,
                       help="training epochs (the seed trains 2 on 200,000 images; the demo has 40,000)")
-    demo.add_argument("--workers", type=POSITIVE, default=None, help="decode processes (default: one per core)")
+    _letter_task_options(demo)
     demo.add_argument("--train-deployment", default=None,
                       help="send training to this deployment (e.g. train/gpu) instead of training here")
 

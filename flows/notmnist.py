@@ -29,11 +29,11 @@ from core.seed import (
     TRAIN_SIZE,
     VALID_SIZE,
 )
+from flows.letters import decode_letters, letter_runner
 from flows.reports import publish_letters, publish_splits
 from flows.train import cancel_training_runs, pipeline_result, train_and_report
 from storage.layout import DataRoot, archive_stem, working_copy
 from storage.letters import letter_folder
-from tasks.decode import shards_task
 from tasks.download import download_task
 from tasks.extract import extract_task
 from tasks.splits import splits_task
@@ -65,6 +65,8 @@ def notmnist_pipeline(
     batch_size: int = BATCH_SIZE,
     learning_rate: float = LEARNING_RATE,
     workers: int | None = None,
+    task_runner: str = "processes",
+    dask_address: str | None = None,
     train_deployment: str | None = None,
     train_timeout_seconds: float = TRAIN_TIMEOUT_SECONDS,
     read_timeout_seconds: float = READ_TIMEOUT_SECONDS,
@@ -91,7 +93,10 @@ def notmnist_pipeline(
         epochs: training epochs.
         batch_size: training batch size.
         learning_rate: Adadelta's learning rate.
-        workers: decode processes (None: one per core).
+        workers: letters decoded at once (None: one per core; with dask and no address, the local cluster's workers).
+        task_runner: where the letter tasks run: processes, threads, or dask.
+        dask_address: the scheduler of an existing Dask cluster (tcp://HOST:8786) for task_runner dask;
+            None starts a local cluster.
         train_deployment: send training to this deployment (e.g. train/gpu) instead of training here.
         train_timeout_seconds: how long to wait for a training sent to a deployment.
         read_timeout_seconds: a download attempt ends after this long without data; the next one resumes.
@@ -110,12 +115,13 @@ def notmnist_pipeline(
         for name, (size, sha256, _) in archives.items()
     }
     glyphs = {}
-    for name, (_, _, min_images) in archives.items():
-        top = extract_task(downloads[name].result(), layout.extracted)
-        letters = shards_task(top, layout.shards(name), min_images=min_images, workers=workers)
-        for letter in letters:
-            layout.publish(letter_folder(layout.shards(name), letter))
-        glyphs[f"{archive_stem(name)}_glyphs"] = publish_letters(archive_stem(name), letters, layout.shards(name))
+    with letter_runner(task_runner, workers, dask_address) as runner:
+        for name, (_, _, min_images) in archives.items():
+            top = extract_task(downloads[name].result(), layout.extracted)
+            letters = decode_letters(runner, top, layout.shards(name), min_images)
+            for letter in letters:
+                layout.publish(letter_folder(layout.shards(name), letter))
+            glyphs[f"{archive_stem(name)}_glyphs"] = publish_letters(archive_stem(name), letters, layout.shards(name))
     splits = splits_task(
         layout.location, scratch_dir=working_copy(layout), large=large_archive, small=small_archive, train_size=train_size, valid_size=valid_size,
         test_size=test_size, seed=seed, dedup=dedup,

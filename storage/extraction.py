@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -73,13 +74,14 @@ def read_record(folder: Path) -> dict | None:
     return record if valid and record.get("top_folder") == folder.name else None
 
 
-def extraction_problem(top: Path, record: dict) -> str | None:
-    """How the extracted folder `top` differs from its record, or None when it is as extracted."""
+def extraction_problem(top: Path, record: dict, classes: Iterable[str] | None = None) -> str | None:
+    """How the extracted folder `top` (or only its `classes` folders) differs from its record, or None when
+    it is as extracted."""
     found = class_folders(top)
     if found != sorted(record["classes"]):
         return f"{top} holds class folders {found}, the extraction made {sorted(record['classes'])}"
     finished = (top / RECORD_NAME).stat().st_mtime_ns
-    names = list(record["classes"])
+    names = list(record["classes"]) if classes is None else [name for name in record["classes"] if name in classes]
     # stat releases the GIL: the class folders are listed on all cores.
     with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1))) as pool:
         states = dict(zip(names, pool.map(lambda name: folder_state(top / name), names)))

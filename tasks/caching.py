@@ -1,4 +1,5 @@
-"""The stages' cache policy: a cached result counts only while the output it describes is on disk, intact.
+"""The stages' cache policy (a cached result counts only while the output it describes is on disk, intact),
+and their retry condition.
 
 A key is the task's inputs (less those that do not change the output, such as the worker count) and
 its source. Before Prefect looks the key up, the policy asks storage/ whether the output those inputs
@@ -21,6 +22,8 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.filesystems import LocalFileSystem
 from prefect.results import get_result_store
 from prefect.utilities.hashing import hash_objects
+
+from core.errors import PipelineError
 
 OutputIdentity = Callable[[dict[str, Any]], str | None]
 
@@ -69,3 +72,15 @@ def stage_cache(
     `ignore` leaves inputs out of the key; `keyed_on(parameters)` puts what they stood for back in.
     """
     return StageCache(output=output, ignore=tuple(ignore), keyed_on=keyed_on)
+
+
+def retry_unless_pipeline_error(task, task_run, state) -> bool:
+    """Prefect retry condition: a crash (a killed worker, a dropped connection) is worth a retry; bad input,
+    which a retry would only meet again, is not."""
+    try:
+        state.result()
+    except PipelineError:
+        return False
+    except Exception:
+        return True
+    return False

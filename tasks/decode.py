@@ -9,6 +9,9 @@ each shard's sha256, so a rerun skips letters that are done and intact and redoe
 
 Input is the folder the extraction stage made, or the archive itself (read in one pass, no
 extraction; see `storage.tar_stream`). Rows come out in the same order either way.
+
+The pipeline decodes each letter as a Prefect task of its own (`letter_task`, fanned out by
+flows/letters.py); `notmnist shards` decodes a whole archive with the process pool here.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ from prefect import task
 
 from core.errors import ArchiveError, CorruptDataError, PipelineError
 from core.seed import LETTERS
-from storage.atomic import remove, remove_leftovers, temporary_sibling
+from storage.atomic import remove, remove_temporaries_of, temporary_sibling
 from storage.digests import sha256_of
 from storage.extraction import extraction_problem, folder_state, read_record
 from storage.folders import manifest_identity
 from storage.layout import archive_stem
 from storage.letters import commit_letter, find_letter, letter_folder, read_letter_manifest
 from storage.tar_stream import iter_files
-from tasks.caching import stage_cache
+from tasks.caching import retry_unless_pipeline_error, stage_cache
 from tasks.images import BatchJob, BatchResult, decode_batch, start_worker
 from tasks.reporting import Progress, artifact_key, stage_logger
 
@@ -191,7 +194,7 @@ def _sources(source: Path, letters: str, *, check_extraction: bool = True) -> di
         fingerprint = sha256_of(source)
         return {letter: {"kind": "archive", "name": source.name, "fingerprint": fingerprint} for letter in letters}
     record = read_record(source)
-    if record is not None and check_extraction and (problem := extraction_problem(source, record)) is not None:
+    if record is not None and check_extraction and (problem := extraction_problem(source, record, letters)) is not None:
         raise CorruptDataError(f"{problem}: extract the archive again (`notmnist extract`, or rerun the pipeline).")
     if record is not None:  # the archive's content and the folder's listing
         fingerprints = {letter: f"{record['archive_sha256']}-{record['classes'][letter]}" for letter in letters}
@@ -226,8 +229,12 @@ def decode_to_shards(
             raise ArchiveError(f"{source} should hold folders {', '.join(letters)}; found {found or 'none'}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    with FileLock(str(out_dir / ".lock")):
-        remove_leftovers(out_dir)
+    # One decode of a letter at a time (letters may be decoded by tasks of their own, in parallel);
+    # leftovers of a letter are then surely a dead run's.
+    with contextlib.ExitStack() as locks:
+        for letter in sorted(set(letters)):
+            locks.enter_context(FileLock(str(out_dir / f".{letter}.lock")))
+            remove_temporaries_of(letter_folder(out_dir, letter))
         sources = _sources(source, letters)
         todo = [letter for letter in letters if find_letter(letter_folder(out_dir, letter), sources[letter]["fingerprint"]) is None]
         if len(todo) < len(letters):
@@ -237,9 +244,10 @@ def decode_to_shards(
         groups = [todo] if source.is_file() else [[letter] for letter in todo]
         total = None if source.is_file() else sum(len(os.listdir(source / letter)) for letter in todo)
         short: list[dict] = []
+        name = source.name if set(letters) == set(LETTERS) else f"{source.name} {''.join(letters)}"
         with (
             _worker_pool(workers or os.cpu_count() or 1) as pool,
-            Progress(f"decode {source.name}", total, key=artifact_key("decode", source.name), unit="images") as progress,
+            Progress(f"decode {name}", total, key=artifact_key("decode", name), unit="images") as progress,
         ):
             for group in filter(None, groups):
                 short += _decode_group(source, group, out_dir, sources, min_images, pool, progress)
@@ -257,20 +265,28 @@ def decode_to_shards(
     return manifests
 
 
-def _shards_identity(parameters: dict) -> str | None:
-    """Cache identity: every letter decoded from this very input and intact, else None."""
-    source, out_dir = Path(parameters["source"]), Path(parameters["out_dir"])
+def decode_letter(source: Path, out_dir: Path, letter: str, *, min_images: int = 0) -> dict:
+    """Decode one letter of an extracted notMNIST folder into `out_dir/<letter>/`, in this process (the seed's
+    `load_letter`); returns its manifest. Letters decoded as tasks of their own run in parallel."""
+    return decode_to_shards(source, out_dir, min_images=min_images, workers=1, letters=letter)[letter]
+
+
+def _letter_identity(parameters: dict) -> str | None:
+    """Cache identity: the letter decoded from this very input and intact, else None."""
+    source, out_dir, letter = Path(parameters["source"]), Path(parameters["out_dir"]), parameters["letter"]
     try:  # the extract task checked the folder against its record just before, in the same run
-        sources = _sources(source, LETTERS, check_extraction=False)
+        sources = _sources(source, letter, check_extraction=False)
     except (OSError, KeyError, PipelineError):
         return None
-    found = [find_letter(letter_folder(out_dir, letter), sources[letter]["fingerprint"]) for letter in LETTERS]
-    return None if None in found else ",".join(manifest_identity(manifest) for manifest in found)
+    found = find_letter(letter_folder(out_dir, letter), sources[letter]["fingerprint"])
+    return None if found is None else manifest_identity(found)
 
 
-shards_task = task(
-    name="decode-shards",
-    task_run_name=lambda parameters: f"decode {archive_stem(parameters['source'])}",
-    cache_policy=stage_cache(_shards_identity, ignore=("workers",)),
+letter_task = task(
+    name="decode-letter",
+    task_run_name=lambda parameters: f"decode {archive_stem(parameters['source'])} {parameters['letter']}",
+    cache_policy=stage_cache(_letter_identity),
+    retries=1,
+    retry_condition_fn=retry_unless_pipeline_error,
     persist_result=True,
-)(decode_to_shards)
+)(decode_letter)

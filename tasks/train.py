@@ -28,6 +28,7 @@ from storage.layout import DataRoot, backup_folder, model_key
 from storage.models import METRICS_FILE, MODEL_FILE, RECORD_FILE, find_model, model_writer
 from storage.splits import read_splits_manifest
 from tasks.batches import NORMALISATIONS, ShuffleEachEpoch, SplitBatches, open_splits
+from tasks.caching import retry_unless_pipeline_error
 from tasks.models import build_one_layer_cnn, make_optimizer
 from tasks.reporting import Progress, artifact_key, stage_logger
 from tasks.training_callbacks import BatchProgress, EpochCheckpoint, EpochRecorder, history_columns
@@ -331,18 +332,7 @@ def _evaluate(
     }
 
 
-def _retry_unless_pipeline_error(task, task_run, state) -> bool:
-    """Prefect retry condition: a crash mid-training is worth a retry (it resumes); bad input is not."""
-    try:
-        state.result()
-    except PipelineError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
 train_task = task(
     name="train", task_run_name="train {experiment}", retries=1, retry_delay_seconds=10,
-    retry_condition_fn=_retry_unless_pipeline_error,
+    retry_condition_fn=retry_unless_pipeline_error,
 )(train_model)

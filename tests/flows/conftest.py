@@ -56,7 +56,18 @@ def pipeline_parameters(served: ServedArchives, data_dir: Path, **overrides) -> 
         valid_size=50,
         test_size=50,
         epochs=2,
-        workers=1,
+        workers=2,
+        task_runner="threads",  # the default, processes, is run by the CLI and crash tests (it costs a spawn per run)
     )
     parameters.update(overrides)
     return parameters
+
+
+@pytest.fixture(scope="session")
+def dask_address() -> Iterator[str]:
+    """A real Dask cluster for the session: a scheduler and two worker processes on 127.0.0.1."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address=":0") as cluster:
+        yield cluster.scheduler_address

@@ -209,5 +209,39 @@ def test_task_runs_are_named_for_what_they_do_and_keep_their_names(first_run):
     names_of_runs = asyncio.run(names())
     assert [name for name in names_of_runs if not name.startswith("train-")] == sorted([
         "download notMNIST_large.tar.gz", "download notMNIST_small.tar.gz", "extract notMNIST_large.tar.gz",
-        "extract notMNIST_small.tar.gz", "decode notMNIST_large", "decode notMNIST_small", "splits 250/50/50 seed 133",
+        "extract notMNIST_small.tar.gz", "splits 250/50/50 seed 133",
+        *(f"decode notMNIST_{size} {letter}" for size in ("large", "small") for letter in "ABCDEFGHIJ"),
     ])  # "train-0" stands for the training subflow, whose own task run is "train notmnist"
+
+
+def test_one_damaged_letter_is_decoded_again_and_the_other_nineteen_come_from_the_cache(
+    prefect_api, served_archives, tmp_path
+):
+    parameters = pipeline_parameters(served_archives, tmp_path / "data")
+    assert notmnist_pipeline(**parameters, return_state=True).is_completed()
+    shard = next((DataRoot(tmp_path / "data").shards("notMNIST_large.tar.gz") / "C").glob("*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+
+    again = notmnist_pipeline(**parameters, return_state=True)
+    assert again.is_completed(), again.message
+    letters = decode_states(again.state_details.flow_run_id)
+    assert letters.pop("decode notMNIST_large C") == "Completed"
+    assert set(letters.values()) == {"Cached"} and len(letters) == 19
+
+
+def test_letters_are_decoded_on_a_dask_cluster(prefect_api, served_archives, dask_address, tmp_path):
+    parameters = pipeline_parameters(served_archives, tmp_path / "data", task_runner="dask", dask_address=dask_address)
+    state = notmnist_pipeline(**parameters, return_state=True)
+    assert state.is_completed(), state.message
+    letters = decode_states(state.state_details.flow_run_id)
+    assert len(letters) == 20 and set(letters.values()) == {"Completed"}
+
+
+def decode_states(flow_run_id) -> dict[str, str]:
+    """Letter task run name -> state name, of one flow run."""
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    return {run.name: run.state.name for run in asyncio.run(read()) if run.name.startswith("decode ")}

@@ -1,0 +1,97 @@
+"""The decode stage as one Prefect task per (archive, letter), fanned out on a task runner of the user's choice.
+
+Each letter task (the seed's `load_letter`) is named for its letter, cached on its own input and
+output, and retried on its own, so the UI shows twenty tasks for the two archives and a failure
+redoes one letter. Where they run:
+
+  processes  a pool of this machine's processes, one per core by default (decoding is CPU-bound)
+  threads    a pool of threads in this process
+  dask       a Dask cluster: an existing one (`dask_address`, tcp://...), or a local one started for
+             the run; the workers must see the data root's working copy at the same path
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.futures import wait
+from prefect.settings import get_current_settings
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+
+from core.errors import PipelineError
+from core.seed import LETTERS
+from tasks.decode import TooFewImagesError, letter_task
+from tasks.images import start_worker
+
+TASK_RUNNERS = ("processes", "threads", "dask")
+
+
+@contextlib.contextmanager
+def letter_runner(kind: str, workers: int | None = None, dask_address: str | None = None) -> Iterator[TaskRunner]:
+    """A started task runner for the letter tasks (see the module docstring); stopped on leaving."""
+    workers = workers or os.cpu_count() or 1
+    if kind == "threads":
+        runner: TaskRunner = ThreadPoolTaskRunner(max_workers=workers)
+    elif kind == "processes":
+        # Workers exit with this process, even when it is killed.
+        runner = ProcessPoolTaskRunner(max_workers=workers, initializer=start_worker, initargs=(os.getpid(),))
+    elif kind == "dask":
+        runner = _dask_runner(workers, dask_address)
+    else:
+        raise PipelineError(f"task_runner must be one of {', '.join(TASK_RUNNERS)}; got {kind!r}")
+    with _api_shared_with_workers(), runner:
+        yield runner
+
+
+def _dask_runner(workers: int, address: str | None) -> TaskRunner:
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as error:
+        raise PipelineError("task_runner 'dask' needs prefect-dask and distributed: pip install '.[dask]'") from error
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": workers, "processes": True, "threads_per_worker": 1, "dashboard_address": ":0",
+    })
+
+
+@contextlib.contextmanager
+def _api_shared_with_workers() -> Iterator[None]:
+    """Point worker processes at the API this run uses: on Prefect's embedded API, each one would start its own."""
+    if get_current_settings().api.url or os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        url = str(client.api_url)
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+def decode_letters(runner: TaskRunner, source: Path, out_dir: Path, min_images: int) -> dict[str, dict]:
+    """Decode every letter of an extracted archive as tasks of their own on `runner`; returns each one's manifest.
+
+    Every letter is waited for; letters with too few images are reported together, as one error.
+    """
+    futures = {
+        letter: runner.submit(letter_task, parameters={
+            "source": source, "out_dir": out_dir, "letter": letter, "min_images": min_images,
+        })
+        for letter in LETTERS
+    }
+    wait(list(futures.values()))
+    manifests, short = {}, []
+    for letter, future in futures.items():
+        try:
+            manifests[letter] = future.result()
+        except TooFewImagesError as error:
+            short.append(str(error))
+    if short:
+        raise TooFewImagesError(" ".join(short))
+    return manifests
