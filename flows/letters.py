@@ -4,8 +4,10 @@ Each letter task (the seed's `load_letter`) is named for its letter, cached on i
 output, and retried on its own, so the UI shows twenty tasks for the two archives and a failure
 redoes one letter. Where they run:
 
-  processes  a pool of this machine's processes, one per core by default (decoding is CPU-bound)
-  threads    a pool of threads in this process
+  processes  the tasks run in threads here, and decode their batches on one pool of this machine's
+             processes, one per core by default, started only when a letter needs decoding (so a
+             cached rerun starts none, and the cache is looked up without leaving this process)
+  threads    a pool of threads in this process, decoding in them
   dask       a Dask cluster: an existing one (`dask_address`, tcp://...), or a local one started for
              the run; the workers must see the data root's working copy at the same path
 """
@@ -20,12 +22,11 @@ from pathlib import Path
 from prefect.client.orchestration import get_client
 from prefect.futures import wait
 from prefect.settings import get_current_settings
-from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from core.errors import PipelineError
 from core.seed import LETTERS
-from tasks.decode import TooFewImagesError, letter_task
-from tasks.images import start_worker
+from tasks.decode import TooFewImagesError, letter_task, shared_worker_pool
 
 TASK_RUNNERS = ("processes", "threads", "dask")
 
@@ -37,8 +38,9 @@ def letter_runner(kind: str, workers: int | None = None, dask_address: str | Non
     if kind == "threads":
         runner: TaskRunner = ThreadPoolTaskRunner(max_workers=workers)
     elif kind == "processes":
-        # Workers exit with this process, even when it is killed.
-        runner = ProcessPoolTaskRunner(max_workers=workers, initializer=start_worker, initargs=(os.getpid(),))
+        with ThreadPoolTaskRunner(max_workers=len(LETTERS)) as runner, shared_worker_pool(workers):
+            yield runner
+        return
     elif kind == "dask":
         runner = _dask_runner(workers, dask_address)
     else:

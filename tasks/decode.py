@@ -20,6 +20,7 @@ import contextlib
 import math
 import multiprocessing
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict
@@ -119,18 +120,57 @@ def _archive_members(archive: Path, wanted: Iterable[str]) -> Iterator[tuple[str
             yield parts[1], name, data
 
 
+def _new_pool(workers: int) -> ProcessPoolExecutor:
+    # spawn: the parent may run Prefect's threads, which fork() would copy in unknown states.
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=start_worker, initargs=(os.getpid(),))
+    pool.in_flight = 2 * workers  # jobs queued at once per caller: bounds the images the parent holds
+    return pool
+
+
+class _SharedPool:
+    """One process pool for every letter decoded in this process, started when the first batch needs it."""
+
+    def __init__(self, workers: int):
+        self.workers, self._pool, self._lock = workers, None, threading.Lock()
+
+    def get(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = _new_pool(self.workers)
+            return self._pool
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+_shared: _SharedPool | None = None
+
+
+@contextlib.contextmanager
+def shared_worker_pool(workers: int | None = None) -> Iterator[None]:
+    """Decode the batches of every letter task that runs in this process, in threads, on one process pool
+    (started only if some letter needs decoding: a fully cached run starts no process)."""
+    global _shared
+    _shared = _SharedPool(workers or os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        pool, _shared = _shared, None
+        pool.shutdown()
+
+
 @contextlib.contextmanager
 def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """A process pool, or None to decode in this process when one worker is asked for."""
+    """The shared pool when one is open, else a process pool of `workers`, or None (decode here) for one worker."""
+    if _shared is not None:
+        yield _shared.get()
+        return
     if workers <= 1:
         yield None
         return
-    # spawn: the parent may run Prefect's threads, which fork() would copy in unknown states.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=start_worker, initargs=(os.getpid(),)
-    ) as pool:
-        pool.in_flight = 2 * workers  # jobs queued at once: bounds the images the parent holds
+    with _new_pool(workers) as pool:
         yield pool
 
 
@@ -245,10 +285,12 @@ def decode_to_shards(
         total = None if source.is_file() else sum(len(os.listdir(source / letter)) for letter in todo)
         short: list[dict] = []
         name = source.name if set(letters) == set(LETTERS) else f"{source.name} {''.join(letters)}"
-        with (
-            _worker_pool(workers or os.cpu_count() or 1) as pool,
-            Progress(f"decode {name}", total, key=artifact_key("decode", name), unit="images") as progress,
-        ):
+        with contextlib.ExitStack() as stack:
+            if todo:  # no worker is started for letters already done
+                pool = stack.enter_context(_worker_pool(workers or os.cpu_count() or 1))
+                progress = stack.enter_context(
+                    Progress(f"decode {name}", total, key=artifact_key("decode", name), unit="images")
+                )
             for group in filter(None, groups):
                 short += _decode_group(source, group, out_dir, sources, min_images, pool, progress)
 
@@ -266,8 +308,8 @@ def decode_to_shards(
 
 
 def decode_letter(source: Path, out_dir: Path, letter: str, *, min_images: int = 0) -> dict:
-    """Decode one letter of an extracted notMNIST folder into `out_dir/<letter>/`, in this process (the seed's
-    `load_letter`); returns its manifest. Letters decoded as tasks of their own run in parallel."""
+    """Decode one letter of an extracted notMNIST folder into `out_dir/<letter>/` (the seed's `load_letter`);
+    returns its manifest. In this process, or on the pool `shared_worker_pool` opened."""
     return decode_to_shards(source, out_dir, min_images=min_images, workers=1, letters=letter)[letter]
 
 
