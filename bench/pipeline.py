@@ -10,28 +10,41 @@ The data stages' wall time of a flow run is taken from its task runs (first star
 training (one short epoch here) is left out. Prints cached/cold (goal <= 0.05) and cold/plain
 (goal <= 1.10).
 
+With --full-size, it runs `notmnist run` as users do, with the seed's defaults (200,000/10,000/10,000
+rows, 2 epochs), on generated archives of notMNIST's size (529,120 + 18,730 images; made once, kept in
+--workdir), the archives already in the data root's raw/ (download excluded), and prints: the
+command's wall time and each stage's (from its task runs), ingest (first unpack start to last decode
+end) against the decode floor (every PNG of both archives decoded in memory on all cores, nothing
+written; goal <= 1.3x), and the peak memory of all the command's processes together, sampled every
+0.2 s (RSS summed, and PSS, which counts a page shared by several processes once; goal < 1.5 GB).
+
 With --s3, it compares instead cold runs with the data root on a local folder and on an S3 server
 (SeaweedFS on 127.0.0.1, started by the script: shards, splits and their manifests are published
 to it, downloads and extraction stay in the local working copy), alternating for --repeats rounds,
 and prints the ratio of the best of each (goal <= 1.5).
 
-    .venv/bin/python bench/pipeline.py [--per-letter 5000] [--workdir .bench] [--s3 [--repeats 2]]
+    .venv/bin/python bench/pipeline.py [--per-letter 5000] [--workdir .bench] [--s3 [--repeats 2]] [--full-size]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DATA_TASKS = ("download", "extract", "decode", "splits")  # the first word of each data task run's name
+DATA_TASKS = ("download", "unpack", "decode", "splits")  # the first word of each data task run's name
+# notMNIST_large holds 529,119 images and notMNIST_small 18,726: a tenth per letter, rounded up.
+FULL_PER_LETTER, FULL_SMALL_PER_LETTER = 52_912, 1_873
 
 
 def data_stage_seconds(flow_run_id) -> tuple[float, dict[str, str]]:
@@ -53,19 +66,181 @@ def plain(server, archives: dict, data_dir: Path, sizes: dict, minimums: dict) -
     from storage.layout import DataRoot
     from tasks.decode import decode_to_shards
     from tasks.download import download_file
-    from tasks.extract import extract_archive
     from tasks.splits import build_splits
+    from tasks.unpack import unpack_archive
 
     layout = DataRoot(data_dir)
     start = time.perf_counter()
-    shard_dirs = {}
     for name, info in archives.items():
         archive = download_file(server.url(name), layout.raw, expected_bytes=info["bytes"], sha256=info["sha256"])
-        top = extract_archive(archive, layout.extracted)
-        shard_dirs[name] = layout.shards(name)
-        decode_to_shards(top, shard_dirs[name], min_images=minimums[name])
+        packed = unpack_archive(archive, layout.packed(name))
+        decode_to_shards(packed, layout.shards(name), min_images=minimums[name])
     build_splits(layout.root, **sizes)
     return time.perf_counter() - start
+
+
+class ProcessTreeMemory:
+    """Peak memory of a process and all its descendants together, sampled every 0.2 s in a thread."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak_rss, self.peak_pss, self.at_peak = pid, 0, 0, []
+        self.samples: list[tuple[float, int, dict]] = []  # (time.time(), PSS of all, {pid: (role, CPU seconds)})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.2):
+            try:
+                root = psutil.Process(self.pid)
+                processes = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            rss = pss = 0
+            sample, cpu = [], {}
+            for process in processes:
+                try:
+                    info, command, times = process.memory_full_info(), " ".join(process.cmdline()), process.cpu_times()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                rss, pss = rss + info.rss, pss + info.pss
+                role = _role(process.pid == self.pid, command)
+                sample.append((role, info.pss))
+                cpu[process.pid] = (role, times.user + times.system)
+            self.peak_rss = max(self.peak_rss, rss)
+            self.samples.append((time.time(), pss, cpu))
+            if pss > self.peak_pss:
+                self.peak_pss, self.at_peak = pss, sample
+
+    def during(self, first: float, last: float) -> tuple[int, dict[str, float]]:
+        """Peak PSS between two moments (time.time()), and the CPU seconds each role used then."""
+        peak, before, after = 0, {}, {}
+        for moment, pss, cpu in self.samples:
+            if moment <= first:
+                before.update(cpu)
+            if moment <= last:
+                after.update(cpu)
+            if first <= moment <= last:
+                peak = max(peak, pss)
+        used: dict[str, float] = {}
+        for pid, (role, seconds) in after.items():
+            used[role] = used.get(role, 0.0) + seconds - before.get(pid, (role, 0.0))[1]
+        return peak, used
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _role(is_root: bool, command: str) -> str:
+    """What a process of `notmnist run` is, from its command line."""
+    if is_root:
+        return "notmnist run"
+    if "prefect" in command and "server" in command or "uvicorn" in command:
+        return "Prefect server"
+    return "decode worker" if "multiprocessing" in command else command[:40]
+
+
+def decode_floor(archives: dict) -> tuple[float, int]:
+    """Seconds to decode every PNG of the archives, already in memory, on all cores; and the images decoded."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from bench.ingest import _decode_all
+    from storage.tar_stream import iter_files
+
+    blobs = [data for info in archives.values()
+             for _, data in iter_files(Path(info["path"]), max_members=10**7, max_total_bytes=1 << 40)]
+    chunks = [blobs[i : i + 8192] for i in range(0, len(blobs), 8192)]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+        images = sum(pool.map(_decode_all, chunks))
+    return time.perf_counter() - start, images
+
+
+def full_size(args: argparse.Namespace) -> None:
+    """`notmnist run` with the seed's defaults on archives of notMNIST's size; see the module docstring."""
+    from demo.loopback import FileServer
+    from demo.run import demo_archives
+
+    # The command and this script share a Prefect home of their own, so the run's task runs can be read back.
+    os.environ["PREFECT_HOME"] = str(args.workdir / "prefect-home")
+    archives = demo_archives(args.workdir / "full", FULL_PER_LETTER, FULL_SMALL_PER_LETTER)
+    floor, images = decode_floor(archives)
+    data = args.workdir / "full-run"
+    shutil.rmtree(data, ignore_errors=True)
+    (data / "raw").mkdir(parents=True)
+    for name, info in archives.items():  # download excluded: the download stage finds them and checks them
+        shutil.copyfile(info["path"], data / "raw" / name)
+    large, small = archives["notMNIST_large.tar.gz"], archives["notMNIST_small.tar.gz"]
+    with FileServer(args.workdir / "full") as server:
+        command = [
+            str(Path(sys.executable).with_name("notmnist")), "run", "--json", "--data-dir", str(data),
+            "--base-url", server.base_url, "--large-bytes", str(large["bytes"]), "--large-sha256", large["sha256"],
+            "--small-bytes", str(small["bytes"]), "--small-sha256", small["sha256"],
+            "--task-runner", args.task_runner,
+        ]
+        start = time.perf_counter()
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        memory = ProcessTreeMemory(child.pid)
+        output, _ = child.communicate()
+        wall = time.perf_counter() - start
+        memory.stop()
+    if child.returncode != 0:
+        raise SystemExit(f"notmnist run failed ({child.returncode})")
+    result = json.loads(output)
+    stages = stage_spans(latest_pipeline_run())
+    ingest = span(stages, "unpack", "decode")
+    print(f"cores: {os.cpu_count()}  images: {images:,} good in both archives  test accuracy: {result['test_accuracy']:.4f}")
+    print(f"notmnist run, download excluded: {wall:6.1f} s wall (goal < 120 s)")
+    for name, (first, last) in sorted(stages.items(), key=lambda item: item[1][0]):
+        peak, cpu = memory.during(first.timestamp(), last.timestamp())
+        print(f"  {name:<10} {(last - first).total_seconds():6.1f} s   peak PSS {peak / 2**30:.2f} GiB   CPU s: "
+              + ", ".join(f"{role} {seconds:.1f}" for role, seconds in sorted(cpu.items()) if seconds >= 0.05))
+    print(f"ingest (unpack + decode, both archives) {ingest:6.1f} s   decode floor {floor:6.1f} s   "
+          f"ingest/floor {ingest / floor:.2f} (goal <= 1.3)")
+    print(f"peak memory, all processes: RSS summed {memory.peak_rss / 2**30:.2f} GiB, "
+          f"PSS {memory.peak_pss / 2**30:.2f} GiB (goal < 1.5 GB)")
+    print("  at the peak (PSS): " + ", ".join(f"{role} {pss / 2**20:.0f} MiB" for role, pss in memory.at_peak))
+
+
+def latest_pipeline_run():
+    """The newest notmnist-pipeline flow run of this Prefect home."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["notmnist-pipeline"])),
+                                               sort=FlowRunSort.START_TIME_DESC, limit=1)
+            return runs[0]
+
+    return asyncio.run(read())
+
+
+def stage_spans(flow_run) -> dict:
+    """First start and last end of each kind of task run in `flow_run` (named by the first word), and of training."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+
+    spans: dict = {"flow run": (flow_run.start_time, flow_run.end_time)}
+    for run in asyncio.run(read()):
+        kind = run.name.split()[0].split("-")[0]  # "train-0", the training subflow's task run, counts as "train"
+        first, last = spans.get(kind, (run.start_time, run.end_time))
+        spans[kind] = (min(first, run.start_time), max(last, run.end_time))
+    return spans
+
+
+def span(spans: dict, first_kind: str, last_kind: str) -> float:
+    """Seconds from the first start of `first_kind` to the last end of `last_kind`."""
+    return (spans[last_kind][1] - spans[first_kind][0]).total_seconds()
 
 
 def main() -> None:
@@ -76,8 +251,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds of the --s3 comparison")
     parser.add_argument("--task-runner", default="processes", choices=("processes", "threads", "dask"),
                         help="where the flow's letter tasks run")
+    parser.add_argument("--full-size", action="store_true", help="notmnist run on archives of notMNIST's size")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.full_size:
+        full_size(args)
+        return
 
     from prefect import flow
 

@@ -6,3 +6,7 @@ TRAIN_TIMEOUT_SECONDS = 6 * 3600
 
 # A download attempt that receives nothing for this long ends; the next attempt resumes the `.part`.
 READ_TIMEOUT_SECONDS = 30.0
+
+# Where the pipeline's per-letter decode tasks may run (flows/letters.py): this machine's processes,
+# threads of the flow's process, or a Dask cluster.
+TASK_RUNNERS = ("processes", "threads", "dask")

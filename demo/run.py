@@ -20,17 +20,19 @@ from storage.atomic import read_json, write_json
 from storage.layout import DataRoot, working_copy
 
 
-def demo_archives(source_dir: Path, per_letter: int) -> dict:
-    """The demo's archives, generated on first use and reused while `per_letter` stays the same."""
-    catalogue = source_dir / "archives.json"
+def demo_archives(source_dir: Path, per_letter: int, small_per_letter: int | None = None) -> dict:
+    """The demo's archives, generated on first use and reused while their sizes stay the same."""
+    catalogue, sizes = source_dir / "archives.json", {"per_letter": per_letter, "small_per_letter": small_per_letter}
     try:
         known = read_json(catalogue)
-        if known["per_letter"] == per_letter and all((source_dir / name).is_file() for name in known["archives"]):
+        if all(known.get(key) == value for key, value in sizes.items()) and all(
+            (source_dir / name).is_file() for name in known["archives"]
+        ):
             return known["archives"]
     except (OSError, ValueError, KeyError):
         pass
-    archives = make_archives(source_dir, per_letter=per_letter)
-    write_json(catalogue, {"per_letter": per_letter, "archives": archives})
+    archives = make_archives(source_dir, per_letter=per_letter, small_per_letter=small_per_letter)
+    write_json(catalogue, {**sizes, "archives": archives})
     return archives
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from core import seed as SEED_FACTS
-from core.defaults import READ_TIMEOUT_SECONDS, TRAIN_TIMEOUT_SECONDS
+from core.defaults import READ_TIMEOUT_SECONDS, TASK_RUNNERS, TRAIN_TIMEOUT_SECONDS
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 SEED_LIMIT = 2**32  # NumPy's RandomState and Keras take seeds in [0, 2**32)
@@ -117,12 +117,12 @@ def _extract(args: argparse.Namespace) -> dict[str, Any]:
 def _shards(args: argparse.Namespace) -> dict[str, Any]:
     from storage.letters import letter_folder
     from tasks.decode import decode_to_shards
-    from tasks.extract import extract_archive
+    from tasks.unpack import unpack_archive
 
     layout = _data_root(args, must_exist=False)
     source = args.source
     if source.is_file() and not args.from_archive:
-        source = extract_archive(source, layout.extracted)
+        source = unpack_archive(source, layout.packed(source))
     out_dir = layout.shards(args.source)
     manifests = decode_to_shards(source, out_dir, min_images=args.min_images, workers=args.workers)
     for letter in manifests:
@@ -252,7 +252,7 @@ def _data_dir(sub: argparse.ArgumentParser, default: str = "data") -> None:
     sub.add_argument("--data-dir", default=default,
                      help="data root: a folder, or s3://BUCKET/PREFIX (endpoint and keys from the AWS_* variables)")
     sub.add_argument("--scratch-dir", default=None,
-                     help="local working copy of an s3:// data root: downloads, extraction, files being written "
+                     help="local working copy of an s3:// data root: downloads, files being written "
                           "(default: ~/.cache/notmnist/s3/BUCKET/PREFIX; not used with a local --data-dir)")
 
 
@@ -280,8 +280,9 @@ def _training_options(
 
 def _letter_task_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--workers", type=POSITIVE, default=None,
-                     help="letters decoded at once (default: one per core; for dask without an address, its workers)")
-    sub.add_argument("--task-runner", choices=("processes", "threads", "dask"), default="processes",
+                     help="decode processes (threads with --task-runner threads; the local Dask cluster's workers "
+                          "with dask and no address); default: one per core")
+    sub.add_argument("--task-runner", choices=TASK_RUNNERS, default=TASK_RUNNERS[0],
                      help="where the per-letter decode tasks run: this machine's processes, threads, or a Dask cluster")
     sub.add_argument("--dask-address", default=None,
                      help="scheduler of an existing Dask cluster (tcp://HOST:8786) for --task-runner dask "
@@ -325,13 +326,15 @@ def _add_extract(commands) -> None:
 
 def _add_shards(commands) -> None:
     shards = commands("shards", _shards, "Decode a notMNIST archive or extracted folder into Parquet shards.")
-    shards.add_argument("source", type=Path, metavar="ARCHIVE_OR_FOLDER", help="a .tar.gz or its extracted top folder")
+    shards.add_argument("source", type=Path, metavar="ARCHIVE_OR_FOLDER",
+                        help="a .tar.gz (unpacked first, into the data root's packed/, as the pipeline does), "
+                             "its extracted top folder, or its packed folder")
     _data_dir(shards)
     shards.add_argument("--min-images", type=COUNT, default=0, help="fail when a letter has fewer usable images")
     shards.add_argument("--workers", type=POSITIVE, default=None, help="decode processes (default: one per core)")
     shards.add_argument(
         "--from-archive", action="store_true",
-        help="read the PNGs straight from the archive instead of extracting it first (faster)",
+        help="read the PNGs straight from the archive, writing nothing but the shards (no packed/ copy)",
     )
 
 

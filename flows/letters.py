@@ -9,7 +9,8 @@ redoes one letter. Where they run:
              cached rerun starts none, and the cache is looked up without leaving this process)
   threads    a pool of threads in this process, decoding in them
   dask       a Dask cluster: an existing one (`dask_address`, tcp://...), or a local one started for
-             the run; the workers must see the data root's working copy at the same path
+             the run; each task fetches its packed letter from the data root and publishes its shards
+             there, so workers on other machines need only reach the data root (an s3:// one)
 """
 
 from __future__ import annotations
@@ -17,18 +18,17 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 from prefect.client.orchestration import get_client
-from prefect.futures import wait
+from prefect.futures import PrefectFuture, wait
 from prefect.settings import get_current_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from core.defaults import TASK_RUNNERS
 from core.errors import PipelineError
 from core.seed import LETTERS
+from storage.layout import DataRoot, working_copy
 from tasks.decode import TooFewImagesError, letter_task, shared_worker_pool
-
-TASK_RUNNERS = ("processes", "threads", "dask")
 
 
 @contextlib.contextmanager
@@ -76,17 +76,17 @@ def _api_shared_with_workers() -> Iterator[None]:
         os.environ.pop("PREFECT_API_URL", None)
 
 
-def decode_letters(runner: TaskRunner, source: Path, out_dir: Path, min_images: int) -> dict[str, dict]:
-    """Decode every letter of an extracted archive as tasks of their own on `runner`; returns each one's manifest.
+def submit_letters(runner: TaskRunner, layout: DataRoot, archive: str, min_images: int) -> dict[str, PrefectFuture]:
+    """Publish an archive's packed letters (for workers on other machines) and submit their decode tasks to `runner`."""
+    for letter in LETTERS:
+        layout.publish(layout.packed(archive) / letter)
+    parameters = {"data_dir": layout.location, "archive": archive, "min_images": min_images,
+                  "scratch_dir": working_copy(layout)}
+    return {letter: runner.submit(letter_task, parameters={**parameters, "letter": letter}) for letter in LETTERS}
 
-    Every letter is waited for; letters with too few images are reported together, as one error.
-    """
-    futures = {
-        letter: runner.submit(letter_task, parameters={
-            "source": source, "out_dir": out_dir, "letter": letter, "min_images": min_images,
-        })
-        for letter in LETTERS
-    }
+
+def letter_manifests(futures: dict[str, PrefectFuture]) -> dict[str, dict]:
+    """Each letter's manifest, once every task has ended; letters with too few images are reported together."""
     wait(list(futures.values()))
     manifests, short = {}, []
     for letter, future in futures.items():

@@ -1,4 +1,4 @@
-"""`notmnist_pipeline`: download both archives -> extract -> shards -> splits -> train.
+"""`notmnist_pipeline`: download both archives -> unpack -> a decode task per letter -> splits -> train.
 
 The seed's values are the defaults (core/seed.py). Every data stage is cached on what determines its
 output and on that output being on disk, intact (tasks/caching.py), so a rerun, or a retry after a
@@ -29,14 +29,13 @@ from core.seed import (
     TRAIN_SIZE,
     VALID_SIZE,
 )
-from flows.letters import decode_letters, letter_runner
+from flows.letters import letter_manifests, letter_runner, submit_letters
 from flows.reports import publish_letters, publish_splits
 from flows.train import cancel_training_runs, pipeline_result, train_and_report
 from storage.layout import DataRoot, archive_stem, working_copy
-from storage.letters import letter_folder
 from tasks.download import download_task
-from tasks.extract import extract_task
 from tasks.splits import splits_task
+from tasks.unpack import unpack_task
 
 
 def archive_url(base_url: str, name: str) -> str:
@@ -93,14 +92,15 @@ def notmnist_pipeline(
         epochs: training epochs.
         batch_size: training batch size.
         learning_rate: Adadelta's learning rate.
-        workers: letters decoded at once (None: one per core; with dask and no address, the local cluster's workers).
+        workers: decode processes (threads with task_runner threads; the local cluster's workers with dask and
+            no address); None: one per core.
         task_runner: where the letter tasks run: processes, threads, or dask.
         dask_address: the scheduler of an existing Dask cluster (tcp://HOST:8786) for task_runner dask;
             None starts a local cluster.
         train_deployment: send training to this deployment (e.g. train/gpu) instead of training here.
         train_timeout_seconds: how long to wait for a training sent to a deployment.
         read_timeout_seconds: a download attempt ends after this long without data; the next one resumes.
-        scratch_dir: the local working copy of an s3:// data root: downloads, extraction, and every
+        scratch_dir: the local working copy of an s3:// data root: downloads, and every
             folder while it is written (default: under ~/.cache/notmnist).
     """
     layout = DataRoot(data_dir, scratch_dir)
@@ -114,14 +114,18 @@ def notmnist_pipeline(
         )
         for name, (size, sha256, _) in archives.items()
     }
-    glyphs = {}
+    unpacked = {name: unpack_task.submit(downloads[name], layout.packed(name)) for name in archives}
     with letter_runner(task_runner, workers, dask_address) as runner:
+        decoding = {}
         for name, (_, _, min_images) in archives.items():
-            top = extract_task(downloads[name].result(), layout.extracted)
-            letters = decode_letters(runner, top, layout.shards(name), min_images)
-            for letter in letters:
-                layout.publish(letter_folder(layout.shards(name), letter))
-            glyphs[f"{archive_stem(name)}_glyphs"] = publish_letters(archive_stem(name), letters, layout.shards(name))
+            downloads[name].result()  # a failed download is the run's error (its unpack only never started)
+            unpacked[name].result()
+            decoding[name] = submit_letters(runner, layout, name, min_images)
+        letters = {name: letter_manifests(futures) for name, futures in decoding.items()}
+    glyphs = {
+        f"{archive_stem(name)}_glyphs": publish_letters(archive_stem(name), letters[name], layout.shards(name))
+        for name in archives
+    }
     splits = splits_task(
         layout.location, scratch_dir=working_copy(layout), large=large_archive, small=small_archive, train_size=train_size, valid_size=valid_size,
         test_size=test_size, seed=seed, dedup=dedup,

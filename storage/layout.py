@@ -3,6 +3,7 @@
     <data root>/
       raw/<archive>                 downloaded files (and <name>.part while downloading)
       extracted/<top folder>/       extracted archives, one folder per class, and .extracted.json
+      packed/<archive>/<letter>/    one letter's PNG files, as the archive held them, and _manifest.json
       shards/<archive>/<letter>/    Parquet shards of one letter and _manifest.json
       splits/<key>/                 train/valid/test NPY files and _manifest.json
       models/<key>/                 the model, metrics.json, record.json, _manifest.json, report.md
@@ -181,6 +182,10 @@ class DataRoot:
     def source(self) -> Path:
         """The demo's generated archives, served from here."""
         return self.root / "source"
+
+    def packed(self, archive: str | Path) -> Path:
+        """One archive's packed letters, named after it (`packed/notMNIST_large`): the decode tasks' inputs."""
+        return self.root / "packed" / archive_stem(archive)
 
     def shards(self, archive: str | Path) -> Path:
         """Shards of one archive, named after it (`shards/notMNIST_large`)."""

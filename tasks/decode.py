@@ -7,11 +7,13 @@ a bounded number of images. A letter's shards and manifest are written into a te
 renamed into place together (storage/letters.py); the manifest records the input's fingerprint and
 each shard's sha256, so a rerun skips letters that are done and intact and redoes the rest.
 
-Input is the folder the extraction stage made, or the archive itself (read in one pass, no
-extraction; see `storage.tar_stream`). Rows come out in the same order either way.
+Input is the archive's packed letters (the unpack stage's output, storage/packed.py), the folder
+the extraction stage made, or the archive itself (read in one pass; see `storage.tar_stream`). Rows
+come out in the same order from each.
 
-The pipeline decodes each letter as a Prefect task of its own (`letter_task`, fanned out by
-flows/letters.py); `notmnist shards` decodes a whole archive with the process pool here.
+The pipeline decodes each letter of the packed input as a Prefect task of its own (`letter_task`,
+fanned out by flows/letters.py); `notmnist shards` decodes a whole archive or folder with the process
+pool here.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from storage.atomic import remove, remove_temporaries_of, temporary_sibling
 from storage.digests import sha256_of
 from storage.extraction import extraction_problem, folder_state, read_record
 from storage.folders import manifest_identity
-from storage.layout import archive_stem
+from storage.layout import DataRoot, archive_stem
 from storage.letters import commit_letter, find_letter, letter_folder, read_letter_manifest
+from storage.packed import checked_groups, find_packed
 from storage.tar_stream import iter_files
 from tasks.caching import retry_unless_pipeline_error, stage_cache
 from tasks.images import BatchJob, BatchResult, decode_batch, start_worker
@@ -66,7 +69,7 @@ def _letter_fields(letter: str, source: dict, results: list[BatchResult]) -> dic
     return {
         "letter": letter,
         "label": LETTERS.index(letter),
-        "source": source,
+        "source": {key: value for key, value in source.items() if key != "manifest"},
         "images": sum(r.rows for r in results),
         "rejected": rejected,
         "rejected_by_reason": reasons,
@@ -109,6 +112,17 @@ def _folder_members(top: Path, letters: Iterable[str]) -> Iterator[tuple[str, st
             yield letter, f"{top.name}/{letter}/{name}", top / letter / name
 
 
+def _packed_jobs(top: Path, letters: Iterable[str], sources: dict[str, dict], folders: dict[str, Path]) -> Iterator[BatchJob]:
+    """A job per row group of each packed letter, whose file is checked against its manifest first; the
+    workers read the names and bytes themselves."""
+    remedy = "the packed letter was damaged after the unpack; rerun the pipeline, which unpacks the archive again"
+    for letter in letters:
+        path, groups = checked_groups(top / letter, sources[letter]["manifest"], remedy)
+        for number, rows in enumerate(groups or [0]):  # a letter without rows still gets a manifest
+            shard = str(folders[letter] / f"part-{number:05d}.parquet")
+            yield BatchJob(LETTERS.index(letter), shard, [], packed=(str(path), number, rows) if rows else None)
+
+
 def _archive_members(archive: Path, wanted: Iterable[str]) -> Iterator[tuple[str, str, bytes]]:
     """Members of the wanted letters, in archive order."""
     wanted = set(wanted)
@@ -140,6 +154,12 @@ class _SharedPool:
                 self._pool = _new_pool(self.workers)
             return self._pool
 
+    def start(self) -> None:
+        """Start the workers now (a second of imports each), without waiting for them."""
+        pool = self.get()
+        for _ in range(self.workers):
+            pool.submit(int)  # ProcessPoolExecutor starts its processes as work arrives
+
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
@@ -159,6 +179,13 @@ def shared_worker_pool(workers: int | None = None) -> Iterator[None]:
     finally:
         pool, _shared = _shared, None
         pool.shutdown()
+
+
+def start_shared_workers() -> None:
+    """Start the shared pool's workers now, if `shared_worker_pool` opened one: a stage that knows decoding
+    will follow (the unpack) calls it, so the workers start while it reads the archive."""
+    if _shared is not None:
+        _shared.start()
 
 
 @contextlib.contextmanager
@@ -183,12 +210,12 @@ def _run_jobs(jobs: Iterable[BatchJob], pool: ProcessPoolExecutor | None, progre
         for future in futures:
             job = pending.pop(future)
             results[job.shard_path] = future.result()
-            progress.advance(len(job.files))
+            progress.advance(job.rows)
 
     for job in jobs:
         if pool is None:
             results[job.shard_path] = decode_batch(job)
-            progress.advance(len(job.files))
+            progress.advance(job.rows)
             continue
         if len(pending) >= pool.in_flight:
             collect(wait(pending, return_when=FIRST_COMPLETED).done)
@@ -208,8 +235,13 @@ def _decode_group(
     try:
         for folder in temporary.values():
             folder.mkdir()
-        members = _archive_members(source, group) if source.is_file() else _folder_members(source, group)
-        by_shard = _run_jobs(_batches(members, temporary), pool, progress)
+        if source.is_file():
+            jobs = _batches(_archive_members(source, group), temporary)
+        elif _is_packed(source):
+            jobs = _packed_jobs(source, group, sources, temporary)
+        else:
+            jobs = _batches(_folder_members(source, group), temporary)
+        by_shard = _run_jobs(jobs, pool, progress)
         for letter, folder in temporary.items():
             results = [by_shard[key] for key in sorted(by_shard) if Path(key).parent == folder]
             fields = _letter_fields(letter, sources[letter], results)
@@ -224,7 +256,7 @@ def _decode_group(
     return short
 
 
-def _sources(source: Path, letters: str, *, check_extraction: bool = True) -> dict[str, dict]:
+def _sources(source: Path, letters: str) -> dict[str, dict]:
     """Each letter's input identity: the archive's sha256, or its extracted folder's.
 
     An extracted folder must still be as its extraction recorded it, and stands for its archive's
@@ -233,8 +265,10 @@ def _sources(source: Path, letters: str, *, check_extraction: bool = True) -> di
     if source.is_file():
         fingerprint = sha256_of(source)
         return {letter: {"kind": "archive", "name": source.name, "fingerprint": fingerprint} for letter in letters}
+    if _is_packed(source):
+        return {letter: _packed_source(source, letter) for letter in letters}
     record = read_record(source)
-    if record is not None and check_extraction and (problem := extraction_problem(source, record, letters)) is not None:
+    if record is not None and (problem := extraction_problem(source, record, letters)) is not None:
         raise CorruptDataError(f"{problem}: extract the archive again (`notmnist extract`, or rerun the pipeline).")
     if record is not None:  # the archive's content and the folder's listing
         fingerprints = {letter: f"{record['archive_sha256']}-{record['classes'][letter]}" for letter in letters}
@@ -242,6 +276,20 @@ def _sources(source: Path, letters: str, *, check_extraction: bool = True) -> di
         fingerprints = {letter: "{}-{}".format(*folder_state(source / letter)) for letter in letters}
     return {letter: {"kind": "folder", "name": f"{source.name}/{letter}", "fingerprint": fingerprints[letter]}
             for letter in letters}
+
+
+def _is_packed(source: Path) -> bool:
+    """True for a folder of packed letters (the unpack stage's output)."""
+    return any(find_packed(source / letter) is not None for letter in LETTERS)
+
+
+def _packed_source(source: Path, letter: str) -> dict:
+    """A packed letter as an input: identified by its manifest's listing (unverified: it is checked as it is read)."""
+    manifest = find_packed(source / letter)
+    if manifest is None:
+        raise PipelineError(f"{source / letter} holds no packed letter: unpack the archive first (rerun the pipeline).")
+    return {"kind": "packed", "name": f"{source.name}/{letter}", "fingerprint": manifest_identity(manifest),
+            "manifest": manifest}
 
 
 def decode_to_shards(
@@ -282,7 +330,12 @@ def decode_to_shards(
         # From a folder each letter is put in place as soon as it is done, so a crash keeps the
         # finished ones; an archive is read once for all letters.
         groups = [todo] if source.is_file() else [[letter] for letter in todo]
-        total = None if source.is_file() else sum(len(os.listdir(source / letter)) for letter in todo)
+        if source.is_file():
+            total = None
+        elif _is_packed(source):
+            total = sum(sources[letter]["manifest"]["images"] for letter in todo)
+        else:
+            total = sum(len(os.listdir(source / letter)) for letter in todo)
         short: list[dict] = []
         name = source.name if set(letters) == set(LETTERS) else f"{source.name} {''.join(letters)}"
         with contextlib.ExitStack() as stack:
@@ -307,26 +360,34 @@ def decode_to_shards(
     return manifests
 
 
-def decode_letter(source: Path, out_dir: Path, letter: str, *, min_images: int = 0) -> dict:
-    """Decode one letter of an extracted notMNIST folder into `out_dir/<letter>/` (the seed's `load_letter`);
-    returns its manifest. In this process, or on the pool `shared_worker_pool` opened."""
-    return decode_to_shards(source, out_dir, min_images=min_images, workers=1, letters=letter)[letter]
+def decode_letter(data_dir: str, archive: str, letter: str, *, min_images: int = 0, scratch_dir: str | None = None) -> dict:
+    """Decode one packed letter of `archive` into its folder of shards (the seed's `load_letter`); returns its manifest.
+
+    Reads packed/<archive>/<letter> of the data root (fetched first where the root is an object store),
+    publishes shards/<archive>/<letter>, and decodes in this process, or on the pool `shared_worker_pool` opened.
+    """
+    layout = DataRoot(data_dir, scratch_dir)
+    layout.fetch(layout.packed(archive) / letter)
+    shards = layout.shards(archive)
+    manifest = decode_to_shards(layout.packed(archive), shards, min_images=min_images, workers=1, letters=letter)
+    layout.publish(letter_folder(shards, letter))
+    return manifest[letter]
 
 
 def _letter_identity(parameters: dict) -> str | None:
-    """Cache identity: the letter decoded from this very input and intact, else None."""
-    source, out_dir, letter = Path(parameters["source"]), Path(parameters["out_dir"]), parameters["letter"]
-    try:  # the extract task checked the folder against its record just before, in the same run
-        sources = _sources(source, letter, check_extraction=False)
-    except (OSError, KeyError, PipelineError):
+    """Cache identity: the letter decoded from this very packed input, intact and published, else None."""
+    layout, archive, letter = DataRoot(parameters["data_dir"], parameters.get("scratch_dir")), parameters["archive"], parameters["letter"]
+    packed = find_packed(layout.packed(archive) / letter)
+    if packed is None:
         return None
-    found = find_letter(letter_folder(out_dir, letter), sources[letter]["fingerprint"])
-    return None if found is None else manifest_identity(found)
+    folder = letter_folder(layout.shards(archive), letter)
+    found = find_letter(folder, manifest_identity(packed))
+    return None if found is None or not layout.is_published(folder, found) else manifest_identity(found)
 
 
 letter_task = task(
     name="decode-letter",
-    task_run_name=lambda parameters: f"decode {archive_stem(parameters['source'])} {parameters['letter']}",
+    task_run_name=lambda parameters: f"decode {archive_stem(parameters['archive'])} {parameters['letter']}",
     cache_policy=stage_cache(_letter_identity),
     retries=1,
     retry_condition_fn=retry_unless_pipeline_error,

@@ -132,7 +132,7 @@ def _stream_members(
         try:
             for member in reader:
                 name, is_directory = member.name, member.is_directory
-                relative = _relative_path(archive, name, is_directory)
+                relative = member_path(archive, name, is_directory)
                 if not relative:
                     continue  # "./", the extraction root itself
                 first, separator, _ = relative.partition("/")
@@ -195,8 +195,9 @@ def _make_directories(work: Path, relative: str, created: set[str]) -> None:
         relative = relative.rpartition("/")[0]
 
 
-def _relative_path(archive: Path, name: str, is_directory: bool) -> str:
-    """Member `name` less "." and empty components, "" for the root folder; refuses names that leave it."""
+def member_path(archive: Path, name: str, is_directory: bool) -> str:
+    """Member `name` less "." and empty components, "" for the root folder; refuses names that leave it
+    (UnsafeArchiveError). Shared with the unpack stage (tasks/unpack.py)."""
     relative = name.rstrip("/")
     if relative and relative[0] not in "./" and "/." not in relative and "//" not in relative:
         return relative  # nearly every name; only the rest needs the closer look below

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from storage.packed import read_group
 from storage.shards import IMAGE_SIDE, PIXELS_PER_IMAGE, write_shard
 
 EMPTY, UNREADABLE, WRONG_SIZE, WRONG_MODE = "empty", "unreadable", "wrong size", "wrong mode"
@@ -51,6 +52,12 @@ class BatchJob:
     files: list[str]  # names inside the archive, e.g. notMNIST_large/A/xyz.png
     blobs: list[bytes] | None = None  # the PNG bytes, when read straight from the archive
     paths: list[str] | None = None  # or where to read them, from an extracted folder
+    packed: tuple[str, int, int] | None = None  # or a packed letter's file, row group and rows: names and bytes there
+
+    @property
+    def rows(self) -> int:
+        """The images in this batch."""
+        return self.packed[2] if self.packed else len(self.files)
 
 
 @dataclass
@@ -122,12 +129,13 @@ def decode_batch(job: BatchJob) -> BatchResult:
     kept_files: list[str] = []
     kept_pixels: list[bytes] = []
     rejected: list[Rejected] = []
-    for index, name in enumerate(job.files):
+    files, blobs = read_group(*job.packed[:2]) if job.packed else (job.files, job.blobs)
+    for index, name in enumerate(files):
         if not is_utf8(name):  # Parquet strings are UTF-8; Linux names need not be
             rejected.append(Rejected(printable_name(name), BAD_NAME, "the file name is not valid UTF-8"))
             continue
-        if job.blobs is not None:
-            data = job.blobs[index]
+        if blobs is not None:
+            data = blobs[index]
         else:
             try:
                 data = Path(job.paths[index]).read_bytes()

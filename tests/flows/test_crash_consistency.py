@@ -29,7 +29,6 @@ import pytest
 from demo.loopback import Fault, FileServer
 from demo.synthetic import make_archive
 from flows.notmnist import notmnist_pipeline
-from storage.extraction import extraction_problem, read_record
 from storage.folders import MANIFEST, folder_problem, read_manifest
 from storage.layout import DataRoot
 
@@ -95,11 +94,8 @@ def assert_nothing_half_written(layout: DataRoot, archive_bytes: dict[str, int])
     for name, size in archive_bytes.items():
         if (layout.raw / name).exists():
             assert (layout.raw / name).stat().st_size == size, name
-    for top in layout.extracted.iterdir() if layout.extracted.is_dir() else []:
-        if not top.name.startswith("."):
-            record = read_record(top)
-            assert record is not None and extraction_problem(top, record) is None, top
-    committed = [(letter, "letter", 2) for archive in layout.root.glob("shards/*") for letter in archive.iterdir()]
+    committed = [(letter, "packed-letter", 1) for archive in layout.root.glob("packed/[!.]*") for letter in archive.iterdir()]
+    committed += [(letter, "letter", 2) for archive in layout.root.glob("shards/*") for letter in archive.iterdir()]
     committed += [(folder, "splits", 2) for folder in layout.splits_root.glob("*")]
     committed += [(folder, "model", 1) for folder in layout.models_root.glob("*") if not folder.name.endswith(".backup")]
     for folder, kind, version in committed:
@@ -144,7 +140,7 @@ def test_the_pipeline_killed_inside_every_stage_resumes_to_the_uninterrupted_res
     layout = DataRoot(tmp_path / "data")
     env = {**os.environ, "PREFECT_API_URL": get_current_settings().api.url, "TF_CPP_MIN_LOG_LEVEL": "3"}
     command = [sys.executable, "-m", "flows.cli", *run_arguments(server, sizes, layout.root)]
-    watch = Watch(layout.raw, layout.extracted, layout.shards("notMNIST_large"), layout.splits_root,
+    watch = Watch(layout.raw, layout.packed("notMNIST_large"), layout.shards("notMNIST_large"), layout.splits_root,
                   layout.models_root)
 
     def part_growing(path: Path) -> bool:
@@ -153,8 +149,9 @@ def test_the_pipeline_killed_inside_every_stage_resumes_to_the_uninterrupted_res
 
     temporary = re.compile(r"^\.(.+)\.tmp-[0-9a-f]{12}$")
 
-    def temporary_of(pattern: str) -> Callable[[Path], bool]:
-        return lambda path: bool((match := temporary.match(path.name)) and re.fullmatch(pattern, match.group(1)))
+    def temporary_of(pattern: str, inside: Path | None = None) -> Callable[[Path], bool]:
+        return lambda path: bool((match := temporary.match(path.name)) and re.fullmatch(pattern, match.group(1))
+                                 and inside in (None, path.parent))
 
     def in_epoch_two(path: Path) -> bool:
         if path.name.endswith(".backup"):
@@ -165,8 +162,8 @@ def test_the_pipeline_killed_inside_every_stage_resumes_to_the_uninterrupted_res
     server.add_faults("notMNIST_large.tar.gz", Fault(stall_after=100_000, stall_seconds=30))
     kill_points = [
         ("mid-download", part_growing),
-        ("mid-extraction", temporary_of(r"notMNIST_(large|small)\.tar\.gz")),
-        ("mid-decode", temporary_of(r"[A-J]")),
+        ("mid-unpack", temporary_of(r"[A-J]", layout.packed("notMNIST_large"))),
+        ("mid-decode", temporary_of(r"[A-J]", layout.shards("notMNIST_large"))),
         ("mid-splits", temporary_of(r"train2000-.*")),
         ("mid-epoch", in_epoch_two),
         ("mid-checkpoint", temporary_of(r"epoch-0002")),

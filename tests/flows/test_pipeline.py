@@ -23,7 +23,7 @@ from storage.layout import DataRoot
 from tasks.download import download_task
 from tests.flows.conftest import pipeline_parameters
 
-DATA_TASKS = {"download", "extract", "decode", "splits"}
+DATA_TASKS = {"download", "unpack", "decode", "splits"}
 
 
 def task_states(flow_run_id) -> dict[str, list[str]]:
@@ -172,9 +172,9 @@ def test_a_damaged_stage_output_is_rebuilt_and_the_stages_before_it_come_from_th
     assert first.is_completed(), first.message
     layout, fingerprint = DataRoot(parameters["data_dir"]), first.result()["dataset_fingerprint"]
     splits = next(layout.splits_root.glob("train*"))
-    order = ["extract", "decode", "splits"]
+    order = ["unpack", "decode", "splits"]
     damages = {
-        "extract": lambda: next((layout.extracted / "notMNIST_small" / "B").iterdir()).unlink(),
+        "unpack": lambda: _flip_a_byte(layout.packed("notMNIST_small") / "B" / "png.parquet"),
         "decode": lambda: _flip_a_byte(layout.shards("notMNIST_large") / "C" / "part-00000.parquet"),
         "splits": lambda: _flip_a_byte(splits / "train_x.npy"),
     }
@@ -208,8 +208,8 @@ def test_task_runs_are_named_for_what_they_do_and_keep_their_names(first_run):
 
     names_of_runs = asyncio.run(names())
     assert [name for name in names_of_runs if not name.startswith("train-")] == sorted([
-        "download notMNIST_large.tar.gz", "download notMNIST_small.tar.gz", "extract notMNIST_large.tar.gz",
-        "extract notMNIST_small.tar.gz", "splits 250/50/50 seed 133",
+        "download notMNIST_large.tar.gz", "download notMNIST_small.tar.gz", "unpack notMNIST_large.tar.gz",
+        "unpack notMNIST_small.tar.gz", "splits 250/50/50 seed 133",
         *(f"decode notMNIST_{size} {letter}" for size in ("large", "small") for letter in "ABCDEFGHIJ"),
     ])  # "train-0" stands for the training subflow, whose own task run is "train notmnist"
 

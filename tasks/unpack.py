@@ -1,0 +1,147 @@
+"""Unpack stage: read a notMNIST archive once into ten packed letters, the decode tasks' inputs.
+
+Extraction (tasks/extract.py) writes one file per image, some 530,000 for notMNIST_large, and the
+decode stage then reads them back; both cost more than decoding itself. The pipeline unpacks
+instead: one streaming pass over the archive (storage/tar_stream.py refuses links, devices and
+archive bombs), the same refusals of names as extraction (absolute, `..`, hidden or second top
+folders, repeated names), and each letter's PNGs written, untouched, into one Parquet file of its own
+(storage/packed.py). Nothing is committed until the whole archive has been read and its gzip
+checksum has passed; then the ten folders are put in place, each with its manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+from filelock import FileLock
+from prefect import task
+
+from core.errors import ArchiveError, UnsafeArchiveError
+from core.seed import LETTERS
+from storage.atomic import remove_temporaries_of
+from storage.folders import folder_problem, manifest_identity
+from storage.packed import PackedLetterWriter, find_packed
+from storage.tar_stream import TarReader
+from tasks.caching import stage_cache
+from tasks.decode import start_shared_workers
+from tasks.extract import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, member_path
+from tasks.reporting import stage_logger
+
+
+def archive_identity(archive: Path) -> dict:
+    """What the packed manifests record of the archive they came from, less its sha256: name, size, mtime."""
+    status = Path(archive).stat()
+    return {"name": Path(archive).name, "bytes": status.st_size, "mtime_ns": status.st_mtime_ns}
+
+
+def find_unpacked(archive: Path, dest_dir: Path) -> dict[str, dict] | None:
+    """The ten packed letters' manifests when all were unpacked from this very archive and are intact, else None."""
+    identity = archive_identity(archive)
+    manifests = {letter: find_packed(Path(dest_dir) / letter, identity) for letter in LETTERS}
+    if None in manifests.values():
+        return None
+    intact = all(folder_problem(Path(dest_dir) / letter, manifests[letter]) is None for letter in LETTERS)
+    return manifests if intact else None
+
+
+def unpack_archive(
+    archive: Path,
+    dest_dir: Path,
+    *,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+) -> Path:
+    """Unpack `archive` (a tar, plain or compressed) into `dest_dir/<letter>/` for A-J; returns `dest_dir`.
+
+    Skips the work when all ten letters of this archive are there. Raises UnsafeArchiveError for
+    hostile members or an archive past the limits, and ArchiveError for a corrupt archive or one not
+    laid out as <top folder>/<letter A-J>/<file>.
+    """
+    archive, dest_dir, logger = Path(archive), Path(dest_dir), stage_logger(__name__)
+    if not archive.is_file():
+        raise ArchiveError(f"{archive} does not exist or is not a file; download it first (the download stage).")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    # While this is held, every temporary letter folder here is a leftover of a dead run.
+    with FileLock(dest_dir.with_name(f".{dest_dir.name}.lock")):
+        if find_unpacked(archive, dest_dir) is not None:
+            logger.info("%s already holds the letters of %s - skipping the unpack.", dest_dir, archive.name)
+            return dest_dir
+        for letter in LETTERS:
+            for entry in remove_temporaries_of(dest_dir / letter):
+                logger.warning("Deleted %s, left by an interrupted unpack.", entry)
+        start_shared_workers()  # the letters will need decoding: their workers start while the archive is read
+        identity, started = archive_identity(archive), time.perf_counter()
+        logger.info("Unpacking %s (%s bytes) into %s.", archive, f"{identity['bytes']:,}", dest_dir)
+        with contextlib.ExitStack() as stack:
+            writers = {letter: stack.enter_context(PackedLetterWriter(dest_dir / letter, letter)) for letter in LETTERS}
+            top, sha256, members = _pack_members(archive, writers, max_members, max_total_bytes)
+            for writer in writers.values():
+                writer.commit(top_folder=top, archive={**identity, "sha256": sha256})
+    logger.info("Unpacked %s members of %s into ten letters in %.1f s.", f"{members:,}", archive.name,
+                time.perf_counter() - started)
+    return dest_dir
+
+
+def _pack_members(
+    archive: Path, writers: dict[str, PackedLetterWriter], max_members: int, max_total_bytes: int
+) -> tuple[str, str, int]:
+    """Check every member of `archive` and give each file to its letter's writer, in one pass.
+
+    Returns the top folder's name, the archive's sha256 and the member count.
+    """
+    top, seen, names = None, set(), set()
+    # gzip's CRC covers every byte and is checked before the iteration ends; nothing is committed before.
+    with TarReader(archive, max_members=max_members, max_total_bytes=max_total_bytes,
+                   verify_gzip_headers=False) as reader:
+        for member in reader:
+            relative = member_path(archive, member.name, member.is_directory)
+            if not relative:
+                continue  # "./", the archive's root itself
+            parts = relative.split("/")
+            if top is None:
+                if parts[0].startswith("."):
+                    raise UnsafeArchiveError(f"{archive}: member {member.name!r} is in the hidden top-level folder "
+                                             f"{parts[0]!r}; expected a visible one such as 'notMNIST_large'.")
+                top = parts[0]
+            if parts[0] != top:
+                raise UnsafeArchiveError(f"{archive}: member {member.name!r} lies outside the single top-level "
+                                         f"folder; expected exactly one, found {sorted({top, parts[0]})}.")
+            depth = len(parts) - (not member.is_directory)  # the folders it lies in, itself included
+            if depth > 2 or (len(parts) > 1 and parts[1] not in writers) or (not member.is_directory and depth < 2):
+                raise ArchiveError(f"{archive}: member {member.name!r} is not <top folder>/<letter A-J>/<file>; "
+                                   "check that this is a notMNIST archive. Nothing was unpacked.")
+            if len(parts) > 1:
+                seen.add(parts[1])
+            if member.is_directory:
+                continue
+            if relative in names:
+                raise UnsafeArchiveError(f"{archive}: member {member.name!r} repeats an earlier member's name; "
+                                         "refusing an ambiguous archive. Nothing was unpacked.")
+            names.add(relative)
+            writers[parts[1]].add(relative, member.read())
+    if top is None:
+        raise ArchiveError(f"{archive} holds no members; expected one top-level folder. Delete it and download again.")
+    if missing := sorted(set(writers) - seen):
+        raise ArchiveError(f"{archive} should hold a folder for each letter A-J under {top}/; {', '.join(missing)} "
+                           "missing. Check that this is the right archive; nothing was unpacked.")
+    return top, reader.archive_sha256, reader.member_count
+
+
+def _unpack_identity(parameters: dict) -> str | None:
+    """Cache identity: the ten packed letters of this very archive, intact, else None."""
+    archive, dest_dir = Path(parameters["archive"]), Path(parameters["dest_dir"])
+    try:
+        manifests = find_unpacked(archive, dest_dir)
+    except OSError:
+        return None
+    return None if manifests is None else "-".join(manifest_identity(manifests[letter]) for letter in LETTERS)
+
+
+unpack_task = task(
+    name="unpack-archive",
+    task_run_name=lambda parameters: f"unpack {Path(parameters['archive']).name}",
+    cache_policy=stage_cache(_unpack_identity),
+    persist_result=True,
+)(unpack_archive)

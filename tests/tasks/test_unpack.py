@@ -1,0 +1,165 @@
+"""The unpack stage: an archive read once into ten packed letters, hostile archives refused, damage noticed."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tarfile
+
+import pytest
+
+import storage.packed as packed
+import storage.tar_stream as tar_stream
+from core.errors import ArchiveError, CorruptDataError, UnsafeArchiveError
+from core.seed import LETTERS
+from demo.synthetic import make_archive
+from storage.folders import MANIFEST
+from storage.packed import FILE, checked_groups, find_packed, read_group
+from storage.shards import read_shard
+from tasks.decode import decode_to_shards
+from tasks.unpack import find_unpacked, unpack_archive
+from tests.tasks.test_extract import NAME, OUTSIDE, TOP, build, member, notmnist_files, snapshot
+
+
+def unpacked_files(dest) -> dict[str, bytes]:
+    """Member name to bytes, every letter's packed rows in order."""
+    files = {}
+    for letter in LETTERS:
+        path, groups = checked_groups(dest / letter, find_packed(dest / letter), "")
+        for number in range(len(groups)):
+            files.update(zip(*read_group(path, number)))
+    return files
+
+
+def leftovers(dest) -> list[str]:
+    return sorted(entry.name for entry in dest.iterdir()) if dest.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("mode", "tar_format"),
+    [("w:gz", tarfile.GNU_FORMAT), ("w", tarfile.USTAR_FORMAT), ("w:xz", tarfile.PAX_FORMAT)],
+    ids=["gzip-gnu", "plain-ustar", "xz-pax"],
+)
+def test_every_file_is_packed_byte_exact_in_archive_order_with_the_archive_recorded(
+    tmp_path, monkeypatch, mode, tar_format
+):
+    monkeypatch.setattr(tar_stream, "CHUNK_BYTES", 1000)  # members straddle chunk boundaries
+    monkeypatch.setattr(packed, "ROW_GROUP_ROWS", 2)  # several row groups per letter
+    files = notmnist_files(per_letter=5)
+    files[f"{TOP}/J/{'x' * 90}.png"] = b"a long name"  # a GNU long name, a pax path, or the ustar prefix
+    archive = build(tmp_path / NAME, files, mode=mode, tar_format=tar_format)
+
+    dest = unpack_archive(archive, tmp_path / "packed" / "notMNIST_large")
+
+    assert list(unpacked_files(dest).items()) == list(files.items())
+    manifest = find_packed(dest / "J")
+    status = archive.stat()
+    assert manifest["images"] == 6 and manifest["letter"] == "J" and manifest["top_folder"] == TOP
+    assert manifest["archive"] == {"name": NAME, "bytes": status.st_size, "mtime_ns": status.st_mtime_ns,
+                                   "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}
+    assert leftovers(dest) == list(LETTERS)
+
+
+def test_rerun_skips_and_a_damaged_or_changed_input_is_unpacked_again(tmp_path):
+    archive = build(tmp_path / NAME, notmnist_files())
+    dest = unpack_archive(archive, tmp_path / "packed")
+    before = snapshot(dest)
+    assert unpack_archive(archive, dest) == dest and snapshot(dest) == before
+
+    letter_file = dest / "D" / FILE
+    data = bytearray(letter_file.read_bytes())
+    data[len(data) // 2] ^= 1
+    letter_file.write_bytes(bytes(data))  # same size, other bytes
+    assert find_unpacked(archive, dest) is None
+    unpack_archive(archive, dest)
+    assert find_unpacked(archive, dest) is not None and unpacked_files(dest) == notmnist_files()
+
+    archive = build(tmp_path / NAME, notmnist_files(salt=1))  # a new download of other content
+    assert find_unpacked(archive, dest) is None
+    unpack_archive(archive, dest)
+    assert unpacked_files(dest) == notmnist_files(salt=1)
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "message"),
+    [
+        (member(f"/{OUTSIDE}/evil.png", size=3), UnsafeArchiveError, "absolute path"),
+        (member(f"{TOP}/A/../../{OUTSIDE}/evil.png", size=3), UnsafeArchiveError, "'..' component"),
+        (member(f"{TOP}/A/link.png", tarfile.SYMTYPE, linkname="/etc/passwd"), UnsafeArchiveError, "symbolic link"),
+        (member(f"{TOP}/A/pipe.png", tarfile.FIFOTYPE), UnsafeArchiveError, "FIFO"),
+        (member(f"{OUTSIDE}/second-top.png", size=3), UnsafeArchiveError, "single top-level folder"),
+        (member(f"{TOP}/A/A0.png", size=3), UnsafeArchiveError, "repeats an earlier member"),
+        (member(f"{TOP}/readme.txt", size=3), ArchiveError, "not <top folder>/<letter A-J>/<file>"),
+        (member(f"{TOP}/K/K0.png", size=3), ArchiveError, "not <top folder>/<letter A-J>/<file>"),
+        (member(f"{TOP}/A/deeper/A0.png", size=3), ArchiveError, "not <top folder>/<letter A-J>/<file>"),
+    ],
+    ids=["absolute-path", "dot-dot", "symlink", "fifo", "two-top-folders", "duplicate-name", "file-beside-letters",
+         "letter-k", "nested-folder"],
+)
+def test_a_hostile_or_misshapen_archive_is_refused_by_member_name_and_nothing_is_unpacked(
+    tmp_path, extra, error, message
+):
+    archive = build(tmp_path / NAME, notmnist_files(), (extra,))
+    with pytest.raises(error, match=re.escape(repr(extra.name)) + ".*" + re.escape(message)):
+        unpack_archive(archive, tmp_path / "packed")
+    assert leftovers(tmp_path / "packed") == []
+
+
+@pytest.mark.parametrize(
+    "damage", [lambda data: data[: len(data) // 2], lambda data: data[:-8] + bytes(4) + data[-4:]],
+    ids=["truncated", "bad-gzip-crc"],
+)
+def test_a_corrupt_archive_is_refused_and_nothing_is_unpacked(tmp_path, monkeypatch, damage):
+    monkeypatch.setattr(tar_stream, "CHUNK_BYTES", 4096)
+    archive = build(tmp_path / NAME, notmnist_files(per_letter=20))
+    archive.write_bytes(damage(archive.read_bytes()))
+    with pytest.raises(ArchiveError, match="corrupt or truncated"):
+        unpack_archive(archive, tmp_path / "packed")
+    assert leftovers(tmp_path / "packed") == []
+
+
+def test_a_missing_letter_is_named(tmp_path):
+    archive = build(tmp_path / NAME, notmnist_files(letters="ABCDEFGHI"))
+    with pytest.raises(ArchiveError, match="a folder for each letter A-J under notMNIST_large/; J missing"):
+        unpack_archive(archive, tmp_path / "packed")
+    assert leftovers(tmp_path / "packed") == []
+
+
+def test_a_crash_leaves_nothing_finished_and_the_rerun_removes_its_leftovers(tmp_path, monkeypatch):
+    archive = build(tmp_path / NAME, notmnist_files())
+    dest = tmp_path / "packed"
+    real_add, calls = packed.PackedLetterWriter.add, []
+
+    def crashing_add(self, name, png):
+        calls.append(name)
+        if len(calls) == 12:
+            raise KeyboardInterrupt("simulated crash")
+        real_add(self, name, png)
+
+    monkeypatch.setattr(packed.PackedLetterWriter, "add", crashing_add)
+    with pytest.raises(KeyboardInterrupt):
+        unpack_archive(archive, dest)
+    assert leftovers(dest) == []
+
+    (dest / ".B.tmp-0123456789ab").mkdir()  # what a killed run (no clean-up at all) leaves
+    monkeypatch.setattr(packed.PackedLetterWriter, "add", real_add)
+    unpack_archive(archive, dest)
+    assert leftovers(dest) == list(LETTERS)
+
+
+def test_decoding_packed_letters_gives_the_rows_of_the_archive_and_checks_them_first(tmp_path):
+    archive = make_archive(tmp_path, "notMNIST_small", per_letter=8, seed=5)
+    dest = unpack_archive(archive.path, tmp_path / "packed")
+    from_packed = decode_to_shards(dest, tmp_path / "p", workers=1)
+    from_archive = decode_to_shards(archive.path, tmp_path / "a", workers=1)
+    for letter in LETTERS:
+        assert from_packed[letter]["rejected"] == from_archive[letter]["rejected"]
+        assert read_shard(tmp_path / "p" / letter / "part-00000.parquet").equals(
+            read_shard(tmp_path / "a" / letter / "part-00000.parquet"))
+    assert from_packed["A"]["source"]["kind"] == "packed" and "manifest" not in from_packed["A"]["source"]
+
+    letter_file = dest / "C" / FILE
+    letter_file.write_bytes(letter_file.read_bytes()[:-1] + b"\0")
+    with pytest.raises(CorruptDataError, match="png.parquet does not match.*rerun the pipeline"):
+        decode_to_shards(dest, tmp_path / "again", workers=1, letters="C")
+    assert not (tmp_path / "again" / "C" / MANIFEST).exists()
