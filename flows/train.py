@@ -30,7 +30,6 @@ from flows.reports import publish_pictures, publish_report, publish_training, ru
 from storage.layout import DataRoot, working_copy
 from storage.models import MODEL_FILE, read_metrics, write_report
 from tasks.reporting import stage_logger
-from tasks.train import find_trained, train_task
 
 RELAYED = "relayed"  # marks a log record repeated from the training run (the terminal shows it once)
 POLL_SECONDS = 2.0  # how often the pipeline looks at a training run it sent to a work pool
@@ -60,6 +59,8 @@ def train_flow(
         scratch_dir: the local working copy of an s3:// data root, where the splits are fetched to and
             the model is written before it is published (default: under ~/.cache/notmnist).
     """
+    from tasks.train import train_task  # Keras (2 s and 400 MB to import) only in a process that trains
+
     result = train_task(
         data_dir, splits, scratch_dir=scratch_dir, experiment=experiment, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, seed=seed,
@@ -80,6 +81,8 @@ def train(
     parameters = dict(data_dir=layout.location, splits=splits, experiment=experiment, **training)
     if deployment:
         # The worker keeps its own working copy: its scratch_dir is its own default.
+        from tasks.train import find_trained
+
         train_remotely(deployment, parameters, timeout_seconds)
         if (result := find_trained(layout, splits, experiment, training)) is None:
             raise PipelineError(
