@@ -29,7 +29,7 @@ from core.seed import (
     TRAIN_SIZE,
     VALID_SIZE,
 )
-from flows.letters import letter_manifests, letter_runner, submit_letters
+from flows.letters import decode_archives, letter_runner
 from flows.reports import publish_letters, publish_splits
 from flows.train import cancel_training_runs, pipeline_result, train_and_report
 from storage.layout import DataRoot, archive_stem, working_copy
@@ -114,21 +114,17 @@ def notmnist_pipeline(
         )
         for name, (size, sha256, _) in archives.items()
     }
-    unpacked = {name: unpack_task.submit(downloads[name], layout.packed(name)) for name in archives}
-    with letter_runner(task_runner, workers, dask_address) as runner:
-        decoding = {}
-        for name, (_, _, min_images) in archives.items():
-            downloads[name].result()  # a failed download is the run's error (its unpack only never started)
-            unpacked[name].result()
-            decoding[name] = submit_letters(runner, layout, name, min_images)
-        letters = {name: letter_manifests(futures) for name, futures in decoding.items()}
+    with letter_runner(task_runner, workers, dask_address) as runner:  # open first: its workers start during the unpack
+        unpacked = {name: unpack_task.submit(downloads[name], layout.packed(name)) for name in archives}
+        minimums = {name: minimum for name, (_, _, minimum) in archives.items()}
+        letters = decode_archives(runner, layout, downloads, unpacked, minimums, remote=dask_address is not None)
     glyphs = {
         f"{archive_stem(name)}_glyphs": publish_letters(archive_stem(name), letters[name], layout.shards(name))
         for name in archives
     }
     splits = splits_task(
-        layout.location, scratch_dir=working_copy(layout), large=large_archive, small=small_archive, train_size=train_size, valid_size=valid_size,
-        test_size=test_size, seed=seed, dedup=dedup,
+        layout.location, scratch_dir=working_copy(layout), large=large_archive, small=small_archive,
+        train_size=train_size, valid_size=valid_size, test_size=test_size, seed=seed, dedup=dedup,
     )
     publish_splits(splits)
     training = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)

@@ -32,6 +32,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from core.errors import PipelineError
 from storage.atomic import read_json
 from storage.folders import MANIFEST, describe_files, files_under, folder_problem, manifest_identity
 from storage.objects import ObjectStore, is_object_store
@@ -44,10 +45,10 @@ BACKUP_SUFFIX = ".backup"
 def archive_stem(archive: str | Path) -> str:
     """`notMNIST_large.tar.gz` -> `notMNIST_large` (the seed's `maybe_extract` naming)."""
     name = Path(archive).name
-    for suffix in ARCHIVE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    stem = next((name[: -len(suffix)] for suffix in ARCHIVE_SUFFIXES if name.endswith(suffix)), name)
+    if stem in ("", ".", ".."):  # it would name the folder above, not one of its own
+        raise PipelineError(f"{name!r} cannot name an archive's folders: rename it, e.g. notMNIST_large.tar.gz")
+    return stem
 
 
 def short_digest(document: Any, length: int = 12) -> str:

@@ -1,13 +1,14 @@
 """Packed letters: an archive's PNG files as they were in it, one folder per letter, for the decode tasks.
 
     packed/<archive>/<letter>/
-      png.parquet        rows: file (the member's path in the archive, as bytes), png (its bytes, unchanged)
+      png.parquet        rows: file (the member's path in the archive, normalised: no "./" or empty
+                         parts; as bytes), png (its bytes, unchanged)
       _manifest.json     written last (storage/folders.py), with: letter, images (rows), top_folder,
                          archive {name, bytes, mtime_ns, sha256}
 
-The unpack stage (tasks/unpack.py) reads the archive once, with every check of extraction, and writes
-all ten; each letter's decode task then reads its own folder alone, checked against the manifest
-before a byte is used, on this machine or on another that fetched it from the data root. One file of
+The unpack stage (tasks/unpack.py) reads the archive once, with the checks of extraction, and writes
+all ten; each letter's decode task then reads its own folder alone, the file checked against the
+manifest first, on this machine or on another that fetched it from the data root. One file of
 uncompressed Parquet per letter, instead of some 53,000 small files: a PNG is already compressed, and
 creating and reading back half a million files cost more than decoding them (BENCHMARKS.md).
 
@@ -17,16 +18,20 @@ name as a rejected file, as it does for an extracted one.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.folders import FolderWriter, read_manifest, verify_file
+from core.errors import CorruptDataError
+from core.seed import LETTERS
+from storage.folders import FolderWriter, folder_problem, read_manifest, verify_file
 
 KIND, FORMAT = "packed-letter", 1
 FILE = "png.parquet"
-ROW_GROUP_ROWS = 8192  # the decode stage's batch: one row group is one batch of work
+ROW_GROUP_ROWS = 8192  # one row group is one batch of the decode stage's work
+ROW_GROUP_BYTES = 64 << 20  # or fewer rows, so that a writer never holds more than this of one letter
 PACKED_SCHEMA = pa.schema([("file", pa.binary()), ("png", pa.binary())])
 
 
@@ -35,7 +40,7 @@ class PackedLetterWriter(FolderWriter):
 
     def __init__(self, folder: Path, letter: str):
         super().__init__(folder, KIND, FORMAT)
-        self.letter, self.images = letter, 0
+        self.letter, self.images, self._bytes = letter, 0, 0
         self._names: list[bytes] = []
         self._pngs: list[bytes] = []
         self._writer: pq.ParquetWriter | None = None
@@ -56,14 +61,15 @@ class PackedLetterWriter(FolderWriter):
         """One member of this letter: its name in the archive and its bytes."""
         self._names.append(name.encode("utf-8", "surrogateescape"))
         self._pngs.append(png)
-        if len(self._names) == ROW_GROUP_ROWS:
+        self._bytes += len(png)
+        if len(self._names) == ROW_GROUP_ROWS or self._bytes >= ROW_GROUP_BYTES:
             self._flush()
 
     def _flush(self) -> None:
         if self._names:
             self._writer.write_table(pa.table([self._names, self._pngs], schema=PACKED_SCHEMA))
             self.images += len(self._names)
-            self._names, self._pngs = [], []
+            self._names, self._pngs, self._bytes = [], [], 0
 
     def commit(self, **fields) -> dict:
         """Write the last rows, close the file, and put the folder in place with its manifest."""
@@ -71,6 +77,12 @@ class PackedLetterWriter(FolderWriter):
         self._writer.close()
         self._writer = None
         return super().commit(letter=self.letter, images=self.images, **fields)
+
+
+def archive_identity(archive: Path) -> dict:
+    """What a packed manifest records of the archive it came from, less its sha256: name, size, mtime."""
+    status = Path(archive).stat()
+    return {"name": Path(archive).name, "bytes": status.st_size, "mtime_ns": status.st_mtime_ns}
 
 
 def find_packed(folder: Path, archive: dict | None = None) -> dict | None:
@@ -86,21 +98,36 @@ def find_packed(folder: Path, archive: dict | None = None) -> dict | None:
     return manifest
 
 
-def checked_groups(folder: Path, manifest: dict, remedy: str) -> tuple[Path, list[int]]:
-    """The letter's file, checked against the manifest (CorruptDataError, saying `remedy`, when it differs),
-    and the rows of each of its row groups."""
+def find_unpacked(archive: Path, packed_dir: Path) -> dict[str, dict] | None:
+    """The ten letters' manifests when all were unpacked from this very archive and are intact, else None."""
+    identity = archive_identity(archive)
+    manifests = {letter: find_packed(Path(packed_dir) / letter, identity) for letter in LETTERS}
+    if None in manifests.values():
+        return None
+    intact = all(folder_problem(Path(packed_dir) / letter, manifests[letter]) is None for letter in LETTERS)
+    return manifests if intact else None
+
+
+def checked_groups(folder: Path, manifest: dict, remedy: str) -> tuple[tuple[str, int, int], list[int]]:
+    """The letter's file, checked against the manifest (CorruptDataError, saying `remedy`, when it differs):
+    what `read_group` needs to find it unchanged (path, inode, mtime), and the rows of each row group."""
     path = verify_file(folder, manifest, FILE, remedy)
-    return path, [group.num_rows for group in _row_groups(path)]
-
-
-def read_group(path: Path, group: int) -> tuple[list[str], list[bytes]]:
-    """One row group of a letter's file, checked beforehand (`checked_groups`): names and PNG bytes, in archive order."""
+    status = path.stat()
     with pq.ParquetFile(path) as parquet:
-        table = parquet.read_row_group(group)
+        rows = [parquet.metadata.row_group(number).num_rows for number in range(parquet.num_row_groups)]
+    return (str(path), status.st_ino, status.st_mtime_ns), rows
+
+
+def read_group(checked: tuple[str, int, int], group: int) -> tuple[list[str], list[bytes]]:
+    """One row group of a letter's file that `checked_groups` checked: names and PNG bytes, in archive order.
+
+    A file replaced since (a new unpack renamed into place) is an error, not other rows.
+    """
+    path, inode, mtime_ns = checked
+    with open(path, "rb") as handle:
+        status = os.fstat(handle.fileno())
+        if (status.st_ino, status.st_mtime_ns) != (inode, mtime_ns):
+            raise CorruptDataError(f"{path} was replaced after it was checked: rerun, which reads the new one")
+        table = pq.ParquetFile(handle).read_row_group(group)
     names = [name.decode("utf-8", "surrogateescape") for name in table.column("file").to_pylist()]
     return names, table.column("png").to_pylist()
-
-
-def _row_groups(path: Path) -> list[pq.RowGroupMetaData]:
-    with pq.ParquetFile(path) as parquet:
-        return [parquet.metadata.row_group(number) for number in range(parquet.num_row_groups)]

@@ -5,7 +5,8 @@ extraction and about as long as decoding a 28x28 PNG (bench/extract.py); notMNIS
 members, so headers are parsed here. Accepted is what GNU tar and Python write: ustar headers, GNU long
 names, pax path and size records. Links, devices, FIFOs, sparse files and unknown types are refused
 and member count and size are bounded before a caller sees a member, whether it extracts the archive
-(tasks/extract.py) or decodes straight from it (tasks/decode.py).
+(tasks/extract.py), unpacks it into packed letters (tasks/unpack.py) or decodes straight from it
+(tasks/decode.py).
 """
 
 from __future__ import annotations

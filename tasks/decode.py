@@ -9,7 +9,7 @@ each shard's sha256, so a rerun skips letters that are done and intact and redoe
 
 Input is the archive's packed letters (the unpack stage's output, storage/packed.py), the folder
 the extraction stage made, or the archive itself (read in one pass; see `storage.tar_stream`). Rows
-come out in the same order from each.
+come out in archive order from an archive or its packed letters, in name order from a folder.
 
 The pipeline decodes each letter of the packed input as a Prefect task of its own (`letter_task`,
 fanned out by flows/letters.py); `notmnist shards` decodes a whole archive or folder with the process
@@ -39,13 +39,13 @@ from storage.extraction import extraction_problem, folder_state, read_record
 from storage.folders import manifest_identity
 from storage.layout import DataRoot, archive_stem
 from storage.letters import commit_letter, find_letter, letter_folder, read_letter_manifest
-from storage.packed import checked_groups, find_packed
+from storage.packed import ROW_GROUP_ROWS, checked_groups, find_packed
 from storage.tar_stream import iter_files
 from tasks.caching import retry_unless_pipeline_error, stage_cache
 from tasks.images import BatchJob, BatchResult, decode_batch, start_worker
 from tasks.reporting import Progress, artifact_key, stage_logger
 
-BATCH_ROWS = 8192
+BATCH_ROWS = ROW_GROUP_ROWS  # a batch of an archive or folder is as large as a packed letter's row group
 # Member limits for reading an archive directly: comfortably above notMNIST_large (529,119 members).
 MAX_MEMBERS = 2_000_000
 MAX_TOTAL_BYTES = 4 << 30
@@ -112,15 +112,17 @@ def _folder_members(top: Path, letters: Iterable[str]) -> Iterator[tuple[str, st
             yield letter, f"{top.name}/{letter}/{name}", top / letter / name
 
 
-def _packed_jobs(top: Path, letters: Iterable[str], sources: dict[str, dict], folders: dict[str, Path]) -> Iterator[BatchJob]:
+def _packed_jobs(
+    top: Path, letters: Iterable[str], sources: dict[str, dict], folders: dict[str, Path]
+) -> Iterator[BatchJob]:
     """A job per row group of each packed letter, whose file is checked against its manifest first; the
     workers read the names and bytes themselves."""
     remedy = "the packed letter was damaged after the unpack; rerun the pipeline, which unpacks the archive again"
     for letter in letters:
-        path, groups = checked_groups(top / letter, sources[letter]["manifest"], remedy)
+        checked, groups = checked_groups(top / letter, sources[letter]["manifest"], remedy)
         for number, rows in enumerate(groups or [0]):  # a letter without rows still gets a manifest
             shard = str(folders[letter] / f"part-{number:05d}.parquet")
-            yield BatchJob(LETTERS.index(letter), shard, [], packed=(str(path), number, rows) if rows else None)
+            yield BatchJob(LETTERS.index(letter), shard, [], packed=(checked, number, rows) if rows else None)
 
 
 def _archive_members(archive: Path, wanted: Iterable[str]) -> Iterator[tuple[str, str, bytes]]:
@@ -149,7 +151,11 @@ class _SharedPool:
         self.workers, self._pool, self._lock = workers, None, threading.Lock()
 
     def get(self) -> ProcessPoolExecutor:
+        """The pool, started on first use, and started again if a worker died (the letter's retry then works)."""
         with self._lock:
+            if self._pool is not None and self._pool._broken:  # a dead worker breaks a ProcessPoolExecutor for good
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
             if self._pool is None:
                 self._pool = _new_pool(self.workers)
             return self._pool
@@ -161,6 +167,7 @@ class _SharedPool:
             pool.submit(int)  # ProcessPoolExecutor starts its processes as work arrives
 
     def shutdown(self) -> None:
+        """Stop the workers, once the letters in flight are done."""
         if self._pool is not None:
             self._pool.shutdown()
 
@@ -257,7 +264,7 @@ def _decode_group(
 
 
 def _sources(source: Path, letters: str) -> dict[str, dict]:
-    """Each letter's input identity: the archive's sha256, or its extracted folder's.
+    """Each letter's input identity: the archive's sha256, its packed letter's listing, or its extracted folder's.
 
     An extracted folder must still be as its extraction recorded it, and stands for its archive's
     content; a folder made some other way is identified by its listing and newest file as they are now.
@@ -295,10 +302,11 @@ def _packed_source(source: Path, letter: str) -> dict:
 def decode_to_shards(
     source: Path, out_dir: Path, *, min_images: int = 0, workers: int | None = None, letters: str = LETTERS
 ) -> dict[str, dict]:
-    """Decode an extracted notMNIST folder, or a .tar.gz read directly, into `out_dir/<letter>/`.
+    """Decode an archive's packed letters, its extracted folder, or a .tar.gz read directly, into `out_dir/<letter>/`.
 
     Args:
-        source: the extracted top folder (e.g. extracted/notMNIST_large) or the archive itself.
+        source: the packed folder (packed/notMNIST_large), the extracted top folder
+            (e.g. extracted/notMNIST_large), or the archive itself.
         out_dir: where each letter's folder of shards and manifest goes.
         min_images: fewest usable images a letter may have (the seed: 45,000 large, 1,800 small).
         workers: decode processes; default one per core.
@@ -310,7 +318,7 @@ def decode_to_shards(
     logger = stage_logger(__name__)
     source, out_dir = Path(source), Path(out_dir)
     if not source.exists():
-        raise PipelineError(f"{source} does not exist: give an extracted notMNIST folder or its .tar.gz")
+        raise PipelineError(f"{source} does not exist: give a notMNIST .tar.gz, or its packed or extracted folder")
     if source.is_dir():
         found = sorted(p.name for p in source.iterdir() if p.is_dir())
         if set(letters) - set(found):
@@ -360,14 +368,20 @@ def decode_to_shards(
     return manifests
 
 
-def decode_letter(data_dir: str, archive: str, letter: str, *, min_images: int = 0, scratch_dir: str | None = None) -> dict:
+def decode_letter(
+    data_dir: str, archive: str, letter: str, *, min_images: int = 0, scratch_dir: str | None = None
+) -> dict:
     """Decode one packed letter of `archive` into its folder of shards (the seed's `load_letter`); returns its manifest.
 
     Reads packed/<archive>/<letter> of the data root (fetched first where the root is an object store),
     publishes shards/<archive>/<letter>, and decodes in this process, or on the pool `shared_worker_pool` opened.
     """
     layout = DataRoot(data_dir, scratch_dir)
-    layout.fetch(layout.packed(archive) / letter)
+    if not layout.fetch(layout.packed(archive) / letter):
+        raise PipelineError(
+            f"{layout.url(layout.packed(archive) / letter)} holds no packed letter: rerun the pipeline, which unpacks "
+            "the archive (with --task-runner dask, the workers must reach this data root)."
+        )
     shards = layout.shards(archive)
     manifest = decode_to_shards(layout.packed(archive), shards, min_images=min_images, workers=1, letters=letter)
     layout.publish(letter_folder(shards, letter))
@@ -375,9 +389,14 @@ def decode_letter(data_dir: str, archive: str, letter: str, *, min_images: int =
 
 
 def _letter_identity(parameters: dict) -> str | None:
-    """Cache identity: the letter decoded from this very packed input, intact and published, else None."""
-    layout, archive, letter = DataRoot(parameters["data_dir"], parameters.get("scratch_dir")), parameters["archive"], parameters["letter"]
-    packed = find_packed(layout.packed(archive) / letter)
+    """Cache identity: the letter decoded from this very packed input, intact and published, else None.
+
+    The input is the data root's packed letter: a worker's working copy may hold an older one.
+    """
+    layout = DataRoot(parameters["data_dir"], parameters.get("scratch_dir"))
+    archive, letter = parameters["archive"], parameters["letter"]
+    folder = layout.packed(archive) / letter
+    packed = layout.published(folder) if layout.store is not None else find_packed(folder)
     if packed is None:
         return None
     folder = letter_folder(layout.shards(archive), letter)
@@ -390,6 +409,7 @@ letter_task = task(
     task_run_name=lambda parameters: f"decode {archive_stem(parameters['archive'])} {parameters['letter']}",
     cache_policy=stage_cache(_letter_identity),
     retries=1,
+    retry_delay_seconds=2,
     retry_condition_fn=retry_unless_pipeline_error,
     persist_result=True,
 )(decode_letter)

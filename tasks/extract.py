@@ -203,12 +203,12 @@ def member_path(archive: Path, name: str, is_directory: bool) -> str:
         return relative  # nearly every name; only the rest needs the closer look below
     if name.startswith("/"):
         raise UnsafeArchiveError(f"{archive}: member {name!r} has an absolute path; refusing to write outside "
-                                 "the destination. Nothing was extracted.")
+                                 "the destination. Nothing was written.")
     parts = [part for part in name.split("/") if part and part != "."]
     if ".." in parts:
         raise UnsafeArchiveError(f"{archive}: member {name!r} has a '..' component; refusing to write outside "
-                                 "the destination. Nothing was extracted.")
+                                 "the destination. Nothing was written.")
     if not parts and not is_directory:
         raise UnsafeArchiveError(f"{archive}: member {name!r} is a file without a name; refusing the archive. "
-                                 "Nothing was extracted.")
+                                 "Nothing was written.")
     return "/".join(parts)

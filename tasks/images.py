@@ -52,7 +52,7 @@ class BatchJob:
     files: list[str]  # names inside the archive, e.g. notMNIST_large/A/xyz.png
     blobs: list[bytes] | None = None  # the PNG bytes, when read straight from the archive
     paths: list[str] | None = None  # or where to read them, from an extracted folder
-    packed: tuple[str, int, int] | None = None  # or a packed letter's file, row group and rows: names and bytes there
+    packed: tuple[tuple, int, int] | None = None  # or a packed letter's checked file, row group and rows
 
     @property
     def rows(self) -> int:

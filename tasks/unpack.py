@@ -3,8 +3,9 @@
 Extraction (tasks/extract.py) writes one file per image, some 530,000 for notMNIST_large, and the
 decode stage then reads them back; both cost more than decoding itself. The pipeline unpacks
 instead: one streaming pass over the archive (storage/tar_stream.py refuses links, devices and
-archive bombs), the same refusals of names as extraction (absolute, `..`, hidden or second top
-folders, repeated names), and each letter's PNGs written, untouched, into one Parquet file of its own
+archive bombs, and every header's checksum is checked), the same refusals of names as extraction
+(absolute, `..`, hidden or second top folders, repeated names), a limit on one member's size, and
+each letter's PNGs written, untouched, into one Parquet file of its own
 (storage/packed.py). Nothing is committed until the whole archive has been read and its gzip
 checksum has passed; then the ten folders are put in place, each with its manifest.
 """
@@ -21,29 +22,16 @@ from prefect import task
 from core.errors import ArchiveError, UnsafeArchiveError
 from core.seed import LETTERS
 from storage.atomic import remove_temporaries_of
-from storage.folders import folder_problem, manifest_identity
-from storage.packed import PackedLetterWriter, find_packed
+from storage.folders import manifest_identity
+from storage.packed import PackedLetterWriter, archive_identity, find_unpacked
 from storage.tar_stream import TarReader
 from tasks.caching import stage_cache
 from tasks.decode import start_shared_workers
 from tasks.extract import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, member_path
 from tasks.reporting import stage_logger
 
-
-def archive_identity(archive: Path) -> dict:
-    """What the packed manifests record of the archive they came from, less its sha256: name, size, mtime."""
-    status = Path(archive).stat()
-    return {"name": Path(archive).name, "bytes": status.st_size, "mtime_ns": status.st_mtime_ns}
-
-
-def find_unpacked(archive: Path, dest_dir: Path) -> dict[str, dict] | None:
-    """The ten packed letters' manifests when all were unpacked from this very archive and are intact, else None."""
-    identity = archive_identity(archive)
-    manifests = {letter: find_packed(Path(dest_dir) / letter, identity) for letter in LETTERS}
-    if None in manifests.values():
-        return None
-    intact = all(folder_problem(Path(dest_dir) / letter, manifests[letter]) is None for letter in LETTERS)
-    return manifests if intact else None
+# Each member is held in memory while it is packed; notMNIST's PNGs are under 1 KB.
+DEFAULT_MAX_MEMBER_BYTES = 16 << 20
 
 
 def unpack_archive(
@@ -52,12 +40,13 @@ def unpack_archive(
     *,
     max_members: int = DEFAULT_MAX_MEMBERS,
     max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> Path:
     """Unpack `archive` (a tar, plain or compressed) into `dest_dir/<letter>/` for A-J; returns `dest_dir`.
 
     Skips the work when all ten letters of this archive are there. Raises UnsafeArchiveError for
-    hostile members or an archive past the limits, and ArchiveError for a corrupt archive or one not
-    laid out as <top folder>/<letter A-J>/<file>.
+    hostile members or an archive past the limits (a member over `max_member_bytes` too: each is held in
+    memory), and ArchiveError for a corrupt archive or one not laid out as <top folder>/<letter A-J>/<file>.
     """
     archive, dest_dir, logger = Path(archive), Path(dest_dir), stage_logger(__name__)
     if not archive.is_file():
@@ -76,7 +65,7 @@ def unpack_archive(
         logger.info("Unpacking %s (%s bytes) into %s.", archive, f"{identity['bytes']:,}", dest_dir)
         with contextlib.ExitStack() as stack:
             writers = {letter: stack.enter_context(PackedLetterWriter(dest_dir / letter, letter)) for letter in LETTERS}
-            top, sha256, members = _pack_members(archive, writers, max_members, max_total_bytes)
+            top, sha256, members = _pack_members(archive, writers, max_members, max_total_bytes, max_member_bytes)
             for writer in writers.values():
                 writer.commit(top_folder=top, archive={**identity, "sha256": sha256})
     logger.info("Unpacked %s members of %s into ten letters in %.1f s.", f"{members:,}", archive.name,
@@ -85,16 +74,16 @@ def unpack_archive(
 
 
 def _pack_members(
-    archive: Path, writers: dict[str, PackedLetterWriter], max_members: int, max_total_bytes: int
+    archive: Path, writers: dict[str, PackedLetterWriter], max_members: int, max_total_bytes: int, max_member_bytes: int
 ) -> tuple[str, str, int]:
     """Check every member of `archive` and give each file to its letter's writer, in one pass.
 
     Returns the top folder's name, the archive's sha256 and the member count.
     """
     top, seen, names = None, set(), set()
-    # gzip's CRC covers every byte and is checked before the iteration ends; nothing is committed before.
-    with TarReader(archive, max_members=max_members, max_total_bytes=max_total_bytes,
-                   verify_gzip_headers=False) as reader:
+    # Every tar header's checksum is checked, as extraction does: gzip's CRC only says the bytes are those
+    # that were compressed, not that the tar was whole.
+    with TarReader(archive, max_members=max_members, max_total_bytes=max_total_bytes) as reader:
         for member in reader:
             relative = member_path(archive, member.name, member.is_directory)
             if not relative:
@@ -114,12 +103,16 @@ def _pack_members(
                                    "check that this is a notMNIST archive. Nothing was unpacked.")
             if len(parts) > 1:
                 seen.add(parts[1])
-            if member.is_directory:
-                continue
             if relative in names:
                 raise UnsafeArchiveError(f"{archive}: member {member.name!r} repeats an earlier member's name; "
                                          "refusing an ambiguous archive. Nothing was unpacked.")
             names.add(relative)
+            if member.is_directory:
+                continue
+            if member.size > max_member_bytes:
+                raise UnsafeArchiveError(f"{archive}: member {member.name!r} has {member.size:,} bytes, over the limit "
+                                         f"of {max_member_bytes:,} for one image (a notMNIST PNG is under 1 KB); "
+                                         "refusing it. If the archive is genuine, raise max_member_bytes.")
             writers[parts[1]].add(relative, member.read())
     if top is None:
         raise ArchiveError(f"{archive} holds no members; expected one top-level folder. Delete it and download again.")

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import re
 import tarfile
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
 import storage.packed as packed
 import storage.tar_stream as tar_stream
-from core.errors import ArchiveError, CorruptDataError, UnsafeArchiveError
+from core.errors import ArchiveError, CorruptDataError, PipelineError, UnsafeArchiveError
 from core.seed import LETTERS
 from demo.synthetic import make_archive
 from storage.folders import MANIFEST
-from storage.packed import FILE, checked_groups, find_packed, read_group
+from storage.packed import FILE, checked_groups, find_packed, find_unpacked, read_group
 from storage.shards import read_shard
 from tasks.decode import decode_to_shards
-from tasks.unpack import find_unpacked, unpack_archive
+from tasks.unpack import unpack_archive
 from tests.tasks.test_extract import NAME, OUTSIDE, TOP, build, member, notmnist_files, snapshot
 
 
@@ -25,9 +28,9 @@ def unpacked_files(dest) -> dict[str, bytes]:
     """Member name to bytes, every letter's packed rows in order."""
     files = {}
     for letter in LETTERS:
-        path, groups = checked_groups(dest / letter, find_packed(dest / letter), "")
+        checked, groups = checked_groups(dest / letter, find_packed(dest / letter), "")
         for number in range(len(groups)):
-            files.update(zip(*read_group(path, number)))
+            files.update(zip(*read_group(checked, number)))
     return files
 
 
@@ -105,6 +108,29 @@ def test_a_hostile_or_misshapen_archive_is_refused_by_member_name_and_nothing_is
     assert leftovers(tmp_path / "packed") == []
 
 
+def test_a_repeated_folder_and_an_oversized_member_are_refused(tmp_path):
+    archive = build(tmp_path / NAME, notmnist_files(), (member(f"{TOP}/A", tarfile.DIRTYPE),))
+    with pytest.raises(UnsafeArchiveError, match="'notMNIST_large/A/' repeats an earlier member"):
+        unpack_archive(archive, tmp_path / "packed")
+    archive = build(tmp_path / NAME, notmnist_files(), (member(f"{TOP}/B/big.png", size=5000),))
+    with pytest.raises(UnsafeArchiveError, match="'notMNIST_large/B/big.png' has 5,000 bytes, over the limit of 4,096"):
+        unpack_archive(archive, tmp_path / "packed", max_member_bytes=4096)
+    assert leftovers(tmp_path / "packed") == []
+
+
+def test_a_tar_header_that_fails_its_checksum_is_refused_inside_a_sound_gzip(tmp_path):
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in notmnist_files().items():
+            tar.addfile(member(name, size=len(data)), io.BytesIO(data))
+    damaged = bytearray(raw.getvalue())
+    damaged[148:156] = b"0000000\0"  # the first header's checksum field
+    (tmp_path / NAME).write_bytes(gzip.compress(bytes(damaged)))
+    with pytest.raises(ArchiveError, match="fails its checksum"):
+        unpack_archive(tmp_path / NAME, tmp_path / "packed")
+    assert leftovers(tmp_path / "packed") == []
+
+
 @pytest.mark.parametrize(
     "damage", [lambda data: data[: len(data) // 2], lambda data: data[:-8] + bytes(4) + data[-4:]],
     ids=["truncated", "bad-gzip-crc"],
@@ -163,3 +189,25 @@ def test_decoding_packed_letters_gives_the_rows_of_the_archive_and_checks_them_f
     with pytest.raises(CorruptDataError, match="png.parquet does not match.*rerun the pipeline"):
         decode_to_shards(dest, tmp_path / "again", workers=1, letters="C")
     assert not (tmp_path / "again" / "C" / MANIFEST).exists()
+
+
+def test_a_letter_task_without_its_packed_letter_says_to_rerun(tmp_path):
+    from tasks.decode import decode_letter
+
+    with pytest.raises(PipelineError, match="holds no packed letter: rerun the pipeline"):
+        decode_letter(str(tmp_path / "data"), "notMNIST_large.tar.gz", "C")
+
+
+def test_decoding_goes_on_after_a_worker_died_on_a_new_pool(tmp_path):
+    import os
+
+    from tasks import decode
+
+    archive = make_archive(tmp_path, "notMNIST_small", per_letter=8, seed=5)
+    dest = unpack_archive(archive.path, tmp_path / "packed")
+    with decode.shared_worker_pool(1):
+        pool = decode._shared.get()
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(os._exit, 1).result()  # a worker killed (out of memory, kill -9)
+        manifest = decode_to_shards(dest, tmp_path / "shards", workers=1, letters="C")["C"]
+    assert manifest["images"] == 8 and decode._shared is None
