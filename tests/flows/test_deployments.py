@@ -27,6 +27,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.events.worker import EventsWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 import flows.train
@@ -75,6 +76,10 @@ def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
         subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=env, check=True,
                        capture_output=True, cwd=ROOT)
     yield env
+    # Prefect keeps one events worker per process, bound to the API it first sent events to. Drained while
+    # this server still runs, it starts again for the next module's API instead of sending to a stopped
+    # server (whose undeliverable events would hang the session's last drain).
+    EventsWorker.drain_all(timeout=60)
     server.terminate()
     server.wait(timeout=30)
     log.close()
