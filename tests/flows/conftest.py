@@ -1,22 +1,69 @@
-"""One Prefect API for the whole test session, and small notMNIST archives served from 127.0.0.1."""
+"""One Prefect server for the whole test session, and small notMNIST archives served from 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
+import requests
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from demo.loopback import FileServer
 from demo.synthetic import make_archive
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def prefect_api() -> Iterator[None]:
-    """Prefect's embedded API, started once per session (it takes seconds to start)."""
-    with prefect_test_harness(server_startup_timeout=120):
+def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """One `prefect server start` per test session, on a free loopback port with its own PREFECT_HOME (a
+    database of its own); yields the environment for processes that use it (command lines, workers)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_KEY", None)
+    with open(home / "server.log", "w") as log:
+        server = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
+                                   "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  cwd=home)
+        try:
+            _wait_until_healthy(server, port, home / "server.log")
+            yield env
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def _wait_until_healthy(server: subprocess.Popen, port: int, log: Path, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        if server.poll() is not None:
+            pytest.fail(f"prefect server exited: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"prefect server did not become healthy within {seconds:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def prefect_api(prefect_server) -> Iterator[None]:
+    """This process's flows and clients use the session's Prefect server (its start takes seconds: once)."""
+    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
         yield
 
 

@@ -10,15 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
@@ -27,7 +23,6 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
-from prefect.events.worker import EventsWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 import flows.train
@@ -42,47 +37,12 @@ ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """`prefect server start` on a free loopback port with its own PREFECT_HOME; yields the environment to use it."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    env.pop("PREFECT_API_KEY", None)
-    log = open(home / "server.log", "w")
-    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        if server.poll() is not None:
-            pytest.fail(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    else:
-        server.terminate()
-        pytest.fail("prefect server did not become healthy within 120 s")
+def pools(prefect_server) -> None:
+    """The work pools prefect.yaml deploys to, on the session's server."""
     for pool in ("cpu", "gpu", "gpu-checkout"):
-        subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=env, check=True,
+        subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=prefect_server, check=True,
                        capture_output=True, cwd=ROOT)
-    yield env
-    # Prefect keeps one events worker per process, bound to the API it first sent events to. Drained while
-    # this server still runs, it starts again for the next module's API instead of sending to a stopped
-    # server (whose undeliverable events would hang the session's last drain).
-    EventsWorker.drain_all(timeout=60)
-    server.terminate()
-    server.wait(timeout=30)
-    log.close()
 
 
 def git(*arguments: str, cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -109,7 +69,7 @@ def repository(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def deployed(prefect_server, repository) -> subprocess.CompletedProcess:
+def deployed(prefect_server, pools, repository) -> subprocess.CompletedProcess:
     return subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], cwd=repository["deployer"],
                           env={**prefect_server, "NOTMNIST_REPOSITORY": repository["url"]},
                           capture_output=True, text=True, timeout=300)
