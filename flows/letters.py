@@ -5,8 +5,8 @@ output, and retried on its own, so the UI shows twenty tasks for the two archive
 redoes one letter. Where they run:
 
   processes  the tasks run in threads here, and decode their batches on one pool of this machine's
-             processes, one per core by default, started only when a letter needs decoding (so a
-             cached rerun starts none, and the cache is looked up without leaving this process)
+             processes, one per core by default, started when an archive is unpacked or a letter
+             needs decoding (so a cached rerun starts none, and the cache is looked up here)
   threads    a pool of threads in this process, decoding in them
   dask       a Dask cluster: an existing one (`dask_address`, tcp://...), or a local one started for
              the run; each task fetches its packed letter from the data root and publishes its shards
