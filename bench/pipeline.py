@@ -47,8 +47,8 @@ DATA_TASKS = ("download", "unpack", "decode", "splits")  # the first word of eac
 FULL_PER_LETTER, FULL_SMALL_PER_LETTER = 52_912, 1_873
 
 
-def data_stage_seconds(flow_run_id) -> tuple[float, dict[str, str]]:
-    """Wall time from the first data task's start to the last one's end, and each task's final state."""
+def task_runs(flow_run_id) -> list:
+    """The task runs of one flow run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -56,7 +56,12 @@ def data_stage_seconds(flow_run_id) -> tuple[float, dict[str, str]]:
         async with get_client() as client:
             return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
-    runs = [run for run in asyncio.run(read()) if run.name.split()[0] in DATA_TASKS]
+    return asyncio.run(read())
+
+
+def data_stage_seconds(flow_run_id) -> tuple[float, dict[str, str]]:
+    """Wall time from the first data task's start to the last one's end, and each task's final state."""
+    runs = [run for run in task_runs(flow_run_id) if run.name.split()[0] in DATA_TASKS]
     starts = [run.start_time or run.state.timestamp for run in runs]
     ends = [run.end_time or run.state.timestamp for run in runs]
     return (max(ends) - min(starts)).total_seconds(), {run.name: run.state.name for run in runs}
@@ -143,32 +148,16 @@ def _role(is_root: bool, command: str) -> str:
     return "decode worker" if "multiprocessing" in command else command[:40]
 
 
-def decode_floor(archives: dict) -> tuple[float, int]:
-    """Seconds to decode every PNG of the archives, already in memory, on all cores; and the images decoded."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from bench.ingest import _decode_all
-    from storage.tar_stream import iter_files
-
-    blobs = [data for info in archives.values()
-             for _, data in iter_files(Path(info["path"]), max_members=10**7, max_total_bytes=1 << 40)]
-    chunks = [blobs[i : i + 8192] for i in range(0, len(blobs), 8192)]
-    start = time.perf_counter()
-    with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
-        images = sum(pool.map(_decode_all, chunks))
-    return time.perf_counter() - start, images
-
-
 def full_size(args: argparse.Namespace) -> None:
     """`notmnist run` with the seed's defaults on archives of notMNIST's size; see the module docstring."""
+    from bench.ingest import decode_floor
     from demo.loopback import FileServer
     from demo.run import demo_archives
 
     # The command and this script share a Prefect home of their own, so the run's task runs can be read back.
     os.environ["PREFECT_HOME"] = str(args.workdir / "prefect-home")
     archives = demo_archives(args.workdir / "full", FULL_PER_LETTER, FULL_SMALL_PER_LETTER)
-    floor, images = decode_floor(archives)
+    floor, images = decode_floor([Path(info["path"]) for info in archives.values()], os.cpu_count() or 1)
     data = args.workdir / "full-run"
     shutil.rmtree(data, ignore_errors=True)
     (data / "raw").mkdir(parents=True)
@@ -223,15 +212,8 @@ def latest_pipeline_run():
 
 def stage_spans(flow_run) -> dict:
     """First start and last end of each kind of task run in `flow_run` (named by the first word), and of training."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
-
     spans: dict = {"flow run": (flow_run.start_time, flow_run.end_time)}
-    for run in asyncio.run(read()):
+    for run in task_runs(flow_run.id):
         kind = run.name.split()[0].split("-")[0]  # "train-0", the training subflow's task run, counts as "train"
         first, last = spans.get(kind, (run.start_time, run.end_time))
         spans[kind] = (min(first, run.start_time), max(last, run.end_time))

@@ -51,6 +51,7 @@ def letter_runner(kind: str, workers: int | None = None, dask_address: str | Non
 
 
 def _dask_runner(workers: int, address: str | None) -> TaskRunner:
+    """Prefect's Dask task runner on the cluster at `address`, or on a local one of `workers` processes."""
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError as error:

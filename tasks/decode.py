@@ -242,9 +242,10 @@ def _decode_group(
     try:
         for folder in temporary.values():
             folder.mkdir()
-        if source.is_file():
+        kind = sources[group[0]]["kind"]
+        if kind == "archive":
             jobs = _batches(_archive_members(source, group), temporary)
-        elif _is_packed(source):
+        elif kind == "packed":
             jobs = _packed_jobs(source, group, sources, temporary)
         else:
             jobs = _batches(_folder_members(source, group), temporary)
@@ -338,9 +339,10 @@ def decode_to_shards(
         # From a folder each letter is put in place as soon as it is done, so a crash keeps the
         # finished ones; an archive is read once for all letters.
         groups = [todo] if source.is_file() else [[letter] for letter in todo]
-        if source.is_file():
+        kind = sources[letters[0]]["kind"]
+        if kind == "archive":
             total = None
-        elif _is_packed(source):
+        elif kind == "packed":
             total = sum(sources[letter]["manifest"]["images"] for letter in todo)
         else:
             total = sum(len(os.listdir(source / letter)) for letter in todo)
@@ -377,13 +379,14 @@ def decode_letter(
     publishes shards/<archive>/<letter>, and decodes in this process, or on the pool `shared_worker_pool` opened.
     """
     layout = DataRoot(data_dir, scratch_dir)
-    if not layout.fetch(layout.packed(archive) / letter):
+    packed = layout.packed(archive)
+    if not layout.fetch(packed / letter):
         raise PipelineError(
-            f"{layout.url(layout.packed(archive) / letter)} holds no packed letter: rerun the pipeline, which unpacks "
+            f"{layout.url(packed / letter)} holds no packed letter: rerun the pipeline, which unpacks "
             "the archive (with --task-runner dask, the workers must reach this data root)."
         )
     shards = layout.shards(archive)
-    manifest = decode_to_shards(layout.packed(archive), shards, min_images=min_images, workers=1, letters=letter)
+    manifest = decode_to_shards(packed, shards, min_images=min_images, workers=1, letters=letter)
     layout.publish(letter_folder(shards, letter))
     return manifest[letter]
 
@@ -395,13 +398,12 @@ def _letter_identity(parameters: dict) -> str | None:
     """
     layout = DataRoot(parameters["data_dir"], parameters.get("scratch_dir"))
     archive, letter = parameters["archive"], parameters["letter"]
-    folder = layout.packed(archive) / letter
-    packed = layout.published(folder) if layout.store is not None else find_packed(folder)
+    packed_folder, shards_folder = layout.packed(archive) / letter, letter_folder(layout.shards(archive), letter)
+    packed = layout.published(packed_folder) if layout.store is not None else find_packed(packed_folder)
     if packed is None:
         return None
-    folder = letter_folder(layout.shards(archive), letter)
-    found = find_letter(folder, manifest_identity(packed))
-    return None if found is None or not layout.is_published(folder, found) else manifest_identity(found)
+    found = find_letter(shards_folder, manifest_identity(packed))
+    return None if found is None or not layout.is_published(shards_folder, found) else manifest_identity(found)
 
 
 letter_task = task(

@@ -136,15 +136,10 @@ def _stream_members(
                 if not relative:
                     continue  # "./", the extraction root itself
                 first, separator, _ = relative.partition("/")
-                if top is None:
-                    if first.startswith("."):  # hidden names are this stage's own: locks and temporary folders
-                        raise UnsafeArchiveError(f"{archive}: member {name!r} is in the hidden top-level folder "
-                                                 f"{first!r}; expected a visible one such as 'notMNIST_large'.")
-                    top = first
-                if first != top or not (separator or is_directory):
+                top = top_folder(archive, name, first, top)
+                if not (separator or is_directory):  # a file where the top folder should be
                     raise UnsafeArchiveError(f"{archive}: member {name!r} lies outside the single top-level "
-                                             f"folder; expected exactly one, found {sorted({top, first})}. "
-                                             "Nothing was extracted.")
+                                             f"folder; expected exactly one, found {[first]}. Nothing was written.")
                 if is_directory:
                     if relative in explicit_directories:
                         raise FileExistsError(relative)
@@ -193,6 +188,21 @@ def _make_directories(work: Path, relative: str, created: set[str]) -> None:
     while relative not in created:
         created.add(relative)
         relative = relative.rpartition("/")[0]
+
+
+def top_folder(archive: Path, name: str, first: str, top: str | None) -> str:
+    """The archive's single top folder, from member `name`'s first path component and the top folder seen
+    so far (None before the first member); refuses a hidden one or a second one (UnsafeArchiveError).
+    Shared with the unpack stage (tasks/unpack.py)."""
+    if top is None:
+        if first.startswith("."):  # hidden names are the stages' own: locks and temporary folders
+            raise UnsafeArchiveError(f"{archive}: member {name!r} is in the hidden top-level folder {first!r}; "
+                                     "expected a visible one such as 'notMNIST_large'.")
+        return first
+    if first != top:
+        raise UnsafeArchiveError(f"{archive}: member {name!r} lies outside the single top-level folder; expected "
+                                 f"exactly one, found {sorted({top, first})}. Nothing was written.")
+    return top
 
 
 def member_path(archive: Path, name: str, is_directory: bool) -> str:

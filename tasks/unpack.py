@@ -4,9 +4,9 @@ Extraction (tasks/extract.py) writes one file per image, some 530,000 for notMNI
 decode stage then reads them back; both cost more than decoding itself. The pipeline unpacks
 instead: one streaming pass over the archive (storage/tar_stream.py refuses links, devices and
 archive bombs, and every header's checksum is checked), the same refusals of names as extraction
-(absolute, `..`, hidden or second top folders, repeated names), a limit on one member's size, and
-each letter's PNGs written, untouched, into one Parquet file of its own
-(storage/packed.py). Nothing is committed until the whole archive has been read and its gzip
+(its `member_path` and `top_folder`: absolute, `..`, hidden or second top folders; and repeated
+names), a limit on one member's size, and each letter's PNGs written, untouched, into one Parquet
+file of its own (storage/packed.py). Nothing is committed until the whole archive has been read and its gzip
 checksum has passed; then the ten folders are put in place, each with its manifest.
 """
 
@@ -27,7 +27,7 @@ from storage.packed import PackedLetterWriter, archive_identity, find_unpacked
 from storage.tar_stream import TarReader
 from tasks.caching import stage_cache
 from tasks.decode import start_shared_workers
-from tasks.extract import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, member_path
+from tasks.extract import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, member_path, top_folder
 from tasks.reporting import stage_logger
 
 # Each member is held in memory while it is packed; notMNIST's PNGs are under 1 KB.
@@ -89,14 +89,7 @@ def _pack_members(
             if not relative:
                 continue  # "./", the archive's root itself
             parts = relative.split("/")
-            if top is None:
-                if parts[0].startswith("."):
-                    raise UnsafeArchiveError(f"{archive}: member {member.name!r} is in the hidden top-level folder "
-                                             f"{parts[0]!r}; expected a visible one such as 'notMNIST_large'.")
-                top = parts[0]
-            if parts[0] != top:
-                raise UnsafeArchiveError(f"{archive}: member {member.name!r} lies outside the single top-level "
-                                         f"folder; expected exactly one, found {sorted({top, parts[0]})}.")
+            top = top_folder(archive, member.name, parts[0], top)
             depth = len(parts) - (not member.is_directory)  # the folders it lies in, itself included
             if depth > 2 or (len(parts) > 1 and parts[1] not in writers) or (not member.is_directory and depth < 2):
                 raise ArchiveError(f"{archive}: member {member.name!r} is not <top folder>/<letter A-J>/<file>; "

@@ -26,20 +26,24 @@ from tests.flows.conftest import pipeline_parameters
 DATA_TASKS = {"download", "unpack", "decode", "splits"}
 
 
-def task_states(flow_run_id) -> dict[str, list[str]]:
-    """Task name -> state names of the task runs of one flow run."""
+def task_runs(flow_run_id) -> list:
+    """The task runs of one flow run, in the order they were to start."""
 
     async def read():
         async with get_client() as client:
-            runs = await client.read_task_runs(
+            return await client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC
             )
-        states: dict[str, list[str]] = {}
-        for run in runs:
-            states.setdefault(run.name.split()[0], []).append(run.state.name)  # "download notMNIST_large.tar.gz" -> "download"
-        return states
 
     return asyncio.run(read())
+
+
+def task_states(flow_run_id) -> dict[str, list[str]]:
+    """Task name -> state names of the task runs of one flow run."""
+    states: dict[str, list[str]] = {}
+    for run in task_runs(flow_run_id):
+        states.setdefault(run.name.split()[0], []).append(run.state.name)  # "download notMNIST_large.tar.gz" -> "download"
+    return states
 
 
 @pytest.fixture(scope="module")
@@ -198,15 +202,7 @@ def test_a_damaged_stage_output_is_rebuilt_and_the_stages_before_it_come_from_th
 
 def test_task_runs_are_named_for_what_they_do_and_keep_their_names(first_run):
     parameters, state = first_run
-
-    async def names():
-        async with get_client() as client:
-            runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-            )
-        return sorted(run.name for run in runs)
-
-    names_of_runs = asyncio.run(names())
+    names_of_runs = sorted(run.name for run in task_runs(state.state_details.flow_run_id))
     assert [name for name in names_of_runs if not name.startswith("train-")] == sorted([
         "download notMNIST_large.tar.gz", "download notMNIST_small.tar.gz", "unpack notMNIST_large.tar.gz",
         "unpack notMNIST_small.tar.gz", "splits 250/50/50 seed 133",
@@ -239,9 +235,4 @@ def test_letters_are_decoded_on_a_dask_cluster(prefect_api, served_archives, das
 
 def decode_states(flow_run_id) -> dict[str, str]:
     """Letter task run name -> state name, of one flow run."""
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-
-    return {run.name: run.state.name for run in asyncio.run(read()) if run.name.startswith("decode ")}
+    return {run.name: run.state.name for run in task_runs(flow_run_id) if run.name.startswith("decode ")}
