@@ -19,11 +19,19 @@ written; goal <= 1.3x), and the peak memory of all the command's processes toget
 0.2 s (RSS summed, and PSS, which counts a page shared by several processes once; goal < 1.5 GB).
 
 With --s3, it compares instead cold runs with the data root on a local folder and on an S3 server
-(SeaweedFS on 127.0.0.1, started by the script: shards, splits and their manifests are published
-to it, downloads and extraction stay in the local working copy), alternating for --repeats rounds,
-and prints the ratio of the best of each (goal <= 1.5).
+(SeaweedFS on 127.0.0.1, started by the script: every stage's output, the downloads and Prefect's
+cache records are published to it), alternating for --repeats rounds, and prints the ratio of the
+best of each (goal <= 1.5). With --baseline REV as well, each round also runs the --s3 comparison
+of the code at git revision REV (a worktree under --workdir, this script's own copy there) and
+prints this code's s3 cold run against REV's (goal <= 1.1).
 
-    .venv/bin/python bench/pipeline.py [--per-letter 5000] [--workdir .bench] [--s3 [--repeats 2]] [--full-size]
+With --second-machine, on the S3 server: a first machine's cold run and its fully cached rerun,
+then a second machine's first run (a working copy and Prefect home of its own, the same data root
+and Prefect API; the archives served from a new address that counts its requests), and prints the
+second machine's run against the first machine's cached rerun, whole flow runs (goal <= 1.5).
+
+    .venv/bin/python bench/pipeline.py [--per-letter 5000] [--workdir .bench] [--s3 [--repeats 2] [--baseline REV]]
+                                       [--second-machine] [--full-size]
 """
 
 from __future__ import annotations
@@ -234,6 +242,9 @@ def main() -> None:
     parser.add_argument("--task-runner", default="processes", choices=("processes", "threads", "dask"),
                         help="where the flow's letter tasks run")
     parser.add_argument("--full-size", action="store_true", help="notmnist run on archives of notMNIST's size")
+    parser.add_argument("--baseline", default=None, metavar="REV", help="with --s3: also time the code at REV")
+    parser.add_argument("--second-machine", action="store_true",
+                        help="a second working copy's first run against the first's cached rerun, on S3")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if args.full_size:
@@ -259,6 +270,7 @@ def main() -> None:
     start_the_api()
 
     def cold_run(server, data_dir: str, scratch_dir: str | None = None):
+        started = time.perf_counter()
         state = notmnist_pipeline(
             base_url=server.base_url, data_dir=data_dir, scratch_dir=scratch_dir,
             large_bytes=archives["notMNIST_large.tar.gz"]["bytes"], large_sha256=archives["notMNIST_large.tar.gz"]["sha256"],
@@ -268,8 +280,12 @@ def main() -> None:
         )
         if not state.is_completed():
             raise SystemExit(f"run on {data_dir} failed: {state.message}")
+        cold_run.wall = time.perf_counter() - started
         return data_stage_seconds(state.state_details.flow_run_id)
 
+    if args.second_machine:
+        second_machine(args, source, cold_run)
+        return
     if args.s3:
         compare_object_store(args, source, cold_run)
         return
@@ -313,9 +329,70 @@ def compare_object_store(args: argparse.Namespace, source: Path, cold_run) -> No
             seconds["s3"].append(cold_run(server, f"s3://bench/round-{round_number}", str(scratch))[0])
             print(f"round {round_number + 1}: local data root {seconds['local'][-1]:6.2f} s   "
                   f"s3:// data root {seconds['s3'][-1]:6.2f} s", flush=True)
+            if args.baseline:
+                seconds.setdefault("baseline s3", []).append(baseline_s3_run(args))
+                print(f"round {round_number + 1}: s3:// data root at {args.baseline} "
+                      f"{seconds['baseline s3'][-1]:6.2f} s", flush=True)
     print(f"cores: {os.cpu_count()}  per letter: {args.per_letter:,}")
     print(f"best: local {min(seconds['local']):.2f} s, s3 {min(seconds['s3']):.2f} s; "
           f"s3/local {min(seconds['s3']) / min(seconds['local']):.3f} (goal <= 1.5)")
+    if args.baseline:
+        print(f"best s3 cold run: this code {min(seconds['s3']):.2f} s, {args.baseline} "
+              f"{min(seconds['baseline s3']):.2f} s; this/{args.baseline} "
+              f"{min(seconds['s3']) / min(seconds['baseline s3']):.3f} (goal <= 1.1)")
+
+
+def baseline_s3_run(args: argparse.Namespace) -> float:
+    """One --s3 round of the code at git revision `args.baseline` (its own script, in a worktree): its s3 cold run."""
+    tree = args.workdir / f"baseline-{args.baseline}"
+    if not tree.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.baseline], cwd=ROOT, check=True,
+                       capture_output=True)
+    finished = subprocess.run(
+        [sys.executable, str(tree / "bench" / "pipeline.py"), "--s3", "--repeats", "1", "--per-letter",
+         str(args.per_letter), "--workdir", str(args.workdir / "baseline-work"), "--task-runner", args.task_runner],
+        cwd=tree, check=True, capture_output=True, text=True,
+    )
+    best = next(line for line in finished.stdout.splitlines() if line.startswith("best: "))
+    return float(best.split("s3 ")[1].split(" s")[0])
+
+
+def second_machine(args: argparse.Namespace, source: Path, run) -> None:
+    """On an S3 server: a first machine's cold run and cached rerun, then a second machine's first run."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from demo.loopback import FileServer
+    from demo.s3server import create_bucket, seaweed_s3
+
+    walls: dict[str, list[float]] = {"cold": [], "cached": [], "second machine": []}
+    store = args.workdir / "seaweedfs"
+    shutil.rmtree(store, ignore_errors=True)
+    with seaweed_s3(store) as environment:
+        os.environ.update(environment)
+        create_bucket(environment, "bench")
+        for round_number in range(args.repeats):
+            data_root = f"s3://bench/machines-{round_number}"
+            first, second = args.workdir / "first-machine", args.workdir / "second-machine"
+            for path in (first, second, args.workdir / "second-home"):
+                shutil.rmtree(path, ignore_errors=True)
+            with FileServer(source) as server:
+                for label in ("cold", "cached"):
+                    run(server, data_root, str(first))
+                    walls[label].append(run.wall)
+            with FileServer(source) as origin, temporary_settings(
+                {PREFECT_LOCAL_STORAGE_PATH: args.workdir / "second-home" / "storage"}
+            ):
+                _, states = run(origin, data_root, str(second))
+                walls["second machine"].append(run.wall)
+                asked = len(origin.state.requests)
+            not_cached = sorted(name for name, state in states.items() if state != "Cached")
+            print(f"round {round_number + 1}: " + "   ".join(f"{label} {values[-1]:6.2f} s"
+                                                        for label, values in walls.items())
+                  + f"   second machine: not cached {not_cached or 'none'}, requests to the origin {asked}", flush=True)
+    print(f"cores: {os.cpu_count()}  per letter: {args.per_letter:,}  (whole flow runs, Prefect's API already up)")
+    best = {label: min(values) for label, values in walls.items()}
+    print(f"best: cold {best['cold']:.2f} s, cached rerun {best['cached']:.2f} s, second machine "
+          f"{best['second machine']:.2f} s; second/cached {best['second machine'] / best['cached']:.3f} (goal <= 1.5)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ TRAIN_TIMEOUT_SECONDS = 6 * 3600
 # A download attempt that receives nothing for this long ends; the next attempt resumes the `.part`.
 READ_TIMEOUT_SECONDS = 30.0
 
+# What the splits stage's duplicate control may let repeat (tasks/splits.py), and what it does by default.
+DEDUP_MODES = ("none", "cross-split", "all")
+DEDUP = "cross-split"
+
 # Where the pipeline's per-letter decode tasks may run (flows/letters.py): this machine's processes,
 # threads of the flow's process, or a Dask cluster.
 TASK_RUNNERS = ("processes", "threads", "dask")

@@ -15,6 +15,9 @@ SMALL_ARCHIVE, SMALL_BYTES = "notMNIST_small.tar.gz", 8_458_043
 LETTERS = "ABCDEFGHIJ"  # the classes; label = position (the seed enumerates the sorted folders)
 IMAGE_SIDE = 28  # the notebook's image_size
 PIXEL_DEPTH = 255.0  # the notebook's pixel_depth: it normalises (x - depth / 2) / depth
+# (offset, scale) of each experiment's normalisation x' = (x - offset) / scale: notMNIST's load_letter
+# computed (x - pixel_depth / 2) / pixel_depth; the MNIST script x / 255.
+NORMALISATIONS = MappingProxyType({"notmnist": (PIXEL_DEPTH / 2, PIXEL_DEPTH), "mnist": (0.0, PIXEL_DEPTH)})
 # The notebook's load_letter minimums: fewer usable images than this in a letter is an error.
 MIN_IMAGES_LARGE, MIN_IMAGES_SMALL = 45_000, 1_800
 TRAIN_SIZE, VALID_SIZE, TEST_SIZE = 200_000, 10_000, 10_000

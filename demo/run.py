@@ -17,7 +17,7 @@ from demo.synthetic import make_archives
 from flows.notmnist import notmnist_pipeline
 from flows.reports import run_url
 from storage.atomic import read_json, write_json
-from storage.layout import DataRoot, working_copy
+from storage.layout import DataRoot
 
 
 def demo_archives(source_dir: Path, per_letter: int, small_per_letter: int | None = None) -> dict:
@@ -49,11 +49,12 @@ def run_demo(
     task_runner: str = "processes", dask_address: str | None = None, train_deployment: str | None = None,
 ) -> dict[str, Any]:
     """Generate (once), serve and run the pipeline; returns its result and where to see the run."""
+    layout.check_writable()  # before minutes of generating archives for a data root that cannot take them
     archives = demo_archives(layout.source, per_letter)
     large, small = archives[LARGE_ARCHIVE], archives[SMALL_ARCHIVE]
     with FileServer(layout.source) as server:
         state = notmnist_pipeline(
-            base_url=server.base_url, data_dir=layout.location, scratch_dir=working_copy(layout),
+            base_url=server.base_url, data_dir=layout.location, scratch_dir=layout.scratch,
             large_bytes=large["bytes"], large_sha256=large["sha256"],
             small_bytes=small["bytes"], small_sha256=small["sha256"],
             min_images_large=per_letter * 9 // 10, min_images_small=(small["images"] // 10) * 9 // 10,

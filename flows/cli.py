@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from core import seed as SEED_FACTS
-from core.defaults import READ_TIMEOUT_SECONDS, TASK_RUNNERS, TRAIN_TIMEOUT_SECONDS
+from core.defaults import DEDUP, DEDUP_MODES, READ_TIMEOUT_SECONDS, TASK_RUNNERS, TRAIN_TIMEOUT_SECONDS
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 SEED_LIMIT = 2**32  # NumPy's RandomState and Keras take seeds in [0, 2**32)
@@ -79,7 +79,7 @@ def _run_flow(flow, args: argparse.Namespace) -> dict[str, Any]:
         raise
 
 
-def _data_root(args: argparse.Namespace, *, must_exist: bool, before: str = ""):
+def data_root(args: argparse.Namespace, *, must_exist: bool, before: str = ""):
     """`--data-dir` (with `--scratch-dir`) as a DataRoot; a local one is refused with a sentence when it is a
     file, or missing where it must hold inputs."""
     from core.errors import PipelineError
@@ -117,16 +117,17 @@ def _extract(args: argparse.Namespace) -> dict[str, Any]:
 def _shards(args: argparse.Namespace) -> dict[str, Any]:
     from storage.letters import letter_folder
     from tasks.decode import decode_to_shards
+    from tasks.stage import publish
     from tasks.unpack import unpack_archive
 
-    layout = _data_root(args, must_exist=False)
+    layout = data_root(args, must_exist=False)
+    layout.check_writable()
     source = args.source
     if source.is_file() and not args.from_archive:
         source = unpack_archive(source, layout.packed(source))
     out_dir = layout.shards(args.source)
     manifests = decode_to_shards(source, out_dir, min_images=args.min_images, workers=args.workers)
-    for letter in manifests:
-        layout.publish(letter_folder(out_dir, letter))
+    publish(layout, [letter_folder(out_dir, letter) for letter in manifests])
     return {
         "shards": layout.url(out_dir),
         "images": sum(m["images"] for m in manifests.values()),
@@ -136,13 +137,13 @@ def _shards(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _splits(args: argparse.Namespace) -> dict[str, Any]:
-    from storage.layout import working_copy
-    from tasks.splits import build_splits
+    from tasks.splits import splits_task
 
-    layout = _data_root(args, must_exist=True, before="shards/ (run `notmnist shards` first)")
-    manifest = build_splits(
-        layout.location, scratch_dir=working_copy(layout), train_size=args.train_size, valid_size=args.valid_size,
-        test_size=args.test_size, seed=args.seed, dedup=args.dedup,
+    layout = data_root(args, must_exist=True, before="shards/ (run `notmnist shards` first)")
+    layout.check_writable()
+    manifest = splits_task.fn(  # the stage through its boundary (inputs fetched, output published), without Prefect
+        layout, train_size=args.train_size, valid_size=args.valid_size, test_size=args.test_size, seed=args.seed,
+        dedup=args.dedup,
     )
     return {
         "folder": layout.url(layout.splits(manifest["key"])),
@@ -169,7 +170,7 @@ def _without_checks(args: argparse.Namespace, *names: str) -> None:
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     from flows.notmnist import notmnist_pipeline
 
-    _data_root(args, must_exist=False)
+    data_root(args, must_exist=False)
     _without_checks(args, "large_bytes", "large_sha256", "small_bytes", "small_sha256")
     return _run_flow(notmnist_pipeline, args)
 
@@ -179,7 +180,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     from flows.train import train, train_flow
     from storage.splits import newest_splits
 
-    layout = _data_root(args, must_exist=True, before="splits/ (run `notmnist splits` first)")
+    layout = data_root(args, must_exist=True, before="splits/ (run `notmnist splits` first)")
     if not args.splits and layout.store is not None:
         raise PipelineError(f"Name the split folder to train on with --splits: {layout.location} is an object store.")
     if not args.splits:
@@ -192,7 +193,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 def _mnist(args: argparse.Namespace) -> dict[str, Any]:
     from flows.mnist import mnist_pipeline
 
-    _data_root(args, must_exist=False)
+    data_root(args, must_exist=False)
     _without_checks(args, "expected_bytes", "sha256")
     return _run_flow(mnist_pipeline, args)
 
@@ -200,7 +201,7 @@ def _mnist(args: argparse.Namespace) -> dict[str, Any]:
 def _iris(args: argparse.Namespace) -> dict[str, Any]:
     from flows.iris import iris_pipeline
 
-    _data_root(args, must_exist=False)
+    data_root(args, must_exist=False)
     return _run_flow(iris_pipeline, args)
 
 
@@ -214,22 +215,6 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.predict import evaluate_model
 
     return evaluate_model(args.model, args.data, split=args.split)
-
-
-def _demo(args: argparse.Namespace) -> dict[str, Any]:
-    from demo.run import run_demo
-
-    return run_demo(
-        _data_root(args, must_exist=False), per_letter=args.per_letter, epochs=args.epochs, workers=args.workers,
-        task_runner=args.task_runner, dask_address=args.dask_address,
-        train_deployment=args.train_deployment,
-    )
-
-
-def _make_archives(args: argparse.Namespace) -> dict[str, Any]:
-    from demo.synthetic import make_archives
-
-    return make_archives(args.dest, per_letter=args.per_letter, small_per_letter=args.small_per_letter, seed=args.seed)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -248,7 +233,7 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
-def _data_dir(sub: argparse.ArgumentParser, default: str = "data") -> None:
+def data_dir_options(sub: argparse.ArgumentParser, default: str = "data") -> None:
     sub.add_argument("--data-dir", default=default,
                      help="data root: a folder, or s3://BUCKET/PREFIX (endpoint and keys from the AWS_* variables)")
     sub.add_argument("--scratch-dir", default=None,
@@ -261,7 +246,7 @@ def _split_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--valid-size", type=POSITIVE, default=SEED_FACTS.VALID_SIZE, help="validation rows, a multiple of 10")
     sub.add_argument("--test-size", type=POSITIVE, default=SEED_FACTS.TEST_SIZE, help="test rows, a multiple of 10")
     sub.add_argument(
-        "--dedup", choices=("none", "cross-split", "all"), default="cross-split",
+        "--dedup", choices=DEDUP_MODES, default=DEDUP,
         help="none: the seed's sampling; cross-split: no valid/test image in train, no test image in valid; "
         "all: also no repeats within a split",
     )
@@ -278,7 +263,7 @@ def _training_options(
                      help=f"{optimizer}'s learning rate (the seed's value)")
 
 
-def _letter_task_options(sub: argparse.ArgumentParser) -> None:
+def letter_task_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--workers", type=POSITIVE, default=None,
                      help="decode processes (threads with --task-runner threads; the local Dask cluster's workers "
                           "with dask and no address); default: one per core")
@@ -329,7 +314,7 @@ def _add_shards(commands) -> None:
     shards.add_argument("source", type=Path, metavar="ARCHIVE_OR_FOLDER",
                         help="a .tar.gz (unpacked first, into the data root's packed/, as the pipeline does), "
                              "its extracted top folder, or its packed folder")
-    _data_dir(shards)
+    data_dir_options(shards)
     shards.add_argument("--min-images", type=COUNT, default=0, help="fail when a letter has fewer usable images")
     shards.add_argument("--workers", type=POSITIVE, default=None, help="decode processes (default: one per core)")
     shards.add_argument(
@@ -343,14 +328,14 @@ def _add_splits(commands) -> None:
         "splits", _splits,
         "Build class-balanced train/valid (from notMNIST_large) and test (from notMNIST_small) splits.",
     )
-    _data_dir(splits)
+    data_dir_options(splits)
     _split_options(splits)
     splits.add_argument("--seed", type=SEED_VALUE, default=SEED_FACTS.SEED, help="seed of the shuffles (the seed's value)")
 
 
 def _add_run(commands) -> None:
     run = commands("run", _run, "Run the whole notMNIST pipeline as a Prefect flow (download to trained model).")
-    _data_dir(run)
+    data_dir_options(run)
     run.add_argument("--base-url", default=SEED_FACTS.NOTMNIST_BASE_URL, help="where both archives are published")
     for size, name, archive, default_bytes, minimum in (
         ("large", "valid and train are drawn from", SEED_FACTS.LARGE_ARCHIVE, SEED_FACTS.LARGE_BYTES,
@@ -364,7 +349,7 @@ def _add_run(commands) -> None:
                          help=f"fewest usable images per letter of the {size} archive")
     _no_checks_option(run, "the archives' sizes nor their sha256")
     _read_timeout_option(run)
-    _letter_task_options(run)
+    letter_task_options(run)
     _split_options(run)
     _training_options(run)
     _dispatch_options(run)
@@ -372,7 +357,7 @@ def _add_run(commands) -> None:
 
 def _add_train(commands) -> None:
     train = commands("train", _train, "Train the seed's CNN on a split folder (the newest under --data-dir by default).")
-    _data_dir(train)
+    data_dir_options(train)
     train.add_argument("--splits", default="", help="a split folder's name under <data-dir>/splits (default: the newest)")
     train.add_argument("--experiment", choices=("notmnist", "mnist"), default="notmnist",
                        help="which dataset the splits hold (its normalisation)")
@@ -382,7 +367,7 @@ def _add_train(commands) -> None:
 
 def _add_mnist(commands) -> None:
     mnist = commands("mnist", _mnist, "The seed's MNIST CNN: fetch mnist.npz (verified), convert, train.")
-    _data_dir(mnist)
+    data_dir_options(mnist)
     mnist.add_argument("--url", default=SEED_FACTS.MNIST_URL, help="where mnist.npz is (http(s), file:// or a path)")
     mnist.add_argument("--expected-bytes", type=COUNT, default=SEED_FACTS.MNIST_BYTES, help="size the file must have")
     mnist.add_argument("--sha256", type=SHA256, default=SEED_FACTS.MNIST_SHA256, help="sha256 the file must have")
@@ -394,7 +379,7 @@ def _add_mnist(commands) -> None:
 
 def _add_iris(commands) -> None:
     iris = commands("iris", _iris, "The seed's softmax regression on iris, sparse and one-hot labels.")
-    _data_dir(iris)
+    data_dir_options(iris)
     _training_options(
         iris, epochs=SEED_FACTS.IRIS_EPOCHS, batch_size=SEED_FACTS.IRIS_BATCH_SIZE,
         learning_rate=SEED_FACTS.IRIS_LEARNING_RATE, optimizer="SGD",
@@ -417,33 +402,13 @@ def _add_evaluate(commands) -> None:
                           help="which split of a split folder to score")
 
 
-def _add_demo(commands) -> None:
-    demo = commands("demo", _demo, "Run the pipeline offline on generated archives served from 127.0.0.1.")
-    _data_dir(demo, "data/demo")
-    demo.add_argument("--per-letter", type=POSITIVE, default=5000, help="images per letter in the generated large archive")
-    demo.add_argument("--epochs", type=POSITIVE, default=5,
-                      help="training epochs (the seed trains 2 on 200,000 images; the demo has 40,000)")
-    _letter_task_options(demo)
-    demo.add_argument("--train-deployment", default=None,
-                      help="send training to this deployment (e.g. train/gpu) instead of training here")
-
-
-def _add_make_archives(commands) -> None:
-    archives = commands(
-        "make-archives", _make_archives,
-        "Write notMNIST_large.tar.gz and notMNIST_small.tar.gz in the real layout, from this machine's fonts.",
-    )
-    archives.add_argument("dest", type=Path, metavar="DIR", help="folder to write the two archives to")
-    archives.add_argument("--per-letter", type=POSITIVE, required=True, help="images per letter in the large archive")
-    archives.add_argument("--small-per-letter", type=POSITIVE, default=None,
-                          help="images per letter in the small archive (default: a sixth of --per-letter)")
-    archives.add_argument("--seed", type=SEED_VALUE, default=2024, help="same seed, same bytes")
-
-
 COMMANDS = (
     _add_fetch, _add_extract, _add_shards, _add_splits, _add_run, _add_train, _add_mnist, _add_iris, _add_predict,
-    _add_evaluate, _add_demo, _add_make_archives,
+    _add_evaluate,
 )
+# More commands come from installed packages that declare them (the offline demo's `demo` and `make-archives`,
+# demo/commands.py): the product's layers never import the demo.
+COMMAND_PLUGINS = "notmnist.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for add in COMMANDS:
         add(command)
+    for plugin in sorted(metadata.entry_points(group=COMMAND_PLUGINS), key=lambda point: point.name):
+        plugin.load()(command)
     return parser
 
 

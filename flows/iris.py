@@ -9,6 +9,7 @@ from prefect.artifacts import create_table_artifact
 
 from core.seed import IRIS_BATCH_SIZE, IRIS_EPOCHS, IRIS_LEARNING_RATE, SEED, reported
 from tasks.iris import VARIANTS, iris_task
+from tasks.stage import open_data_root
 
 
 @flow(name="iris-pipeline")
@@ -30,7 +31,8 @@ def iris_pipeline(
         seed: seed of the weights, the shuffles and the held-out rows.
         scratch_dir: the local working copy of an s3:// data root (default: under ~/.cache/notmnist).
     """
-    result = iris_task(data_dir, scratch_dir=scratch_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+    root = open_data_root(data_dir, scratch_dir)
+    result = iris_task(root, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     create_table_artifact(
         key="iris-report",
         table=[

@@ -10,7 +10,8 @@ redoes one letter. Where they run:
   threads    a pool of threads in this process, decoding in them
   dask       a Dask cluster: an existing one (`dask_address`, tcp://...), or a local one started for
              the run; each task fetches its packed letter from the data root and publishes its shards
-             there, so workers on other machines need only reach the data root (an s3:// one)
+             there (tasks/stage.py), so workers on other machines need only reach the data root (an
+             s3:// one), each in a working copy of its own
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from core.defaults import TASK_RUNNERS
 from core.errors import PipelineError
 from core.seed import LETTERS
-from storage.layout import DataRoot, working_copy
-from storage.letters import letter_folder
+from storage.layout import DataRoot
 from tasks.decode import TooFewImagesError, letter_task, shared_worker_pool
 
 
@@ -79,37 +79,21 @@ def _api_shared_with_workers() -> Iterator[None]:
 
 
 def decode_archives(
-    runner: TaskRunner, layout: DataRoot, downloads: dict[str, PrefectFuture], unpacked: dict[str, PrefectFuture],
-    min_images: dict[str, int], *, remote: bool = False,
+    runner: TaskRunner, root: DataRoot, downloads: dict[str, PrefectFuture], unpacked: dict[str, PrefectFuture],
+    min_images: dict[str, int],
 ) -> dict[str, dict[str, dict]]:
     """Decode each archive's letters on `runner` as soon as its unpack ends (the small archive's while the large
-    one is still being read); returns each archive's letter manifests, its shards in this machine's working copy.
-
-    `remote`: the runner's workers are other machines, which keep working copies of their own.
-    """
+    one is still being read); returns each archive's letter manifests."""
     names = {future.task_run_id: name for name, future in unpacked.items()}
     decoding = {}
     for future in as_completed(list(unpacked.values())):
         name = names[future.task_run_id]
         downloads[name].result()  # a failed download is the run's error (its unpack then never started)
         future.result()
-        decoding[name] = submit_letters(runner, layout, name, min_images[name], remote=remote)
-    manifests = {name: letter_manifests(decoding[name]) for name in unpacked}
-    for name in unpacked:  # decoded elsewhere, perhaps: the reports read them here
-        for letter in LETTERS:
-            layout.fetch(letter_folder(layout.shards(name), letter))
-    return manifests
-
-
-def submit_letters(
-    runner: TaskRunner, layout: DataRoot, archive: str, min_images: int, *, remote: bool = False
-) -> dict[str, PrefectFuture]:
-    """Publish an archive's packed letters (for workers on other machines) and submit their decode tasks to `runner`."""
-    for letter in LETTERS:
-        layout.publish(layout.packed(archive) / letter)
-    parameters = {"data_dir": layout.location, "archive": archive, "min_images": min_images,
-                  "scratch_dir": None if remote else working_copy(layout)}
-    return {letter: runner.submit(letter_task, parameters={**parameters, "letter": letter}) for letter in LETTERS}
+        parameters = {"root": root, "archive": name, "min_images": min_images[name]}
+        decoding[name] = {letter: runner.submit(letter_task, parameters={**parameters, "letter": letter})
+                          for letter in LETTERS}
+    return {name: letter_manifests(decoding[name]) for name in unpacked}
 
 
 def letter_manifests(futures: dict[str, PrefectFuture]) -> dict[str, dict]:

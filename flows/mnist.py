@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -9,9 +10,9 @@ from prefect import flow
 from core.defaults import READ_TIMEOUT_SECONDS, TRAIN_TIMEOUT_SECONDS
 from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, MNIST_BYTES, MNIST_SHA256, MNIST_URL, SEED
 from flows.train import cancel_training_runs, pipeline_result, train_and_report
-from storage.layout import DataRoot, working_copy
 from tasks.download import download_task
 from tasks.mnist import mnist_splits_task
+from tasks.stage import open_data_root
 
 
 @flow(name="mnist-pipeline", on_cancellation=[cancel_training_runs], on_crashed=[cancel_training_runs])
@@ -45,9 +46,9 @@ def mnist_pipeline(
         read_timeout_seconds: a download attempt ends after this long without data; the next one resumes.
         scratch_dir: the local working copy of an s3:// data root (default: under ~/.cache/notmnist).
     """
-    layout = DataRoot(data_dir, scratch_dir)
-    npz = download_task(url, layout.raw, expected_bytes=expected_bytes, sha256=sha256, read_timeout=read_timeout_seconds)
-    splits = mnist_splits_task(npz, layout.location, scratch_dir=working_copy(layout))
+    root = open_data_root(data_dir, scratch_dir)  # fails here, before the download, when it cannot be written
+    npz = download_task(root, url, expected_bytes=expected_bytes, sha256=sha256, read_timeout=read_timeout_seconds)
+    splits = mnist_splits_task(root, Path(npz["file"]).name)
     training = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
-    result, report = train_and_report(layout, "mnist", splits, training, train_deployment, train_timeout_seconds)
-    return pipeline_result(layout, result, splits, report)
+    result, report = train_and_report(root, "mnist", splits, training, train_deployment, train_timeout_seconds)
+    return pipeline_result(root, result, splits, report)

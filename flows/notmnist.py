@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import flow
 
-from core.defaults import READ_TIMEOUT_SECONDS, TRAIN_TIMEOUT_SECONDS
+from core.defaults import DEDUP, READ_TIMEOUT_SECONDS, TRAIN_TIMEOUT_SECONDS
 from core.seed import (
     BATCH_SIZE,
     EPOCHS,
@@ -32,9 +32,10 @@ from core.seed import (
 from flows.letters import decode_archives, letter_runner
 from flows.reports import publish_letters, publish_splits
 from flows.train import cancel_training_runs, pipeline_result, train_and_report
-from storage.layout import DataRoot, archive_stem, working_copy
+from storage.layout import archive_stem
 from tasks.download import download_task
 from tasks.splits import splits_task
+from tasks.stage import open_data_root
 from tasks.unpack import unpack_task
 
 
@@ -58,7 +59,7 @@ def notmnist_pipeline(
     train_size: int = TRAIN_SIZE,
     valid_size: int = VALID_SIZE,
     test_size: int = TEST_SIZE,
-    dedup: str = "cross-split",
+    dedup: str = DEDUP,
     seed: int = SEED,
     epochs: int = EPOCHS,
     batch_size: int = BATCH_SIZE,
@@ -103,32 +104,31 @@ def notmnist_pipeline(
         scratch_dir: the local working copy of an s3:// data root: downloads, and every
             folder while it is written (default: under ~/.cache/notmnist).
     """
-    layout = DataRoot(data_dir, scratch_dir)
+    root = open_data_root(data_dir, scratch_dir)  # fails here, before any download, when it cannot be written
     archives = {
         large_archive: (large_bytes, large_sha256, min_images_large),
         small_archive: (small_bytes, small_sha256, min_images_small),
     }
     downloads = {
         name: download_task.submit(
-            archive_url(base_url, name), layout.raw, expected_bytes=size, sha256=sha256, read_timeout=read_timeout_seconds
+            root, archive_url(base_url, name), expected_bytes=size, sha256=sha256, read_timeout=read_timeout_seconds
         )
         for name, (size, sha256, _) in archives.items()
     }
     with letter_runner(task_runner, workers, dask_address) as runner:  # open first: its workers start during the unpack
-        unpacked = {name: unpack_task.submit(downloads[name], layout.packed(name)) for name in archives}
+        unpacked = {name: unpack_task.submit(root, name, wait_for=[downloads[name]]) for name in archives}
         minimums = {name: minimum for name, (_, _, minimum) in archives.items()}
-        letters = decode_archives(runner, layout, downloads, unpacked, minimums, remote=dask_address is not None)
+        letters = decode_archives(runner, root, downloads, unpacked, minimums)
     glyphs = {
-        f"{archive_stem(name)}_glyphs": publish_letters(archive_stem(name), letters[name], layout.shards(name))
-        for name in archives
+        f"{archive_stem(name)}_glyphs": publish_letters(root, name, letters[name]) for name in archives
     }
     splits = splits_task(
-        layout.location, scratch_dir=working_copy(layout), large=large_archive, small=small_archive,
-        train_size=train_size, valid_size=valid_size, test_size=test_size, seed=seed, dedup=dedup,
+        root, large=large_archive, small=small_archive, train_size=train_size, valid_size=valid_size,
+        test_size=test_size, seed=seed, dedup=dedup,
     )
     publish_splits(splits)
     training = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     result, report = train_and_report(
-        layout, "notmnist", splits, training, train_deployment, train_timeout_seconds, pictures=glyphs
+        root, "notmnist", splits, training, train_deployment, train_timeout_seconds, pictures=glyphs
     )
-    return pipeline_result(layout, result, splits, report)
+    return pipeline_result(root, result, splits, report)

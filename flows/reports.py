@@ -17,10 +17,12 @@ from prefect.settings import get_current_settings
 
 from core.seed import reported
 from flows import pictures
-from storage.letters import LetterShards
-from storage.models import write_picture
+from storage.layout import DataRoot, archive_stem
+from storage.letters import LetterShards, letter_folder
+from storage.models import picture_file, picture_name, write_picture
 from storage.splits import open_split
 from tasks.reporting import artifact_key
+from tasks.stage import in_working_copy
 
 
 def publish_picture(key: str, png: bytes, title: str, description: str) -> None:
@@ -29,9 +31,10 @@ def publish_picture(key: str, png: bytes, title: str, description: str) -> None:
     create_markdown_artifact(key=key, markdown=f"![{title}](data:image/png;base64,{encoded})", description=description)
 
 
-def publish_letters(archive: str, manifests: dict[str, dict], shards_dir: Path) -> bytes:
+def publish_letters(root: DataRoot, archive_name: str, manifests: dict[str, dict]) -> bytes:
     """Per-letter table (loaded, rejected, mean, std), the rejected files with reasons, and a grid of sample
     glyphs per letter; returns that picture's PNG."""
+    archive, shards_dir = archive_stem(archive_name), root.shards(archive_name)
     create_table_artifact(
         key=artifact_key(archive, "letters"),
         table=[
@@ -56,6 +59,7 @@ def publish_letters(archive: str, manifests: dict[str, dict], shards_dir: Path) 
         table=rejected or [{"file": "(none)", "reason": "", "detail": ""}],
         description=f"{archive}: every file that did not become a row, and why",
     )
+    in_working_copy(root, *(letter_folder(shards_dir, letter) for letter in manifests))
     samples = {letter: LetterShards(shards_dir, letter).sample(pictures.SAMPLES_PER_LETTER) for letter in manifests}
     png = pictures.glyph_grid(archive, samples, rejected)
     publish_picture(artifact_key(archive, "glyphs"), png, f"{archive} glyphs",
@@ -120,7 +124,7 @@ def publish_pictures(
                         if name != "learning_curves" else f"{experiment}: {title}")
     for name, png in {**drawn, **extra}.items():
         write_picture(model_dir, name, png)
-    return [f"{name}.png" for name in {**drawn, **extra}]
+    return [picture_file(name) for name in {**drawn, **extra}]
 
 
 def publish_report(
@@ -142,12 +146,12 @@ def publish_report(
               f"- dataset fingerprint: `{result.get('dataset_fingerprint')}`", f"- device: {result.get('device')}",
               "- TensorBoard: `tensorboard --logdir data/models` (the logs are in the model's `tensorboard/`)"]
     # The UI has its own artifact for each picture; report.md shows the PNGs written beside it.
-    keys = [artifact_key(experiment, name.removesuffix(".png")) for name in figures]
+    keys = [artifact_key(experiment, picture_name(name)) for name in figures]
     create_markdown_artifact(
         key=artifact_key(experiment, "report"), description=f"{experiment}: results against the seed's",
         markdown="\n".join([*lines, f"- pictures: the artifacts {', '.join(f'`{key}`' for key in keys)}"]),
     )
-    return "\n".join([*lines, ""] + [f"![{name.removesuffix('.png').replace('_', ' ')}]({name})" for name in figures])
+    return "\n".join([*lines, ""] + [f"![{picture_name(name).replace('_', ' ')}]({name})" for name in figures])
 
 
 def _number(value: float | None) -> str:

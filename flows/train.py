@@ -27,9 +27,10 @@ from core.defaults import TRAIN_TIMEOUT_SECONDS
 from core.errors import PipelineError
 from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED
 from flows.reports import publish_pictures, publish_report, publish_training, run_url
-from storage.layout import DataRoot, working_copy
+from storage.layout import DataRoot
 from storage.models import MODEL_FILE, read_metrics, write_report
 from tasks.reporting import stage_logger
+from tasks.stage import attach, in_working_copy, open_data_root
 
 RELAYED = "relayed"  # marks a log record repeated from the training run (the terminal shows it once)
 POLL_SECONDS = 2.0  # how often the pipeline looks at a training run it sent to a work pool
@@ -61,12 +62,13 @@ def train_flow(
     """
     from tasks.train import train_task  # Keras (2 s and 400 MB to import) only in a process that trains
 
+    root = open_data_root(data_dir, scratch_dir)
     result = train_task(
-        data_dir, splits, scratch_dir=scratch_dir, experiment=experiment, epochs=epochs, batch_size=batch_size,
-        learning_rate=learning_rate, seed=seed,
+        root, splits, experiment=experiment, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+        seed=seed,
     )
     if FlowRunContext.get().flow_run.parent_task_run_id is None:  # on its own (e.g. the GPU pool); a parent publishes
-        publish_training(experiment, read_metrics(DataRoot(data_dir, scratch_dir).root / result["model"]))
+        publish_training(experiment, read_metrics(root.root / result["model"]))
     return result
 
 
@@ -93,7 +95,7 @@ def train(
     logger = stage_logger(__name__)
     logger.info("Training %s in this process, as a subflow of this run", experiment)
     with _relayed_epochs(logger):
-        return train_flow(**parameters, scratch_dir=working_copy(layout))
+        return train_flow(**parameters, scratch_dir=layout.scratch)
 
 
 @contextlib.contextmanager
@@ -120,13 +122,12 @@ def train_and_report(
     """Train (here or on `deployment`); publish the epoch table, the pictures (with `pictures` given, such as
     glyph grids) and the report, also written beside the model; returns the result and report.md."""
     result = train(layout, experiment, splits["key"], training, deployment, timeout_seconds)
-    model_dir = layout.root / result["model"]
+    model_dir, split_dir = in_working_copy(layout, layout.root / result["model"], layout.splits(splits["key"]))
     metrics = read_metrics(model_dir)
     publish_training(experiment, metrics)
-    figures = publish_pictures(experiment, model_dir, metrics, layout.splits(splits["key"]), splits, pictures or {})
+    figures = publish_pictures(experiment, model_dir, metrics, split_dir, splits, pictures or {})
     report = write_report(model_dir, publish_report(experiment, result, metrics, splits, figures))
-    for name in (report.name, *figures):
-        layout.publish_file(model_dir / name)
+    attach(layout, [model_dir / name for name in (report.name, *figures)])
     return result, report
 
 

@@ -26,20 +26,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from core.errors import PipelineError
+from core.errors import CorruptDataError, PipelineError
 from storage.atomic import read_json
+from storage.digests import sha256_of
 from storage.folders import MANIFEST, describe_files, files_under, folder_problem, manifest_identity
 from storage.objects import ObjectStore, is_object_store
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 REPORT_FILE = "report.md"
 BACKUP_SUFFIX = ".backup"
+PART_SUFFIX = ".part"
+SINGLE_FILE = "file"  # the object of a file published on its own (a download), in its generation
+RECORDS = "_prefect/records"  # Prefect's cache records of the stages that wrote this data root
+LOCKS = ".locks"  # lock files, one folder beside what they guard, never a data file
+
+
+def lock_file(path: Path, purpose: str = "") -> Path:
+    """The lock guarding `path` (for `purpose`, when one path has several), in the `.locks` folder beside it."""
+    path = Path(path)
+    folder = path.parent / LOCKS
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / (f"{path.name}.{purpose}.lock" if purpose else f"{path.name}.lock")
 
 
 def archive_stem(archive: str | Path) -> str:
@@ -79,87 +91,170 @@ def default_scratch(location: str) -> Path:
     return cache / "notmnist" / location.replace("://", "/", 1)
 
 
-@dataclass(frozen=True)
 class DataRoot:
-    """The data root's layout: a local folder, or an `s3://` location with a local working copy (`scratch`)."""
+    """The data root, the system of record: a local folder, or an `s3://` location with a local working copy.
 
-    root: Path
-    scratch: Path | None = None
-    store: ObjectStore | None = field(default=None, init=False, compare=False)
-    location: str = field(default="", init=False)
+    It travels as one value: pickled, it is its location and the scratch folder as given, so a process
+    on another machine that unpickles it works in its own default working copy; `location` alone is
+    its identity in cache keys. Stages work in `root` (the working copy; for a local data root, the
+    data root itself) and go through `fetch` and `publish` for everything the data root holds.
+    """
 
-    def __post_init__(self) -> None:
-        given = str(self.root)
-        store = ObjectStore(given) if is_object_store(given) else None
-        root = (self.scratch or default_scratch(store.location)) if store else self.root
-        object.__setattr__(self, "store", store)
-        object.__setattr__(self, "root", Path(root).expanduser().resolve())
-        object.__setattr__(self, "location", store.location if store else str(self.root))
+    def __init__(self, location: str | os.PathLike, scratch: str | os.PathLike | None = None):
+        given = str(location)
+        self.store = ObjectStore(given) if is_object_store(given) else None
+        self.scratch = None if scratch is None else str(scratch)
+        if self.store is not None:
+            self.location = self.store.location
+            self.root = Path(self.scratch or default_scratch(self.location)).expanduser().resolve()
+        else:
+            self.root = Path(given).expanduser().resolve()
+            self.location = str(self.root)
+
+    @classmethod
+    def of(cls, value: DataRoot | str | os.PathLike, scratch: str | os.PathLike | None = None) -> DataRoot:
+        """`value` itself when it is a DataRoot, else the data root it names."""
+        return value if isinstance(value, DataRoot) else cls(value, scratch)
+
+    def __reduce__(self):
+        return (type(self), (self.location, self.scratch))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DataRoot) and (self.location, self.root) == (other.location, other.root)
+
+    def __hash__(self) -> int:
+        return hash((self.location, self.root))
+
+    def __repr__(self) -> str:
+        return f"DataRoot({self.location!r})" + (f" working in {self.root}" if self.store else "")
 
     def url(self, path: Path) -> str:
         """Where `path` of the working copy is in the data root: an s3:// URL, or the local path itself."""
         return self.store.url(self.relative(path)) if self.store else str(Path(path).resolve())
 
-    # --- publishing to, and fetching from, an object-store data root ----------------------------
+    def check_writable(self) -> None:
+        """Raise PipelineError, in one line saying what to do, unless this machine can write to the data root."""
+        if self.store is not None:
+            self.store.check_writable()
+            return
+        probe = self.root / f".probe-{os.getpid()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise PipelineError(
+                f"Cannot write to the data root {self.root}: {error.strerror or error}. Choose a folder you can write "
+                "to (--data-dir), or fix its permissions."
+            ) from error
 
-    def publish(self, folder: Path, *, describe: bool = False) -> None:
-        """Publish a committed folder of the working copy, unless the data root already holds this very content.
+    # --- the data root's committed folders, and this machine's working copy of them ------------------
+
+    def committed(self, path: Path, *, verify: bool = True) -> dict | None:
+        """The data root's manifest of `path` (a committed folder, or a download published on its own) when it is
+        intact (see `commit_state`; `verify=False` skips hashing a local folder's files), else None."""
+        return self.commit_state(path, verify=verify)[0]
+
+    def commit_state(self, path: Path, *, verify: bool = True) -> tuple[dict | None, str | None]:
+        """(the manifest of `path` in the data root when it is intact, what is damaged when it is not).
+
+        Intact: on an object store, every object is there as it was committed (by the listing; bytes are
+        checked when fetched); in a local data root, every file matches its sha256 (with `verify`). A
+        local file without a manifest (a download) is described by its size alone; its stage checks it.
+        """
+        path = Path(path)
+        if self.store is None:
+            if path.is_file():
+                return {"kind": "file", "single_file": True, "name": path.name,
+                        "files": {SINGLE_FILE: {"bytes": path.stat().st_size, "sha256": None}}}, None
+            try:
+                manifest = read_json(path / MANIFEST)
+            except (OSError, ValueError):
+                return None, None
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+                return None, None
+            problem = folder_problem(path, manifest) if verify else None
+            return (manifest, None) if problem is None else (None, problem)
+        relative = self.relative(path)
+        manifest = self.store.manifest(relative)
+        if manifest is None:
+            return None, None
+        problem = self.store.problem(relative, manifest)
+        return (manifest, None) if problem is None else (None, problem)
+
+    def fetch(self, path: Path) -> bool:
+        """Make the working copy of `path` (a committed folder, or a download published on its own) the data root's:
+        downloaded and verified, unless the copy already holds that content intact; False when the data root
+        holds no such thing. Local data roots: True when it exists. One process at a time fetches a path.
+
+        An object whose bytes differ from its manifest is damage: the folder is taken out of the data root
+        (its manifest removed), so that the stage that writes it runs again, and the error says so.
+        """
+        path = Path(path)
+        if self.store is None:
+            return path.exists()
+        published = self.committed(path)
+        if published is None:
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        single = published.get("single_file", False)
+        with FileLock(str(lock_file(path, "fetch"))):
+            if self._holds(path, published, single):
+                return True
+            try:
+                if single:
+                    self.store.download_file(self.relative(path), published, path)
+                else:
+                    self.store.download(self.relative(path), published, path)
+            except CorruptDataError as error:
+                self.store.delete(self.relative(path))
+                raise CorruptDataError(
+                    f"{error}: {self.url(path)} was damaged in the data root and has been taken out of it; "
+                    "rerun, and the stage that writes it runs again"
+                ) from error
+        return True
+
+    def _holds(self, path: Path, published: dict, single: bool) -> bool:
+        """True when the working copy at `path` already holds exactly what `published` describes, intact."""
+        if single:
+            ((name, entry),) = published["files"].items()
+            return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_of(path) == entry["sha256"]
+        try:
+            local = read_json(path / MANIFEST)
+        except (OSError, ValueError):
+            return False
+        return manifest_identity(local) == manifest_identity(published) and folder_problem(path, local) is None
+
+    def publish(self, path: Path, *, describe: bool = False) -> str | None:
+        """Publish a committed folder of the working copy (or, for a file such as a download, the file on its own),
+        unless the data root already holds this very content intact; returns what was damaged in the data root
+        when the upload replaced a damaged copy, else None.
 
         With `describe`, the folder is one that changes in place (a training's checkpoint): its files
         are described now, for the published manifest, instead of read from a manifest of its own.
         """
         if self.store is None:
-            return
-        folder = Path(folder)
-        if describe:
-            manifest = {"kind": "working", "format": 1, "files": describe_files(folder, files_under(folder))}
+            return None
+        path, sources = Path(path), None
+        if path.is_file():
+            # One object under a name of its own: some stores list a `.gz` object by its stored size.
+            local, sources = path.parent, {SINGLE_FILE: path}
+            (entry,) = describe_files(path.parent, [path.name]).values()
+            manifest = {"kind": "file", "format": 1, "single_file": True, "name": path.name,
+                        "files": {SINGLE_FILE: entry}}
         else:
-            manifest = read_json(folder / MANIFEST)
-        published = self.published(folder)
-        if published is None or manifest_identity(published) != manifest_identity(manifest):
-            self.store.upload(folder, self.relative(folder), manifest)
+            local = path
+            manifest = (
+                {"kind": "working", "format": 1, "files": describe_files(path, files_under(path))}
+                if describe else read_json(path / MANIFEST)
+            )
+        published, damage = self.commit_state(path)
+        if published is not None and manifest_identity(published) == manifest_identity(manifest):
+            return None
+        self.store.upload(local, self.relative(path), manifest, sources)
+        return damage
 
-    def published(self, folder: Path) -> dict | None:
-        """The data root's manifest of `folder` when it is published whole (always the local one's for a
-        local data root), else None."""
-        if self.store is None:
-            try:
-                return read_json(Path(folder) / MANIFEST)
-            except (OSError, ValueError):
-                return None
-        relative = self.relative(folder)
-        manifest = self.store.manifest(relative)
-        return manifest if manifest is not None and self.store.problem(relative, manifest) is None else None
-
-    def is_published(self, folder: Path, manifest: dict) -> bool:
-        """True when the data root holds exactly the content `manifest` describes at `folder`."""
-        if self.store is None:
-            return True
-        published = self.published(folder)
-        return published is not None and manifest_identity(published) == manifest_identity(manifest)
-
-    def fetch(self, folder: Path) -> bool:
-        """Make the working copy of `folder` the data root's: downloaded, verified, unless the copy already
-        holds that content intact; False when the data root holds no such committed folder. Local data
-        roots: True when it exists. One process at a time fetches a folder."""
-        folder = Path(folder)
-        if self.store is None:
-            return folder.is_dir()
-        published = self.published(folder)
-        if published is None:
-            return False
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(folder.with_name(f".{folder.name}.fetch.lock"))):
-            try:
-                local = read_json(folder / MANIFEST)
-            except (OSError, ValueError):
-                local = None
-            same = local is not None and manifest_identity(local) == manifest_identity(published)
-            if not same or folder_problem(folder, local) is not None:
-                self.store.download(self.relative(folder), published, folder)
-        return True
-
-    def publish_file(self, path: Path) -> None:
+    def attach(self, path: Path) -> None:
         """Copy one file written beside a committed folder (a report, a picture) to the data root."""
         if self.store is not None:
             self.store.put_file(path, self.relative(path))
@@ -168,6 +263,12 @@ class DataRoot:
         """Remove the data root's copy of a working folder (a training's checkpoint, once the model is in)."""
         if self.store is not None:
             self.store.delete(self.relative(folder))
+
+    # --- Prefect's cache records, kept in the data root so that every machine finds them ---------------
+
+    def record_location(self, key: str) -> str:
+        """Where the cache record stored under `key` lives: an s3:// URL or a local path."""
+        return self.url(self.root / RECORDS / key)
 
     @property
     def raw(self) -> Path:
@@ -215,9 +316,16 @@ class DataRoot:
         return Path(path).resolve().relative_to(self.root).as_posix()
 
 
-def working_copy(layout: DataRoot) -> str | None:
-    """The `scratch_dir` to give a stage or flow so that it works in `layout`'s working copy (None: a local root)."""
-    return str(layout.root) if layout.store is not None else None
+def partial_download(target: Path) -> Path:
+    """Where the bytes of `target` go while it downloads (`<name>.part`), resumed by the next attempt."""
+    target = Path(target)
+    return target.with_name(target.name + PART_SUFFIX)
+
+
+def partial_download_state(target: Path) -> Path:
+    """What was known of the remote file when `<name>.part` was started (its validators), beside it."""
+    part = partial_download(target)
+    return part.with_name(part.name + ".json")
 
 
 def backup_folder(model_dir: Path) -> Path:

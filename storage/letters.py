@@ -34,6 +34,11 @@ def letter_folder(shards_dir: Path, letter: str) -> Path:
     return Path(shards_dir) / letter
 
 
+def shard_file(folder: Path, number: int) -> Path:
+    """The path of a letter's shard `number` (`part-00000.parquet`, ...) in `folder`."""
+    return Path(folder) / f"part-{number:05d}.parquet"
+
+
 def commit_letter(work: Path, final: Path, **fields) -> dict:
     """Write the manifest of a letter decoded into `work` (listing its shards) and move it to `final`."""
     return commit_folder(work, final, KIND, FORMAT, [shard["file"] for shard in fields["shards"]], **fields)
@@ -104,8 +109,13 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 def shard_set_identity(shards_dir: Path, letters: str = LETTERS) -> str:
     """Fingerprint of an archive's shard set: every letter's shard sha256s, in order."""
-    listing = {}
-    for letter in letters:
-        manifest = read_letter_manifest(shards_dir, letter)
-        listing[letter] = [manifest["files"][shard["file"]]["sha256"] for shard in manifest["shards"]]
+    return shard_set_identity_of({letter: read_letter_manifest(shards_dir, letter) for letter in letters})
+
+
+def shard_set_identity_of(manifests: dict[str, dict]) -> str:
+    """`shard_set_identity` from the letters' manifests, wherever they were read (a data root's, a working copy's)."""
+    listing = {
+        letter: [manifest["files"][shard["file"]]["sha256"] for shard in manifest["shards"]]
+        for letter, manifest in manifests.items()
+    }
     return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()

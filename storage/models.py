@@ -28,6 +28,11 @@ KIND, FORMAT = "model", 1
 MODEL_FILE, METRICS_FILE, RECORD_FILE = "model.keras", "metrics.json", "record.json"
 
 
+def variant_model_file(variant: str) -> str:
+    """The file of one of a model folder's variants (iris: `sparse.keras`, `onehot.keras`)."""
+    return f"{variant}.keras"
+
+
 def model_writer(folder: Path) -> FolderWriter:
     """A writer of a model folder: save the model and write metrics and record into `.work`, then `commit()`."""
     return FolderWriter(folder, KIND, FORMAT)
@@ -50,9 +55,19 @@ def write_report(folder: Path, markdown: str) -> Path:
     return write_bytes(report_file(folder), markdown.encode())
 
 
+def picture_file(name: str) -> str:
+    """The file of the picture `name` beside a model (`confusion_matrix.png`)."""
+    return f"{name}.png"
+
+
+def picture_name(file: str) -> str:
+    """The picture a file beside a model holds (`confusion_matrix.png` -> `confusion_matrix`)."""
+    return file.removesuffix(picture_file(""))
+
+
 def write_picture(folder: Path, name: str, png: bytes) -> Path:
-    """Write a picture of the run (`<name>.png`) beside a finished model; returns its path."""
-    return write_bytes(Path(folder) / f"{name}.png", png)
+    """Write a picture of the run beside a finished model; returns its path."""
+    return write_bytes(Path(folder) / picture_file(name), png)
 
 
 def read_metrics(folder: Path) -> dict:

@@ -7,7 +7,11 @@ Object stores cannot rename, so a folder is published in generations:
       _manifest.json         written last, in one PUT: the folder's manifest plus "generation": "_v-<token>"
 
 A reader trusts only what a manifest names: a generation no manifest points to (an upload that was
-interrupted, or one replaced since) is ignored. The next publish of that folder removes the
+interrupted, or one replaced since) is ignored. The manifest also records what the store's listing said of
+each object right after the upload (size and modification time, `"listed"`), so a listing alone tells
+whether an object was deleted, truncated or written again since: a folder is intact by listing when
+every object is there with the size and time it had when the folder was committed; its bytes are
+checked against the sha256 whenever they are fetched. The next publish of that folder removes the
 generation it replaced, and others once they are older than `ABANDONED_AFTER_SECONDS` (so that an
 upload another machine is making at the same time is not cut from under it); it never removes the
 generation the manifest names. Publishing a new version replaces the manifest in one request, so a
@@ -140,22 +144,32 @@ class ObjectStore:
         return manifest
 
     def problem(self, folder: str, manifest: dict) -> str | None:
-        """The first file of a committed folder whose object is missing or of another size, or None."""
-        prefix = self._key(f"{folder}/{manifest['generation']}")
+        """The first object of a committed folder that is missing, of another size, or written again since the
+        folder was committed (by the listing), or None."""
+        found = self._listing(folder, manifest["generation"])
+        listed = manifest.get("listed", {})
+        for name, entry in manifest["files"].items():
+            url = f"{self.url(folder)}/{manifest['generation']}/{name}"
+            if name not in found:
+                return f"{url} is missing"
+            size, mtime = found[name]
+            if size != entry["bytes"]:
+                return f"{url} has {size:,} bytes, {entry['bytes']:,} were recorded"
+            if name in listed and mtime != listed[name]:
+                return f"{url} was written again after its folder was committed"
+        return None
+
+    def _listing(self, folder: str, generation: str) -> dict[str, tuple[int, float | None]]:
+        """Size and modification time of every object of one generation of `folder`, by relative name."""
+        prefix = self._key(f"{folder}/{generation}")
         try:
-            found = {
-                info.path[len(prefix) + 1:]: info.size
-                for info in self.fs.get_file_info(arrow_fs.FileSelector(prefix, recursive=True, allow_not_found=True))
-                if info.type == arrow_fs.FileType.File
-            }
+            infos = self.fs.get_file_info(arrow_fs.FileSelector(prefix, recursive=True, allow_not_found=True))
         except (OSError, pa.ArrowException) as error:
             raise _access_error(self.url(folder), error) from error
-        for name, entry in manifest["files"].items():
-            if name not in found:
-                return f"{self.url(folder)}/{name} is missing"
-            if found[name] != entry["bytes"]:
-                return f"{self.url(folder)}/{name} has {found[name]:,} bytes, {entry['bytes']:,} were recorded"
-        return None
+        return {
+            info.path[len(prefix) + 1:]: (info.size, info.mtime.timestamp() if info.mtime is not None else None)
+            for info in infos if info.type == arrow_fs.FileType.File
+        }
 
     def download(self, folder: str, manifest: dict, local: Path) -> dict:
         """Copy the committed `folder`, as its `manifest` describes it, into the local folder `local`, every file
@@ -172,12 +186,25 @@ class ObjectStore:
             source = self._key(f"{folder}/{manifest['generation']}")
             self._transfer(lambda name: self._get(f"{source}/{name}", work / name, manifest["files"][name], folder),
                            manifest["files"])
-            local_manifest = {key: value for key, value in manifest.items() if key != "generation"}
+            local_manifest = {key: value for key, value in manifest.items() if key not in ("generation", "listed")}
             write_json(work / MANIFEST, local_manifest)
             replace(work, local)
         finally:
             remove(work)
         return local_manifest
+
+    def download_file(self, folder: str, manifest: dict, local: Path) -> None:
+        """Copy the one file of the committed `folder` (a download, published on its own) to the local path
+        `local`, checked as it arrives and renamed into place."""
+        (name,) = manifest["files"]
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        work = temporary_sibling(local)
+        try:
+            self._get(self._key(f"{folder}/{manifest['generation']}/{name}"), work, manifest["files"][name], folder)
+            replace(work, local)
+        finally:
+            remove(work)
 
     def _get(self, key: str, path: Path, entry: dict, folder: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,24 +221,25 @@ class ObjectStore:
         except (OSError, pa.ArrowException) as error:
             raise _access_error(f"{SCHEME}{key}", error) from error
         if size != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
-            raise CorruptDataError(
-                f"{SCHEME}{key} does not match the size and sha256 recorded when it was written: delete "
-                f"{self.url(folder)} and rebuild it"
-            )
+            raise CorruptDataError(f"{SCHEME}{key} does not match the size and sha256 recorded when it was written")
 
     # --- writing -------------------------------------------------------------------------------
 
-    def upload(self, local: Path, folder: str, manifest: dict) -> dict:
+    def upload(self, local: Path, folder: str, manifest: dict, sources: Mapping[str, Path] | None = None) -> dict:
         """Publish the committed local folder `local` as `folder`: a new generation, then its manifest.
 
-        Generations no manifest names any more (older versions, interrupted uploads) are removed
-        afterwards; returns the published manifest.
+        `sources` names the local file of a listed name where it is not `local/<name>`. Generations no
+        manifest names any more (older versions, interrupted uploads) are removed afterwards; returns
+        the published manifest.
         """
         replaced = (self.manifest(folder) or {}).get("generation")
         generation = f"{GENERATION_PREFIX}{uuid.uuid4().hex[:16]}"
         target = self._key(f"{folder}/{generation}")
-        self._transfer(lambda name: self._put(Path(local) / name, f"{target}/{name}"), manifest["files"])
-        published = {**manifest, "generation": generation}
+        sources = sources or {}
+        self._transfer(lambda name: self._put(sources.get(name, Path(local) / name), f"{target}/{name}"),
+                       manifest["files"])
+        listed = {name: mtime for name, (_, mtime) in self._listing(folder, generation).items()}
+        published = {**manifest, "generation": generation, "listed": listed}
         self.write_bytes(f"{folder}/{MANIFEST}", json.dumps(published, indent=1, sort_keys=True).encode())
         self._remove_generations(folder, replaced=replaced)
         return published
@@ -240,15 +268,27 @@ class ObjectStore:
         except (OSError, pa.ArrowException) as error:
             raise _access_error(f"{SCHEME}{key}", error) from error
 
-    def delete(self, folder: str) -> None:
-        """Remove a folder: its manifest first (so it stops being committed), then every object under it."""
-        replaced = (self.manifest(folder) or {}).get("generation")
+    def delete_object(self, relative: str) -> None:
+        """Remove one object, if it is there."""
         try:
-            self.fs.delete_file(self._key(f"{folder}/{MANIFEST}"))
+            self.fs.delete_file(self._key(relative))
         except FileNotFoundError:
             pass
         except (OSError, pa.ArrowException) as error:
-            raise _access_error(self.url(folder), error) from error
+            raise _access_error(self.url(relative), error) from error
+
+    def check_writable(self) -> None:
+        """Raise PipelineError, in one line saying what to do, unless the bucket exists and takes a write here."""
+        self._bucket_seen = False
+        self._check_bucket()
+        probe = f"_prefect/probe-{uuid.uuid4().hex}"
+        self.write_bytes(probe, b"")
+        self.delete_object(probe)
+
+    def delete(self, folder: str) -> None:
+        """Remove a folder: its manifest first (so it stops being committed), then every object under it."""
+        replaced = (self.manifest(folder) or {}).get("generation")
+        self.delete_object(f"{folder}/{MANIFEST}")
         self._remove_generations(folder, replaced=replaced)
 
     def _remove_generations(self, folder: str, replaced: str | None) -> None:
@@ -284,9 +324,23 @@ class ObjectStore:
                 pass
 
 
+# What the AWS SDK's error names mean for the person running the pipeline.
+_REFUSED_KEYS = ("SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "ACCESS_DENIED",
+                 "AccessDenied", "HTTP status 403")
+_UNREACHABLE = ("NETWORK_CONNECTION", "Could not connect", "Couldn't resolve host", "Timeout was reached")
+
+
 def _access_error(url: str, error: OSError) -> PipelineError:
-    """One line for a failed request: what failed and what to check."""
-    detail = next(iter(str(error).strip().splitlines()), type(error).__name__)
+    """One line for a failed request: what failed, why as far as the SDK says, and what to check."""
+    text = str(error)
+    detail = next(iter(text.strip().splitlines()), type(error).__name__)
+    if any(marker in text for marker in _UNREACHABLE):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS endpoint"
+        return PipelineError(f"Cannot reach {endpoint} for {url}: check AWS_ENDPOINT_URL and that the server runs "
+                             f"({detail})")
+    if any(marker in text for marker in _REFUSED_KEYS):
+        return PipelineError(f"The object store refused these credentials for {url}: check AWS_ACCESS_KEY_ID and "
+                             f"AWS_SECRET_ACCESS_KEY ({detail})")
     return PipelineError(
         f"Cannot access {url}: {detail} (check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and "
         "that the bucket exists)"

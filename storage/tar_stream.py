@@ -29,6 +29,10 @@ CHUNK_BYTES = 1 << 20
 QUEUED_CHUNKS = 16
 # Long names and pax records take a few hundred bytes; a far larger one only makes us hold it in memory.
 MAX_EXTENSION_BYTES = 1 << 20
+# The archive limits every reader of a notMNIST archive applies (extract, unpack, decode, predict): a few
+# times notMNIST_large (529,119 members, about 1 GB unpacked), so a genuine archive passes and a bomb does not.
+MAX_MEMBERS = 2_000_000
+MAX_TOTAL_BYTES = 4 << 30
 POSIX_MAGIC = b"ustar\x0000"
 REGULAR_TYPES = frozenset(b"0\x007")  # "7" is a contiguous file, an ordinary one everywhere but old Unixes
 DIRECTORY_TYPE = ord("5")

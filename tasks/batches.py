@@ -22,11 +22,8 @@ import keras
 import numpy as np
 
 from core.errors import PipelineError
+from core.seed import NORMALISATIONS
 from storage.splits import SPLITS, open_split
-
-# (offset, scale) of the seed's normalisation x' = (x - offset) / scale:
-# notMNIST's load_letter computed (x - pixel_depth / 2) / pixel_depth; the MNIST script x / 255.
-NORMALISATIONS = {"notmnist": (127.5, 255.0), "mnist": (0.0, 255.0)}
 
 # Rows copied at a time when a split is read into memory for TensorFlow: the copy's only overhead.
 _LOAD_CHUNK_ROWS = 16_384

@@ -29,26 +29,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 from filelock import FileLock
-from prefect import task
 
 from core.errors import ArchiveError, CorruptDataError, PipelineError
-from core.seed import LETTERS
+from core.seed import LETTERS, NORMALISATIONS
 from storage.atomic import remove, remove_temporaries_of, temporary_sibling
 from storage.digests import sha256_of
 from storage.extraction import extraction_problem, folder_state, read_record
 from storage.folders import manifest_identity
-from storage.layout import DataRoot, archive_stem
-from storage.letters import commit_letter, find_letter, letter_folder, read_letter_manifest
+from storage.layout import DataRoot, archive_stem, lock_file
+from storage.letters import commit_letter, find_letter, letter_folder, read_letter_manifest, shard_file
 from storage.packed import ROW_GROUP_ROWS, checked_groups, find_packed
-from storage.tar_stream import iter_files
-from tasks.caching import retry_unless_pipeline_error, stage_cache
+from storage.tar_stream import MAX_MEMBERS, MAX_TOTAL_BYTES, iter_files
 from tasks.images import BatchJob, BatchResult, decode_batch, start_worker
 from tasks.reporting import Progress, artifact_key, stage_logger
+from tasks.stage import Stage, retry_unless_pipeline_error, stage_task
 
 BATCH_ROWS = ROW_GROUP_ROWS  # a batch of an archive or folder is as large as a packed letter's row group
-# Member limits for reading an archive directly: comfortably above notMNIST_large (529,119 members).
-MAX_MEMBERS = 2_000_000
-MAX_TOTAL_BYTES = 4 << 30
 
 
 class TooFewImagesError(PipelineError):
@@ -59,7 +55,8 @@ def _letter_fields(letter: str, source: dict, results: list[BatchResult]) -> dic
     """Summarise a letter's batches for its manifest; statistics are exact, from the pixel histograms."""
     counts = [sum(column) for column in zip(*(r.histogram for r in results))] or [0] * 256
     pixels = sum(counts)
-    normalised = [(value - 127.5) / 255 for value in range(256)]  # the seed's (x - 127.5) / 255
+    offset, scale = NORMALISATIONS["notmnist"]  # the seed's (x - 127.5) / 255
+    normalised = [(value - offset) / scale for value in range(256)]
     mean = sum(c * v for c, v in zip(counts, normalised)) / pixels if pixels else math.nan
     variance = sum(c * (v - mean) ** 2 for c, v in zip(counts, normalised)) / pixels if pixels else math.nan
     rejected = [asdict(item) for result in results for item in result.rejected]
@@ -89,7 +86,7 @@ def _batches(members: Iterable[tuple[str, str, bytes | Path]], folders: dict[str
 
     def job(letter: str) -> BatchJob:
         items = pending[letter]
-        shard = str(folders[letter] / f"part-{numbers[letter]:05d}.parquet")
+        shard = str(shard_file(folders[letter], numbers[letter]))
         numbers[letter] += 1
         pending[letter] = []
         files = [name for name, _ in items]
@@ -121,7 +118,7 @@ def _packed_jobs(
     for letter in letters:
         checked, groups = checked_groups(top / letter, sources[letter]["manifest"], remedy)
         for number, rows in enumerate(groups or [0]):  # a letter without rows still gets a manifest
-            shard = str(folders[letter] / f"part-{number:05d}.parquet")
+            shard = str(shard_file(folders[letter], number))
             yield BatchJob(LETTERS.index(letter), shard, [], packed=(checked, number, rows) if rows else None)
 
 
@@ -330,7 +327,7 @@ def decode_to_shards(
     # leftovers of a letter are then surely a dead run's.
     with contextlib.ExitStack() as locks:
         for letter in sorted(set(letters)):
-            locks.enter_context(FileLock(str(out_dir / f".{letter}.lock")))
+            locks.enter_context(FileLock(str(lock_file(letter_folder(out_dir, letter)))))
             remove_temporaries_of(letter_folder(out_dir, letter))
         sources = _sources(source, letters)
         todo = [letter for letter in letters if find_letter(letter_folder(out_dir, letter), sources[letter]["fingerprint"]) is None]
@@ -370,48 +367,40 @@ def decode_to_shards(
     return manifests
 
 
-def decode_letter(
-    data_dir: str, archive: str, letter: str, *, min_images: int = 0, scratch_dir: str | None = None
-) -> dict:
+def decode_letter(root: DataRoot, archive: str, letter: str, *, min_images: int = 0) -> dict:
     """Decode one packed letter of `archive` into its folder of shards (the seed's `load_letter`); returns its manifest.
 
-    Reads packed/<archive>/<letter> of the data root (fetched first where the root is an object store),
-    publishes shards/<archive>/<letter>, and decodes in this process, or on the pool `shared_worker_pool` opened.
+    Reads packed/<archive>/<letter> of the working copy and writes shards/<archive>/<letter> (the stage
+    boundary fetches the one and publishes the other); decodes in this process, or on the pool
+    `shared_worker_pool` opened.
     """
-    layout = DataRoot(data_dir, scratch_dir)
-    packed = layout.packed(archive)
-    if not layout.fetch(packed / letter):
-        raise PipelineError(
-            f"{layout.url(packed / letter)} holds no packed letter: rerun the pipeline, which unpacks "
-            "the archive (with --task-runner dask, the workers must reach this data root)."
-        )
-    shards = layout.shards(archive)
-    manifest = decode_to_shards(packed, shards, min_images=min_images, workers=1, letters=letter)
-    layout.publish(letter_folder(shards, letter))
+    manifest = decode_to_shards(root.packed(archive), root.shards(archive), min_images=min_images, workers=1,
+                                letters=letter)
     return manifest[letter]
 
 
-def _letter_identity(parameters: dict) -> str | None:
-    """Cache identity: the letter decoded from this very packed input, intact and published, else None.
-
-    The input is the data root's packed letter: a worker's working copy may hold an older one.
-    """
-    layout = DataRoot(parameters["data_dir"], parameters.get("scratch_dir"))
-    archive, letter = parameters["archive"], parameters["letter"]
-    packed_folder, shards_folder = layout.packed(archive) / letter, letter_folder(layout.shards(archive), letter)
-    packed = layout.published(packed_folder) if layout.store is not None else find_packed(packed_folder)
-    if packed is None:
-        return None
-    found = find_letter(shards_folder, manifest_identity(packed))
-    return None if found is None or not layout.is_published(shards_folder, found) else manifest_identity(found)
+def _packed_letter(root: DataRoot, parameters: dict) -> list[Path]:
+    return [root.packed(parameters["archive"]) / parameters["letter"]]
 
 
-letter_task = task(
+def _letter_shards(root: DataRoot, parameters: dict) -> list[Path]:
+    return [letter_folder(root.shards(parameters["archive"]), parameters["letter"])]
+
+
+def _letter_current(root: DataRoot, parameters: dict, manifests: dict[Path, dict]) -> bool:
+    """The letter was decoded from the packed letter the data root holds now (a worker's copy may be older)."""
+    (manifest,) = manifests.values()
+    packed = root.committed(_packed_letter(root, parameters)[0], verify=False)
+    return packed is not None and manifest.get("source", {}).get("fingerprint") == manifest_identity(packed)
+
+
+LETTER_STAGE = Stage(outputs=_letter_shards, reads=_packed_letter, current=_letter_current)
+letter_task = stage_task(
+    decode_letter,
+    stage=LETTER_STAGE,
     name="decode-letter",
     task_run_name=lambda parameters: f"decode {archive_stem(parameters['archive'])} {parameters['letter']}",
-    cache_policy=stage_cache(_letter_identity),
     retries=1,
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless_pipeline_error,
-    persist_result=True,
-)(decode_letter)
+)

@@ -23,7 +23,6 @@ from urllib.request import url2pathname
 import requests
 import urllib3
 from filelock import FileLock
-from prefect import task
 from prefect.tasks import exponential_backoff
 from prefect.utilities.math import clamped_poisson_interval
 
@@ -31,8 +30,9 @@ from core.defaults import READ_TIMEOUT_SECONDS
 from core.errors import DownloadError, PermanentDownloadError, VerificationError
 from storage.atomic import remove, remove_temporaries_of, write_json
 from storage.digests import sha256_of
-from tasks.caching import stage_cache
+from storage.layout import DataRoot, lock_file, partial_download, partial_download_state
 from tasks.reporting import Progress, artifact_key, stage_logger
+from tasks.stage import Stage, stage_task
 
 CHUNK_BYTES = 1 << 20
 SYNC_EVERY_BYTES = 32 << 20
@@ -110,14 +110,15 @@ class _Transfer:
     """One file's transfer into `<name>.part`, kept across retries so the running hash survives."""
 
     def __init__(
-        self, url: str, part: Path, progress: Progress, timeout: tuple[float, float], hashing: bool,
+        self, url: str, target: Path, progress: Progress, timeout: tuple[float, float], hashing: bool,
         expected_bytes: int | None,
     ):
+        part = partial_download(target)
         self.url = url
         self.expected_bytes = expected_bytes  # no more than this may be written: a server cannot fill the disk
         self.hashing = hashing  # only worth the CPU when a sha256 is expected
         self.part = part
-        self.sidecar = part.with_name(part.name + ".json")
+        self.sidecar = partial_download_state(target)
         self.progress = progress
         self.timeout = timeout
         self.hasher: hashlib._Hash | None = None
@@ -346,19 +347,19 @@ def download_file(
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / file_name_from_url(url)
-    part = target.with_name(target.name + ".part")
+    part = partial_download(target)
     source = _local_source(url)
     if source is not None and not source.is_file():
         raise PermanentDownloadError(f"{url}: no such file.")
 
     # Two processes fetching into one folder: the second waits here, then finds the verified file.
-    with FileLock(str(part) + ".lock"):
-        for path in (target, part, part.with_name(part.name + ".json")):
+    with FileLock(str(lock_file(part))):
+        for path in (target, part, partial_download_state(target)):
             remove_temporaries_of(path)  # what a killed run was writing
         key = artifact_key("download", target.name)
         with Progress(f"download {target.name}", expected_bytes, key=key, unit="bytes") as progress:
             transfer = _Transfer(
-                url, part, progress, (connect_timeout, read_timeout), hashing=sha256 is not None,
+                url, target, progress, (connect_timeout, read_timeout), hashing=sha256 is not None,
                 expected_bytes=expected_bytes,
             )
             state = transfer.load_state()
@@ -423,28 +424,46 @@ def _session() -> requests.Session:
     return session
 
 
-def _download_identity(parameters: dict) -> str | None:
-    """Cache identity: the file in place, when it passes the size and sha256 checks, else None."""
-    target = Path(parameters["dest_dir"]) / file_name_from_url(parameters["url"])
-    if not target.is_file():
-        return None
-    if verify(target, expected_bytes=parameters["expected_bytes"], sha256=parameters["sha256"]) is not None:
-        return None
-    status = target.stat()
-    return f"{target.name}:{status.st_size}:{status.st_mtime_ns}"
+def download_to_root(
+    root: DataRoot, url: str, *, expected_bytes: int | None = None, sha256: str | None = None,
+    retries: int = 5, backoff_base_seconds: float = 1.0, read_timeout: float = READ_TIMEOUT_SECONDS,
+) -> dict:
+    """Download `url` into the data root's `raw/` (verified, resumed); returns the file's place, size and sha256.
+
+    Where the data root already holds the file, the stage boundary has fetched it into the working
+    copy (checked against the data root's sha256), and this finds it in place: the origin is not asked.
+    """
+    target = download_file(url, root.raw, expected_bytes=expected_bytes, sha256=sha256, retries=retries,
+                           backoff_base_seconds=backoff_base_seconds, read_timeout=read_timeout)
+    return {"file": root.relative(target), "bytes": target.stat().st_size}
+
+
+def _downloaded(root: DataRoot, parameters: dict) -> list[Path]:
+    return [root.raw / file_name_from_url(parameters["url"])]
+
+
+def _download_current(root: DataRoot, parameters: dict, manifests: dict[Path, dict]) -> bool:
+    """The data root's file passes the expected size and sha256 (hashed here for a local data root)."""
+    ((path, manifest),) = manifests.items()
+    expected_bytes, sha256 = parameters["expected_bytes"], parameters["sha256"]
+    if root.store is None:
+        return verify(path, expected_bytes=expected_bytes, sha256=sha256) is None
+    entry = next(iter(manifest["files"].values()))
+    return (expected_bytes is None or entry["bytes"] == expected_bytes) and (
+        sha256 is None or entry["sha256"] == sha256.lower())
 
 
 # No Prefect retries on top: `download_file` retries itself, keeping the running hash across attempts.
 # How a file is fetched does not change what is fetched: retries and timeouts stay out of the key, and
-# so does the URL, for its file name alone: the file in place, checked against the expected size and
-# sha256, is the output whichever mirror served it (as `download_file` itself reuses it), so a demo
-# served from a new loopback port each run still finds its downloads cached.
-UNKEYED = ("url", "retries", "backoff_base_seconds", "connect_timeout", "read_timeout", "session")
-download_task = task(
+# so does the URL, for its file name alone: the file in the data root, checked against the expected
+# size and sha256, is the output whichever mirror served it (as `download_file` itself reuses it), so a
+# demo served from a new loopback port each run still finds its downloads cached.
+UNKEYED = ("url", "retries", "backoff_base_seconds", "read_timeout")
+download_task = stage_task(
+    download_to_root,
+    stage=Stage(outputs=_downloaded, current=_download_current),
     name="download",
     task_run_name=lambda parameters: f"download {file_name_from_url(parameters['url'])}",
-    cache_policy=stage_cache(
-        _download_identity, ignore=UNKEYED, keyed_on=lambda parameters: file_name_from_url(parameters["url"])
-    ),
-    persist_result=True,
-)(download_file)
+    ignore=UNKEYED,
+    keyed_on=lambda parameters: file_name_from_url(parameters["url"]),
+)

@@ -15,19 +15,16 @@ import time
 from pathlib import Path
 
 from filelock import FileLock
-from prefect import task
 
 from core.errors import ArchiveError, UnsafeArchiveError
 from storage.atomic import remove, remove_temporaries_of, temporary_sibling
+from storage.layout import lock_file
 from storage.extraction import RECORD_NAME, class_folders, find_extraction, listing_digest, write_record
-from storage.tar_stream import TarReader
-from tasks.caching import stage_cache
+from storage.tar_stream import MAX_MEMBERS, MAX_TOTAL_BYTES, TarReader
 from tasks.reporting import stage_logger
 
 # notMNIST_large.tar.gz holds about 529,119 members and a few hundred MB of PNGs; these defaults
 # leave several times that room while still stopping an archive bomb.
-DEFAULT_MAX_MEMBERS = 2_000_000
-DEFAULT_MAX_TOTAL_BYTES = 4 * 2**30
 
 # O_EXCL makes a repeated member name an error at no cost; O_NOFOLLOW keeps writes off any link.
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
@@ -38,8 +35,8 @@ def extract_archive(
     dest_dir: Path,
     *,
     expected_classes: int | None = 10,
-    max_members: int = DEFAULT_MAX_MEMBERS,
-    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    max_members: int = MAX_MEMBERS,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
 ) -> Path:
     """Extract `archive` (a tar, plain or gzip/bzip2/xz) into `dest_dir` and return its top-level folder.
 
@@ -52,7 +49,7 @@ def extract_archive(
         raise ArchiveError(f"{archive} does not exist or is not a file; download it first (the download stage).")
     dest_dir.mkdir(parents=True, exist_ok=True)
     # While this is held, every temporary folder of this archive is a leftover of a dead run.
-    with FileLock(dest_dir / f".{archive.name}.lock"):
+    with FileLock(str(lock_file(dest_dir / archive.name))):
         found = find_extraction(archive, dest_dir)
         if found is not None:
             logger.info("%s already present - Skipping extraction of %s.", found, archive)
@@ -82,21 +79,6 @@ def extract_archive(
     logger.info("Extracted %s members (%s bytes) of %s into %s in %.1f s.", f"{record['member_count']:,}",
                 f"{record['total_bytes']:,}", archive.name, final, time.perf_counter() - started)
     return final
-
-
-def _extraction_identity(parameters: dict) -> str | None:
-    """Cache identity: the record of a finished, unchanged extraction of the archive, else None."""
-    archive, dest_dir = Path(parameters["archive"]), Path(parameters["dest_dir"])
-    top = find_extraction(archive, dest_dir) if archive.is_file() else None
-    return None if top is None else (top / RECORD_NAME).read_text()
-
-
-extract_task = task(
-    name="extract-archive",
-    task_run_name=lambda parameters: f"extract {Path(parameters['archive']).name}",
-    cache_policy=stage_cache(_extraction_identity),
-    persist_result=True,
-)(extract_archive)
 
 
 def _make_room(final: Path) -> None:

@@ -19,15 +19,15 @@ from typing import Any
 
 import keras
 import numpy as np
-from prefect import task
 
 from core.errors import PipelineError
 from core.seed import IRIS_BATCH_SIZE, IRIS_EPOCHS, IRIS_LEARNING_RATE, SEED, reported
 from storage.atomic import write_json
 from storage.layout import DataRoot, model_key
-from storage.models import METRICS_FILE, RECORD_FILE, find_model, model_writer
+from storage.models import METRICS_FILE, RECORD_FILE, find_model, model_writer, variant_model_file
 from tasks.models import build_softmax_regression, make_optimizer
 from tasks.reporting import stage_logger
+from tasks.stage import Stage, stage_task
 from tasks.train import make_deterministic
 from tasks.training_record import confusion_matrix, per_class_accuracy, provenance
 
@@ -102,7 +102,7 @@ def score(model: keras.Model, features: np.ndarray, labels: np.ndarray, variant:
     predicted = np.argmax(model.predict(features, verbose=0), axis=1)
     matrix = confusion_matrix(labels, predicted, len(SPECIES))
     return {
-        "rows": int(len(labels)),
+        "rows": len(labels),
         "loss": float(scores["loss"]),
         "accuracy": float(scores["accuracy"]),
         "confusion_matrix": matrix.tolist(),
@@ -117,7 +117,7 @@ def _summary(layout: DataRoot, model_dir: Path, metrics: dict) -> dict[str, Any]
         summary[f"{variant}_held_out_accuracy"] = result["held_out"]["accuracy"]
     summary.update(
         metrics_path=layout.url(model_dir / METRICS_FILE), record_path=layout.url(model_dir / RECORD_FILE),
-        model_paths={variant: layout.url(model_dir / f"{variant}.keras") for variant in VARIANTS},
+        model_paths={variant: layout.url(model_dir / variant_model_file(variant)) for variant in VARIANTS},
         dataset_fingerprint=metrics["dataset_fingerprint"], device=metrics["device"],
     )
     return summary
@@ -152,10 +152,15 @@ def _fit_variant(
     return model, result
 
 
+def iris_model_folder(root: DataRoot, parameters: dict[str, Any]) -> list[Path]:
+    """The model folder these parameters determine, for the shipped table."""
+    options = {name: parameters[name] for name in ("epochs", "batch_size", "learning_rate", "seed")}
+    return [root.model(model_key("iris", hashlib.sha256(iris_text().encode()).hexdigest(), options))]
+
+
 def run_iris(
-    data_dir: Path | str,
+    root: DataRoot | Path | str,
     *,
-    scratch_dir: Path | str | None = None,
     epochs: int = IRIS_EPOCHS,
     batch_size: int = IRIS_BATCH_SIZE,
     learning_rate: float = IRIS_LEARNING_RATE,
@@ -166,15 +171,13 @@ def run_iris(
     Writes `<variant>.keras` (trained on all 150 rows, as the seed did), metrics.json and record.json
     into the model folder these parameters determine; reuses an intact one.
     """
-    logger, layout, text = stage_logger(__name__), DataRoot(data_dir, scratch_dir), iris_text()
+    logger, layout, text = stage_logger(__name__), DataRoot.of(root), iris_text()
     fingerprint = hashlib.sha256(text.encode()).hexdigest()
     options = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed}
     parameters = {**options, "optimizer": "sgd"}
-    model_dir = layout.model(model_key("iris", fingerprint, options))
-    layout.fetch(model_dir)
+    (model_dir,) = iris_model_folder(layout, options)
     if (found := find_model(model_dir, parameters, fingerprint)) is not None:
         logger.info("Iris already trained with these parameters: %s", layout.url(model_dir))
-        layout.publish(model_dir)
         return _summary(layout, model_dir, found[1])
 
     features, labels = parse_iris(text)
@@ -200,12 +203,13 @@ def run_iris(
                "dataset_fingerprint": fingerprint, "device": record["device"]}
     with model_writer(model_dir) as writer:
         for variant, model in models.items():
-            model.save(writer.work / f"{variant}.keras")
+            model.save(writer.work / variant_model_file(variant))
         write_json(writer.work / METRICS_FILE, metrics)
         write_json(writer.work / RECORD_FILE, record)
         writer.commit(experiment="iris", dataset_fingerprint=fingerprint)
-    layout.publish(model_dir)
     return _summary(layout, model_dir, metrics)
 
 
-iris_task = task(name="iris", task_run_name="iris seed {seed}")(run_iris)
+iris_task = stage_task(
+    run_iris, stage=Stage(outputs=iris_model_folder), name="iris", task_run_name="iris seed {seed}", cached=False,
+)

@@ -15,15 +15,13 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from prefect import task
 
 from core.errors import PipelineError
 from storage.digests import sha256_of
-from storage.folders import manifest_identity
 from storage.layout import DataRoot, mnist_splits_key
 from storage.splits import IMAGE_SHAPE, SplitWriter, find_splits
-from tasks.caching import stage_cache
 from tasks.reporting import stage_logger
+from tasks.stage import Stage, stage_task
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")  # what keras.datasets.mnist.load_data reads
 DIGITS = tuple("0123456789")
@@ -84,15 +82,16 @@ def _read_member(archive: np.lib.npyio.NpzFile, path: Path, name: str) -> np.nda
         raise PipelineError(f"{path}: {name} is damaged ({error}); delete the file and rerun.") from error
 
 
-def build_mnist_splits(npz_path: Path, data_dir: Path | str, scratch_dir: Path | str | None = None) -> dict:
-    """Write (or find) the split folder of an MNIST .npz under the data root; returns its manifest."""
-    logger, layout, npz_path = stage_logger(__name__), DataRoot(data_dir, scratch_dir), Path(npz_path)
+def build_mnist_splits(root: DataRoot, npz: str) -> dict:
+    """Write (or find) the split folder of the data root's `raw/<npz>` (an MNIST .npz); returns its manifest."""
+    root, logger = DataRoot.of(root), stage_logger(__name__)
+    npz_path = root.raw / npz
+    if not npz_path.is_file():
+        raise PipelineError(f"{npz_path} does not exist: download it first (`notmnist mnist`).")
     source_sha256 = sha256_of(npz_path)
-    folder = layout.splits(mnist_splits_key(source_sha256))
-    layout.fetch(folder)
+    folder = root.splits(mnist_splits_key(source_sha256))
     if (manifest := find_splits(folder)) is not None:
-        logger.info("MNIST splits already built from this file: %s", layout.url(folder))
-        layout.publish(folder)
+        logger.info("MNIST splits already built from this file: %s", root.url(folder))
         return manifest
     arrays = load_mnist(npz_path)
     with SplitWriter(folder, list(DIGITS)) as writer:
@@ -101,26 +100,31 @@ def build_mnist_splits(npz_path: Path, data_dir: Path | str, scratch_dir: Path |
             writer.save(split, arrays[x_name], arrays[y_name], names)
         manifest = writer.commit(
             seed=None, dedup="none", sources={split: list(names) for split, names in SPLIT_SOURCES.items()},
-            inputs={"mnist.npz": {"name": npz_path.name, "sha256": source_sha256}},
+            inputs={"npz": {"name": npz_path.name, "sha256": source_sha256}},
         )
     rows = manifest["splits"]
     logger.info("MNIST splits in %s: train %s, valid = test %s rows", folder, f"{rows['train']['rows']:,}",
                 f"{rows['test']['rows']:,}")
-    layout.publish(folder)
     return manifest
 
 
-def _mnist_splits_identity(parameters: dict) -> str | None:
-    """Cache identity: the intact split folder of this very file, else None."""
-    npz_path, layout = Path(parameters["npz_path"]), DataRoot(parameters["data_dir"], parameters.get("scratch_dir"))
-    if not npz_path.is_file():
-        return None
-    folder = layout.splits(mnist_splits_key(sha256_of(npz_path)))
-    manifest = find_splits(folder)
-    return None if manifest is None or not layout.is_published(folder, manifest) else manifest_identity(manifest)
+def _npz(root: DataRoot, parameters: dict) -> list[Path]:
+    return [root.raw / parameters["npz"]]
 
 
-mnist_splits_task = task(
-    name="mnist-splits", task_run_name="splits of mnist.npz", cache_policy=stage_cache(_mnist_splits_identity),
-    persist_result=True,
-)(build_mnist_splits)
+def _mnist_output(root: DataRoot, parameters: dict) -> list[Path] | None:
+    """The split folder of the file the data root holds (its key is the file's sha256)."""
+    npz = _npz(root, parameters)[0]
+    if root.store is None:
+        sha256 = sha256_of(npz) if npz.is_file() else None
+    else:
+        sha256 = next(iter(raw["files"].values()))["sha256"] if (raw := root.committed(npz)) else None
+    return None if sha256 is None else [root.splits(mnist_splits_key(sha256))]
+
+
+mnist_splits_task = stage_task(
+    build_mnist_splits,
+    stage=Stage(outputs=_mnist_output, reads=_npz),
+    name="mnist-splits",
+    task_run_name="splits of {npz}",
+)

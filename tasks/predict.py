@@ -17,18 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import PipelineError
-from core.seed import LETTERS
+from core.seed import LETTERS, NORMALISATIONS
 from storage.atomic import read_json
+from storage.folders import MANIFEST
+from storage.layout import ARCHIVE_SUFFIXES
 from storage.models import METRICS_FILE, MODEL_FILE, RECORD_FILE
 from storage.splits import open_split, read_splits_manifest
-from storage.tar_stream import TarReader
-from tasks.batches import NORMALISATIONS
+from storage.tar_stream import MAX_MEMBERS, MAX_TOTAL_BYTES, TarReader
 from tasks.images import IMAGE_SIDE, UNREADABLE, Rejected, decode_png, is_utf8, printable_name
 from tasks.training_record import confusion_matrix, per_class_accuracy
 
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-# Limits for reading an archive given to `predict`: a few times notMNIST_large, still no bomb.
-MAX_MEMBERS, MAX_TOTAL_BYTES = 2_000_000, 4 << 30
 BATCH = 1024
 # A 28x28 8-bit PNG takes under 2 kB; a file this large is no such image, and is not read whole.
 MAX_IMAGE_BYTES = 1 << 20
@@ -173,7 +171,7 @@ def evaluate_model(model_path: Path, data: Path, *, split: str = "test") -> dict
     if not data.is_dir():
         raise PipelineError(f"{data} does not exist or is not a folder: give a split folder or a folder of letters.")
     rejected: list[dict] = []
-    if (data / "_manifest.json").is_file():
+    if (data / MANIFEST).is_file():
         images, labels = open_split(data, read_splits_manifest(data), split)
         source = f"{data} ({split})"
     else:
@@ -185,7 +183,7 @@ def evaluate_model(model_path: Path, data: Path, *, split: str = "test") -> dict
     matrix = confusion_matrix(np.asarray(labels), predicted, len(trained.class_names))
     return {
         "data": source,
-        "images": int(len(labels)),
+        "images": len(labels),
         "accuracy": float(np.trace(matrix) / matrix.sum()),
         "per_class_accuracy": per_class_accuracy(matrix, trained.class_names),
         "class_names": trained.class_names,

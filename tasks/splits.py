@@ -26,20 +26,17 @@ from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
-from prefect import task
 
+from core.defaults import DEDUP, DEDUP_MODES
 from core.errors import PipelineError
 from core.seed import LARGE_ARCHIVE, LETTERS, SEED, SMALL_ARCHIVE, TEST_SIZE, TRAIN_SIZE, VALID_SIZE
 from storage.atomic import remove_leftovers
-from storage.folders import manifest_identity
-from storage.layout import DataRoot, archive_stem, short_digest, splits_key
-from storage.letters import LetterShards, letter_folder, shard_set_identity
+from storage.layout import DataRoot, archive_stem, lock_file, short_digest, splits_key
+from storage.letters import LetterShards, letter_folder, shard_set_identity_of
 from storage.shards import pixels_of
 from storage.splits import SPLITS, SplitWriter, find_splits
-from tasks.caching import stage_cache
 from tasks.reporting import stage_logger
-
-DEDUP_MODES = ("none", "cross-split", "all")
+from tasks.stage import Stage, stage_task
 
 
 class TooFewUsableImagesError(PipelineError):
@@ -175,8 +172,8 @@ def overlap_report(chosen: Chosen) -> dict[str, int]:
     digests = {split: np.concatenate([l.digests[r] for l, r in parts]) for split, parts in chosen.items()}
     report = {}
     for split, values in digests.items():
-        report[f"{split}_rows"] = int(len(values))
-        report[f"{split}_unique"] = int(len(np.unique(values)))
+        report[f"{split}_rows"] = len(values)
+        report[f"{split}_unique"] = len(np.unique(values))
     for earlier, later in (("train", "valid"), ("train", "test"), ("valid", "test")):
         report[f"{later}_in_{earlier}"] = int(np.isin(digests[later], digests[earlier]).sum())
     return report
@@ -206,16 +203,34 @@ def _write_split(
     writer.save_files(split, files.tolist())
 
 
-def input_identities(layout: DataRoot, large: str, small: str) -> list[tuple[str, str]]:
-    """(archive name, shard-set fingerprint) of the large input, then of the small one."""
-    return [(name, shard_set_identity(layout.shards(name))) for name in (large, small)]
+def input_identities(root: DataRoot, large: str, small: str) -> list[tuple[str, str]] | None:
+    """(archive name, shard-set fingerprint) of the large input, then of the small one, from the letters the data
+    root holds; None while a letter is missing."""
+    identities = []
+    for archive in (large, small):
+        manifests = {letter: root.committed(folder, verify=False) for letter, folder in _letters(root, archive).items()}
+        if None in manifests.values():
+            return None
+        identities.append((archive, shard_set_identity_of(manifests)))
+    return identities
 
 
-def split_folder(
-    layout: DataRoot, inputs: list[tuple[str, str]], sizes: dict[str, int], seed: int, dedup: str
-) -> Path:
-    """The folder that holds the splits of these input shard sets and parameters (one folder per combination)."""
-    return layout.splits(splits_key(sizes, seed, dedup, short_digest([fingerprint for _, fingerprint in inputs])))
+def _letters(root: DataRoot, archive: str) -> dict[str, Path]:
+    return {letter: letter_folder(root.shards(archive), letter) for letter in LETTERS}
+
+
+def _sizes(parameters: dict) -> dict[str, int]:
+    return {split: parameters[f"{split}_size"] for split in SPLITS}
+
+
+def split_folder(root: DataRoot, parameters: dict) -> Path | None:
+    """The folder that holds the splits of these input shard sets and parameters (one folder per combination);
+    None while the inputs are not all there."""
+    inputs = input_identities(root, parameters["large"], parameters["small"])
+    if inputs is None:
+        return None
+    fingerprint = short_digest([identity for _, identity in inputs])
+    return root.splits(splits_key(_sizes(parameters), parameters["seed"], parameters["dedup"], fingerprint))
 
 
 def _check_parameters(sizes: dict[str, int], dedup: str) -> None:
@@ -230,13 +245,13 @@ def _check_parameters(sizes: dict[str, int], dedup: str) -> None:
         )
 
 
-def _write_splits(
-    layout: DataRoot, folder: Path, inputs: list[tuple[str, str]], sizes: dict[str, int], seed: int, dedup: str
-) -> dict:
+def _write_splits(root: DataRoot, folder: Path, parameters: dict) -> dict:
     """Choose each split's rows, write them into `folder` and commit it; returns the manifest."""
-    (large, _), (small, _) = inputs
-    large_letters = [_read_letter(layout.shards(large), letter) for letter in LETTERS]
-    small_letters = [_read_letter(layout.shards(small), letter) for letter in LETTERS]
+    large, small, sizes, seed, dedup = (parameters["large"], parameters["small"], _sizes(parameters),
+                                        parameters["seed"], parameters["dedup"])
+    inputs = input_identities(root, large, small)
+    large_letters = [_read_letter(root.shards(large), letter) for letter in LETTERS]
+    small_letters = [_read_letter(root.shards(small), letter) for letter in LETTERS]
     per_class = {split: size // len(LETTERS) for split, size in sizes.items()}
     rng = np.random.RandomState(seed)
     chosen = choose_rows(large_letters, small_letters, per_class, dedup, rng)
@@ -249,7 +264,7 @@ def _write_splits(
             dedup=dedup,
             requested_sizes=sizes,
             inputs={
-                archive_stem(name): {"shards": layout.relative(layout.shards(name)), "fingerprint": fingerprint}
+                archive_stem(name): {"shards": root.relative(root.shards(name)), "fingerprint": fingerprint}
                 for name, fingerprint in inputs
             },
             overlap={"seed_sampling": before, "after_dedup": overlap_report(chosen)},
@@ -257,49 +272,47 @@ def _write_splits(
 
 
 def build_splits(
-    data_dir: Path | str,
+    root: DataRoot,
     *,
-    scratch_dir: Path | str | None = None,
     large: str = LARGE_ARCHIVE,
     small: str = SMALL_ARCHIVE,
     train_size: int = TRAIN_SIZE,
     valid_size: int = VALID_SIZE,
     test_size: int = TEST_SIZE,
     seed: int = SEED,
-    dedup: str = "cross-split",
+    dedup: str = DEDUP,
 ) -> dict:
     """Build (or find) the split folder for these inputs and parameters; returns its manifest.
 
     Args:
-        data_dir: the data root; shards are read from shards/<archive>, the folder goes to splits/<key>.
-        scratch_dir: the local working copy of an s3:// data root (its letters are fetched there first).
+        root: the data root; shards are read from shards/<archive>, the folder goes to splits/<key>.
         large: the archive whose shards valid and train are drawn from (notMNIST_large).
         small: the archive whose shards test is drawn from (notMNIST_small).
         train_size, valid_size, test_size: rows per split, multiples of 10: each class gives a tenth.
         seed: the seed of the shuffles (the seed's np.random.seed(133)).
         dedup: "none", "cross-split" or "all" (see the module docstring).
     """
-    sizes = {"train": train_size, "valid": valid_size, "test": test_size}
-    _check_parameters(sizes, dedup)
-    layout, logger = DataRoot(data_dir, scratch_dir), stage_logger(__name__)
-    for archive in (large, small):
-        for letter in LETTERS:
-            layout.fetch(letter_folder(layout.shards(archive), letter))
-    inputs = input_identities(layout, large, small)
-    folder = split_folder(layout, inputs, sizes, seed, dedup)
+    parameters = dict(large=large, small=small, train_size=train_size, valid_size=valid_size, test_size=test_size,
+                      seed=seed, dedup=dedup)
+    _check_parameters(_sizes(parameters), dedup)
+    root, logger = DataRoot.of(root), stage_logger(__name__)
+    folder = split_folder(root, parameters)
+    if folder is None:
+        missing = [f"{archive_stem(archive)} {letter}" for archive in (large, small)
+                   for letter, path in _letters(root, archive).items() if root.committed(path, verify=False) is None]
+        raise PipelineError(f"{root.location} has no decoded letters {', '.join(missing)}: decode them first "
+                            "(`notmnist shards`, or rerun the pipeline).")
     if (manifest := find_splits(folder)) is not None:
-        logger.info("Splits already built for these inputs and parameters: %s", layout.url(folder))
-        layout.publish(folder)
+        logger.info("Splits already built for these inputs and parameters: %s", root.url(folder))
         return manifest
-    layout.splits_root.mkdir(parents=True, exist_ok=True)
+    root.splits_root.mkdir(parents=True, exist_ok=True)
     # One build at a time per splits root: leftovers are then surely a dead run's, and a second
     # process asking for the same folder finds it finished instead of building it again.
-    with FileLock(str(layout.splits_root / ".lock")):
+    with FileLock(str(lock_file(root.splits_root))):
         if (manifest := find_splits(folder)) is not None:
             return manifest
-        remove_leftovers(layout.splits_root)
-        manifest = _write_splits(layout, folder, inputs, sizes, seed, dedup)
-    layout.publish(folder)
+        remove_leftovers(root.splits_root)
+        manifest = _write_splits(root, folder, parameters)
     before, after = manifest["overlap"]["seed_sampling"], manifest["overlap"]["after_dedup"]
     logger.info(
         "Splits %s: train %s, valid %s, test %s rows; test images also in train: %d before, %d after dedup",
@@ -309,22 +322,19 @@ def build_splits(
     return manifest
 
 
-def _splits_identity(parameters: dict) -> str | None:
-    """Cache identity: the intact split folder these inputs and parameters lead to, else None."""
-    layout = DataRoot(parameters["data_dir"], parameters.get("scratch_dir"))
-    sizes = {split: parameters[f"{split}_size"] for split in SPLITS}
-    try:
-        inputs = input_identities(layout, parameters["large"], parameters["small"])
-    except (OSError, ValueError, KeyError, PipelineError):
-        return None
-    folder = split_folder(layout, inputs, sizes, parameters["seed"], parameters["dedup"])
-    manifest = find_splits(folder)
-    return None if manifest is None or not layout.is_published(folder, manifest) else manifest_identity(manifest)
+def _split_inputs(root: DataRoot, parameters: dict) -> list[Path]:
+    return [folder for archive in (parameters["large"], parameters["small"])
+            for folder in _letters(root, archive).values()]
 
 
-splits_task = task(
+def _split_output(root: DataRoot, parameters: dict) -> list[Path] | None:
+    folder = split_folder(root, parameters)
+    return None if folder is None else [folder]
+
+
+splits_task = stage_task(
+    build_splits,
+    stage=Stage(outputs=_split_output, reads=_split_inputs),
     name="splits",
     task_run_name="splits {train_size}/{valid_size}/{test_size} seed {seed}",
-    cache_policy=stage_cache(_splits_identity),
-    persist_result=True,
-)(build_splits)
+)

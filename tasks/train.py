@@ -19,24 +19,22 @@ from typing import Any
 import keras
 import numpy as np
 from filelock import FileLock
-from prefect import task
 
 from core.errors import PipelineError
-from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED, reported
+from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, NORMALISATIONS, SEED, reported
+from storage import checkpoints
 from storage.atomic import read_json, remove, remove_temporaries_of, write_json
-from storage.layout import DataRoot, backup_folder, model_key
+from storage.layout import DataRoot, backup_folder, lock_file, model_key
 from storage.models import METRICS_FILE, MODEL_FILE, RECORD_FILE, find_model, model_writer
 from storage.splits import read_splits_manifest
-from tasks.batches import NORMALISATIONS, ShuffleEachEpoch, SplitBatches, open_splits
-from tasks.caching import retry_unless_pipeline_error
+from tasks.batches import ShuffleEachEpoch, SplitBatches, open_splits
 from tasks.models import build_one_layer_cnn, make_optimizer
 from tasks.reporting import Progress, artifact_key, stage_logger
+from tasks.stage import Stage, retry_unless_pipeline_error, stage_task
 from tasks.training_callbacks import BatchProgress, EpochCheckpoint, EpochRecorder, history_columns
 from tasks.training_record import confusion_matrix, per_class_accuracy, provenance
 
-BACKUP_IDENTITY, BACKUP_HISTORY = "run.json", "history.json"
 OPTIMIZER, LOSS = "adadelta", "categorical_crossentropy"  # the seed's, on one-hot labels
-TENSORBOARD = "tensorboard"  # Keras' TensorBoard logs, in the backup while training, then in the model folder
 MISCLASSIFIED_KEPT = 24
 # Batches per call into the compiled training step: Keras' per-batch work in Python (dispatch,
 # callbacks, logs) is then paid once per 16 batches, which on CPU made up a tenth of the step time.
@@ -76,7 +74,7 @@ def summary(layout: DataRoot, model_dir: Path, metrics: dict, fingerprint: str) 
 def _prepare_backup(backup: Path, identity: dict, logger) -> None:
     """Keep a checkpoint only if it was made by these parameters on this dataset; start it otherwise."""
     try:
-        found = read_json(backup / BACKUP_IDENTITY)
+        found = read_json(backup / checkpoints.IDENTITY)
     except (OSError, ValueError):
         found = None
     if found != identity and backup.exists():
@@ -84,7 +82,7 @@ def _prepare_backup(backup: Path, identity: dict, logger) -> None:
         remove(backup)
     if found != identity:
         backup.mkdir(parents=True, exist_ok=True)
-        write_json(backup / BACKUP_IDENTITY, identity)
+        write_json(backup / checkpoints.IDENTITY, identity)
 
 
 def _check_parameters(experiment: str, epochs: int, batch_size: int) -> None:
@@ -96,11 +94,27 @@ def _check_parameters(experiment: str, epochs: int, batch_size: int) -> None:
         raise PipelineError(f"batch_size must be at least 1; got {batch_size}.")
 
 
+def _training(parameters: dict[str, Any]) -> dict[str, Any]:
+    return {name: parameters[name] for name in ("epochs", "batch_size", "learning_rate", "seed")}
+
+
+def model_folder(root: DataRoot, parameters: dict[str, Any]) -> list[Path] | None:
+    """The model folder of these splits and training parameters (named after the splits' dataset fingerprint, as
+    the data root records it); None while the splits are not there."""
+    splits = root.committed(root.splits(parameters["splits"]), verify=False)
+    if splits is None or "fingerprint" not in splits:
+        return None
+    return [root.model(model_key(parameters["experiment"], splits["fingerprint"], _training(parameters)))]
+
+
+def _split_folder(root: DataRoot, parameters: dict[str, Any]) -> list[Path]:
+    return [root.splits(parameters["splits"])]
+
+
 def train_model(
-    data_dir: Path | str,
+    root: DataRoot | Path | str,
     splits: str,
     *,
-    scratch_dir: Path | None = None,
     experiment: str = "notmnist",
     epochs: int = EPOCHS,
     batch_size: int = BATCH_SIZE,
@@ -111,16 +125,13 @@ def train_model(
     """Train the seed's CNN on a split folder and write the model folder it determines.
 
     Reuses an intact model folder made by the same parameters from the same dataset; resumes an
-    interrupted training from its last finished epoch.
-
-    With an object-store data root, the splits are fetched into the local working copy (verified,
-    and reused while they are the data root's), each epoch's checkpoint is published so that a
-    retry on another machine resumes it, and the model folder is published when it is complete.
+    interrupted training from its last finished epoch. With an object-store data root (through
+    `train_task`, the stage boundary), the splits are fetched first, each epoch's checkpoint is
+    published so that a retry on another machine resumes it, and the model folder is published whole.
 
     Args:
-        data_dir: the data root (a folder, or s3://bucket/prefix).
+        root: the data root (a DataRoot, a folder, or s3://bucket/prefix).
         splits: the split folder's name under splits/ (its manifest's `key`).
-        scratch_dir: the local working copy of an s3:// data root (default: under ~/.cache/notmnist).
         experiment: "notmnist" or "mnist" (the normalisation; class names come from the splits).
         epochs, batch_size, learning_rate, seed: the seed's values by default (Adadelta).
         extra_callbacks: more Keras callbacks for `fit` (run after the stage's own).
@@ -130,23 +141,19 @@ def train_model(
         metrics_path, record_path, dataset_fingerprint, device, samples_per_second, epochs_run.
     """
     _check_parameters(experiment, epochs, batch_size)
-    layout, logger = DataRoot(data_dir, scratch_dir), stage_logger(__name__)
+    layout, logger = DataRoot.of(root), stage_logger(__name__)
     split_dir = layout.splits(splits)
-    if not layout.fetch(split_dir) and layout.store is not None:
-        raise PipelineError(f"{layout.url(split_dir)} holds no finished splits: build them first (`notmnist splits`).")
     manifest = read_splits_manifest(split_dir)
     fingerprint = manifest["fingerprint"]
     training = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed}
     parameters = _model_parameters(experiment, training)
-    model_dir = layout.model(model_key(experiment, fingerprint, training))
+    (model_dir,) = model_folder(layout, {"splits": splits, "experiment": experiment, **training})
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     backup = backup_folder(model_dir)
     # Two pipelines on one data root may ask for the same model: one trains, the other then finds it.
-    with FileLock(str(backup) + ".lock"):
-        layout.fetch(model_dir)
+    with FileLock(str(lock_file(backup))):
         if (found := find_model(model_dir, parameters, fingerprint)) is not None:
             logger.info("Already trained with these parameters on this dataset: %s", layout.url(model_dir))
-            layout.publish(model_dir)
             return summary(layout, model_dir, found[1], fingerprint)
         remove_temporaries_of(model_dir)  # a model folder a killed run was writing
         make_deterministic(seed)
@@ -156,7 +163,8 @@ def train_model(
             optimizer=make_optimizer(OPTIMIZER, learning_rate), loss=LOSS, metrics=["accuracy"],
             steps_per_execution=STEPS_PER_EXECUTION,
         )
-        _fetch_newer_checkpoint(layout, backup, logger)
+        if _best_effort(lambda: checkpoints.take_newer(layout, backup), f"read {layout.url(backup)}", logger):
+            logger.info("Resuming from the checkpoint in %s", layout.url(backup))
         _prepare_backup(backup, {"parameters": parameters, "dataset_fingerprint": fingerprint}, logger)
         entries, started_at = _fit(model, batches, layout, backup, experiment, epochs, extra_callbacks, logger)
         metrics = _evaluate(model, batches["test"], manifest["class_names"], entries, batches["train"].rows)
@@ -167,11 +175,10 @@ def train_model(
             model.save(writer.work / MODEL_FILE)
             write_json(writer.work / METRICS_FILE, metrics)
             write_json(writer.work / RECORD_FILE, record)
-            if (backup / TENSORBOARD).is_dir():
-                shutil.copytree(backup / TENSORBOARD, writer.work / TENSORBOARD)
+            if (backup / checkpoints.TENSORBOARD).is_dir():
+                shutil.copytree(backup / checkpoints.TENSORBOARD, writer.work / checkpoints.TENSORBOARD)
             writer.commit(experiment=experiment, dataset_fingerprint=fingerprint)
-        layout.publish(model_dir)
-        _drop_checkpoint(layout, backup, logger)
+        remove(backup)  # the data root's copy goes once the model is published there (TRAIN_STAGE)
     logger.info(
         "%s: test accuracy %.4f (seed %s), test loss %.4f, val accuracy %.4f, on %s",
         experiment, metrics["test_accuracy"], reported(experiment).get("test_accuracy"),
@@ -185,49 +192,34 @@ def _model_parameters(experiment: str, training: dict[str, Any]) -> dict[str, An
     return {"experiment": experiment, **training, "optimizer": OPTIMIZER}
 
 
-def find_trained(layout: DataRoot, splits: str, experiment: str, training: dict[str, Any]) -> dict[str, Any] | None:
+def drop_checkpoint(root: DataRoot, parameters: dict[str, Any], logger=None) -> None:
+    """Once the model folder is in the data root, its training's checkpoint goes, here and in the data root."""
+    (model_dir,) = model_folder(root, parameters)
+    backup = backup_folder(model_dir)
+    _best_effort(lambda: checkpoints.drop(root, backup), f"remove {root.url(backup)}", logger or stage_logger(__name__))
+
+
+def find_trained(root: DataRoot, splits: str, experiment: str, training: dict[str, Any]) -> dict[str, Any] | None:
     """The result `train_model` returned for these splits and parameters, read back from the data root
     (the model folder fetched into the working copy, verified), or None when there is no such model."""
-    split_dir = layout.splits(splits)
-    manifest = layout.published(split_dir) or read_splits_manifest(split_dir)
-    fingerprint = manifest["fingerprint"]
-    model_dir = layout.model(model_key(experiment, fingerprint, training))
-    if not layout.fetch(model_dir):
+    parameters = {"splits": splits, "experiment": experiment, **training}
+    outputs = TRAIN_STAGE.fetch_outputs(root, parameters)
+    if outputs is None:
         return None
+    (model_dir,) = outputs
+    fingerprint = root.committed(root.splits(splits), verify=False)["fingerprint"]
     found = find_model(model_dir, _model_parameters(experiment, training), fingerprint)
-    return None if found is None else summary(layout, model_dir, found[1], fingerprint)
+    return None if found is None else summary(root, model_dir, found[1], fingerprint)
 
 
-def _fetch_newer_checkpoint(layout: DataRoot, backup: Path, logger) -> None:
-    """Take the data root's checkpoint when it is further on than this working copy's (another machine ran
-    more epochs, or this one has none)."""
-    if layout.store is None or (published := layout.published(backup)) is None:
-        return
-    local = [path.relative_to(backup).as_posix() for path in backup.rglob(EpochCheckpoint.STATE)]
-    if _last_epoch(published["files"]) > _last_epoch(local):
-        layout.fetch(backup)
-        logger.info("Resuming from the checkpoint in %s", layout.url(backup))
-
-
-def _last_epoch(names) -> int:
-    """The epoch of the newest `epoch-NNNN/` checkpoint among file names relative to a backup folder (-1: none)."""
-    epochs = [int(name.split("/")[0].removeprefix("epoch-")) for name in names
-              if name.startswith("epoch-") and name.endswith("/" + EpochCheckpoint.STATE)]
-    return max(epochs, default=-1)
-
-
-def _drop_checkpoint(layout: DataRoot, backup: Path, logger) -> None:
-    """Remove a training's checkpoint from the working copy and, as far as the store allows, from the data root."""
-    remove(backup)
-    _best_effort(lambda: layout.discard(backup), f"remove {layout.url(backup)}", logger)
-
-
-def _best_effort(action, what: str, logger) -> None:
-    """Run `action`; a failure of the object store is a warning, not the end of a training."""
+def _best_effort(action, what: str, logger) -> Any:
+    """Run `action`, returning what it returns; a failure of the object store is a warning (and None), not the end
+    of a training."""
     try:
-        action()
+        return action()
     except PipelineError as error:
         logger.warning("Could not %s: %s", what, error)
+        return None
 
 
 def _fit(
@@ -243,7 +235,7 @@ def _fit(
     key = artifact_key(experiment, "training")
     with Progress(f"train {experiment}", epochs * len(train), key=key, unit="batches") as progress:
         recorder = EpochRecorder(
-            backup / BACKUP_HISTORY, logger=logger, progress=progress, epochs=epochs,
+            backup / checkpoints.HISTORY, logger=logger, progress=progress, epochs=epochs,
             steps_per_epoch=len(train), samples_per_epoch=train.rows,
         )
         # The checkpoint stays after `fit` until the outputs are in place, so a crash while evaluating
@@ -251,7 +243,7 @@ def _fit(
         # Published after each epoch, so that a retry on another machine resumes; when the store cannot take
         # it, training goes on (a retry here still resumes from the local checkpoint).
         checkpoint = EpochCheckpoint(backup, logger=logger, saved=lambda: _best_effort(
-            lambda: layout.publish(backup, describe=True), f"publish the checkpoint to {layout.url(backup)}", logger,
+            lambda: checkpoints.publish(layout, backup), f"publish the checkpoint to {layout.url(backup)}", logger,
         ))
         callbacks = [ShuffleEachEpoch(train), recorder, checkpoint, BatchProgress(progress), *_tensorboard(backup)]
         # Our progress and per-epoch log lines replace Keras' own bar, which would garble logs and TTYs alike.
@@ -261,7 +253,8 @@ def _fit(
         )
     entries = recorder.completed_entries()
     if diverged := [entry["epoch"] + 1 for entry in entries if not math.isfinite(entry.get("loss", 0.0))]:
-        _drop_checkpoint(layout, backup, logger)  # resuming from diverged weights would only diverge again
+        # Resuming from diverged weights would only diverge again.
+        _best_effort(lambda: checkpoints.drop(layout, backup), f"remove {layout.url(backup)}", logger)
         raise PipelineError(
             f"The training loss became {entries[diverged[0] - 1]['loss']} in epoch {diverged[0]}: the model "
             "diverged. Train again with a lower learning rate."
@@ -279,7 +272,7 @@ def _tensorboard(backup: Path) -> list[keras.callbacks.Callback]:
     """Keras' TensorBoard callback (it writes through TensorFlow's summaries), where TensorFlow is the backend."""
     if keras.backend.backend() != "tensorflow":
         return []
-    return [keras.callbacks.TensorBoard(log_dir=str(backup / TENSORBOARD), write_graph=False)]
+    return [keras.callbacks.TensorBoard(log_dir=str(backup / checkpoints.TENSORBOARD), write_graph=False)]
 
 
 def _record(
@@ -332,7 +325,8 @@ def _evaluate(
     }
 
 
-train_task = task(
-    name="train", task_run_name="train {experiment}", retries=1, retry_delay_seconds=10,
-    retry_condition_fn=retry_unless_pipeline_error,
-)(train_model)
+TRAIN_STAGE = Stage(outputs=model_folder, reads=_split_folder, after_publish=drop_checkpoint)
+train_task = stage_task(
+    train_model, stage=TRAIN_STAGE, name="train", task_run_name="train {experiment}", cached=False, retries=1,
+    retry_delay_seconds=10, retry_condition_fn=retry_unless_pipeline_error,
+)

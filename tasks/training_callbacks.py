@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 
 from storage.atomic import atomic_path, is_temporary, read_json, remove, remove_leftovers, write_json
+from storage.checkpoints import STATE, WEIGHTS, epoch_folder, epoch_folders
 from tasks.reporting import Progress
 
 
@@ -72,7 +73,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
     """
 
     async_safe = True
-    WEIGHTS, STATE = "checkpoint.weights.h5", "state.json"
+    WEIGHTS, STATE = WEIGHTS, STATE
 
     def __init__(
         self, backup_dir: Path, *, logger: logging.Logger | logging.LoggerAdapter, saved: Callable[[], None] | None = None
@@ -84,8 +85,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def checkpoints(self) -> list[Path]:
         """The finished checkpoints, newest first."""
-        found = self.backup_dir.glob("epoch-*") if self.backup_dir.is_dir() else []
-        return sorted((path for path in found if not is_temporary(path)), reverse=True)
+        return sorted((path for path in epoch_folders(self.backup_dir) if not is_temporary(path)), reverse=True)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         remove_leftovers(self.backup_dir)  # checkpoints a killed run was writing; this run holds the lock
@@ -103,7 +103,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        with atomic_path(self.backup_dir / f"epoch-{epoch + 1:04d}") as temporary:
+        with atomic_path(epoch_folder(self.backup_dir, epoch + 1)) as temporary:
             temporary.mkdir()
             self.model.save_weights(temporary / self.WEIGHTS)
             write_json(temporary / self.STATE, {"epoch": epoch + 1})

@@ -17,18 +17,17 @@ import time
 from pathlib import Path
 
 from filelock import FileLock
-from prefect import task
 
 from core.errors import ArchiveError, UnsafeArchiveError
 from core.seed import LETTERS
 from storage.atomic import remove_temporaries_of
-from storage.folders import manifest_identity
-from storage.packed import PackedLetterWriter, archive_identity, find_unpacked
-from storage.tar_stream import TarReader
-from tasks.caching import stage_cache
+from storage.layout import DataRoot, lock_file
+from storage.packed import PackedLetterWriter, archive_identity, find_packed, find_unpacked
+from storage.tar_stream import MAX_MEMBERS, MAX_TOTAL_BYTES, TarReader
 from tasks.decode import start_shared_workers
-from tasks.extract import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, member_path, top_folder
+from tasks.extract import member_path, top_folder
 from tasks.reporting import stage_logger
+from tasks.stage import Stage, stage_task
 
 # Each member is held in memory while it is packed; notMNIST's PNGs are under 1 KB.
 DEFAULT_MAX_MEMBER_BYTES = 16 << 20
@@ -38,8 +37,8 @@ def unpack_archive(
     archive: Path,
     dest_dir: Path,
     *,
-    max_members: int = DEFAULT_MAX_MEMBERS,
-    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    max_members: int = MAX_MEMBERS,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> Path:
     """Unpack `archive` (a tar, plain or compressed) into `dest_dir/<letter>/` for A-J; returns `dest_dir`.
@@ -53,7 +52,7 @@ def unpack_archive(
         raise ArchiveError(f"{archive} does not exist or is not a file; download it first (the download stage).")
     dest_dir.mkdir(parents=True, exist_ok=True)
     # While this is held, every temporary letter folder here is a leftover of a dead run.
-    with FileLock(dest_dir.with_name(f".{dest_dir.name}.lock")):
+    with FileLock(str(lock_file(dest_dir))):
         if find_unpacked(archive, dest_dir) is not None:
             logger.info("%s already holds the letters of %s - skipping the unpack.", dest_dir, archive.name)
             return dest_dir
@@ -115,19 +114,37 @@ def _pack_members(
     return top, reader.archive_sha256, reader.member_count
 
 
-def _unpack_identity(parameters: dict) -> str | None:
-    """Cache identity: the ten packed letters of this very archive, intact, else None."""
-    archive, dest_dir = Path(parameters["archive"]), Path(parameters["dest_dir"])
-    try:
-        manifests = find_unpacked(archive, dest_dir)
-    except OSError:
-        return None
-    return None if manifests is None else "-".join(manifest_identity(manifests[letter]) for letter in LETTERS)
+def unpack_to_root(root: DataRoot, archive: str) -> dict:
+    """Unpack the data root's `raw/<archive>` into `packed/<archive>/<letter>/` (see `unpack_archive`); returns
+    where the letters are and how many images each holds."""
+    packed = unpack_archive(root.raw / archive, root.packed(archive))
+    return {"packed": root.relative(packed),
+            "images": {letter: find_packed(packed / letter)["images"] for letter in LETTERS}}
 
 
-unpack_task = task(
+def _unpacked(root: DataRoot, parameters: dict) -> list[Path]:
+    return [root.packed(parameters["archive"]) / letter for letter in LETTERS]
+
+
+def _archive(root: DataRoot, parameters: dict) -> list[Path]:
+    return [root.raw / parameters["archive"]]
+
+
+def _unpack_current(root: DataRoot, parameters: dict, manifests: dict[Path, dict]) -> bool:
+    """The ten letters were unpacked from the archive the data root holds now."""
+    if root.store is None:
+        archive = root.raw / parameters["archive"]
+        return archive.is_file() and find_unpacked(archive, root.packed(parameters["archive"])) is not None
+    raw = root.committed(root.raw / parameters["archive"])
+    if raw is None:
+        return False
+    sha256 = next(iter(raw["files"].values()))["sha256"]
+    return all(manifest.get("archive", {}).get("sha256") == sha256 for manifest in manifests.values())
+
+
+unpack_task = stage_task(
+    unpack_to_root,
+    stage=Stage(outputs=_unpacked, reads=_archive, current=_unpack_current),
     name="unpack-archive",
-    task_run_name=lambda parameters: f"unpack {Path(parameters['archive']).name}",
-    cache_policy=stage_cache(_unpack_identity),
-    persist_result=True,
-)(unpack_archive)
+    task_run_name=lambda parameters: f"unpack {parameters['archive']}",
+)

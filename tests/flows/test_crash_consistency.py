@@ -94,10 +94,11 @@ def assert_nothing_half_written(layout: DataRoot, archive_bytes: dict[str, int])
     for name, size in archive_bytes.items():
         if (layout.raw / name).exists():
             assert (layout.raw / name).stat().st_size == size, name
-    committed = [(letter, "packed-letter", 1) for archive in layout.root.glob("packed/[!.]*") for letter in archive.iterdir()]
-    committed += [(letter, "letter", 2) for archive in layout.root.glob("shards/*") for letter in archive.iterdir()]
-    committed += [(folder, "splits", 2) for folder in layout.splits_root.glob("*")]
-    committed += [(folder, "model", 1) for folder in layout.models_root.glob("*") if not folder.name.endswith(".backup")]
+    # Committed folders have names that do not start with a dot (temporaries and `.locks/` do).
+    committed = [(letter, "packed-letter", 1) for letter in layout.root.glob("packed/[!.]*/[!.]*")]
+    committed += [(letter, "letter", 2) for letter in layout.root.glob("shards/[!.]*/[!.]*")]
+    committed += [(folder, "splits", 2) for folder in layout.splits_root.glob("[!.]*")]
+    committed += [(folder, "model", 1) for folder in layout.models_root.glob("[!.]*") if not folder.name.endswith(".backup")]
     for folder, kind, version in committed:
         if folder.is_dir() and not folder.name.startswith("."):
             manifest = read_manifest(folder, kind, version)

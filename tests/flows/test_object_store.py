@@ -1,60 +1,186 @@
-"""The notMNIST pipeline with its data root on a real S3-compatible server (SeaweedFS on 127.0.0.1)."""
+"""The data root as the system of record, on a real S3-compatible server (SeaweedFS on 127.0.0.1): a second
+machine reuses every finished stage, damage in the bucket is repaired, nothing piles up, and a data root
+that cannot be written fails the run before any download."""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+import time
+import uuid
 
+import pytest
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from pyarrow import fs as arrow_fs
+
+from demo.loopback import FileServer
+from flows.cli import main
 from flows.notmnist import notmnist_pipeline
+from flows.train import train_flow
+from storage.folders import MANIFEST
 from storage.layout import DataRoot
 from storage.letters import letter_folder
-from tests.flows.conftest import pipeline_parameters
+from tests.flows.conftest import free_port, pipeline_parameters
 from tests.flows.test_pipeline import DATA_TASKS, task_states
 
 
-def test_the_pipeline_runs_on_an_object_store_and_a_rerun_is_cached(prefect_api, served_archives, s3_root, tmp_path):
-    scratch = tmp_path / "scratch"
-    parameters = pipeline_parameters(served_archives, tmp_path / "unused", epochs=1)
-    parameters.update(data_dir=s3_root, scratch_dir=str(scratch))
+def objects_under(layout: DataRoot) -> list[str]:
+    """Every object of the data root, by key."""
+    prefix = layout.store.base
+    selector = arrow_fs.FileSelector(prefix, recursive=True, allow_not_found=True)
+    return sorted(info.path for info in layout.store.fs.get_file_info(selector) if info.type == arrow_fs.FileType.File)
+
+
+def overwrite_in_place(layout, folder) -> str:
+    """Flip one byte of the first file of a committed folder in the data root, keeping its size (a new PUT)."""
+    relative = layout.relative(folder)
+    manifest = layout.store.manifest(relative)
+    name = sorted(manifest["files"])[0]
+    key = f"{relative}/{manifest['generation']}/{name}"
+    data = bytearray(layout.store.read_bytes(key))
+    data[len(data) // 2] ^= 0xFF
+    layout.store.write_bytes(key, bytes(data))
+    return f"{layout.store.url(key)}"
+
+
+@pytest.fixture(scope="module")
+def first_machine(prefect_api, served_archives, s3_server, tmp_path_factory):
+    """One finished pipeline run on an s3:// data root, from a first machine's working copy."""
+    parameters = pipeline_parameters(served_archives, "unused", epochs=1)
+    parameters.update(data_dir=f"s3://notmnist/system-of-record-{uuid.uuid4().hex[:8]}",
+                      scratch_dir=str(tmp_path_factory.mktemp("first-machine")))
     state = notmnist_pipeline(**parameters, return_state=True)
     assert state.is_completed(), state.message
-    result = state.result()
+    return parameters, state.result()
+
+
+def test_the_data_root_holds_every_stage_the_archives_and_the_cache_records(first_machine):
+    parameters, result = first_machine
+    s3_root = parameters["data_dir"]
     assert result["model_path"].startswith(f"{s3_root}/models/notmnist-") and result["report"].endswith("/report.md")
-
-    # Everything the data root should hold is there, committed, and reads back as it was written.
-    layout, store = DataRoot(s3_root, scratch), DataRoot(s3_root, scratch).store
+    layout = DataRoot(s3_root, parameters["scratch_dir"])
     for archive in ("notMNIST_large", "notMNIST_small"):
+        assert layout.committed(layout.raw / f"{archive}.tar.gz")["name"] == f"{archive}.tar.gz"
         for letter in "AJ":
-            folder = letter_folder(layout.shards(archive), letter)
-            assert layout.published(folder)["letter"] == letter
+            assert layout.committed(letter_folder(layout.shards(archive), letter))["letter"] == letter
+            assert layout.committed(layout.packed(archive) / letter)["letter"] == letter
     model = result["model_path"].removeprefix(s3_root + "/").removesuffix("/model.keras")
-    assert layout.published(layout.root / model)["files"]["metrics.json"]
-    report = store.read_bytes(f"{model}/report.md").decode()
+    assert layout.committed(layout.root / model)["files"]["metrics.json"]
+    report = layout.store.read_bytes(f"{model}/report.md").decode()
     assert f"| test_accuracy | {result['test_accuracy']:.4f} | 0.941 |" in report
-    assert store.read_bytes(f"{model}/confusion_matrix.png").startswith(b"\x89PNG")
-    # Downloads and extraction stay in the working copy: the data root has none of them.
-    assert store.read_bytes("raw/notMNIST_large.tar.gz") is None
-    assert (scratch / "raw" / "notMNIST_large.tar.gz").exists()
-
-    again = notmnist_pipeline(**parameters, return_state=True)
-    assert again.is_completed(), again.message
-    cached = task_states(again.state_details.flow_run_id)
-    assert {task: set(cached[task]) for task in DATA_TASKS} == {task: {"Cached"} for task in DATA_TASKS}
+    assert layout.store.read_bytes(f"{model}/confusion_matrix.png").startswith(b"\x89PNG")
+    records = [key for key in objects_under(layout) if "/_prefect/records/" in key]
+    assert len(records) >= len(DATA_TASKS)  # Prefect's cache records, where every machine finds them
+    assert all(json.loads(layout.store.read_bytes(key.split("/", 2)[2])) for key in records[:3])  # JSON, not pickle
 
 
-def test_splits_missing_from_the_data_root_are_rebuilt_and_published_again(
-    prefect_api, served_archives, s3_root, tmp_path
+def test_reruns_that_change_nothing_are_cached_and_leave_the_object_count_unchanged(first_machine):
+    parameters, result = first_machine
+    layout = DataRoot(parameters["data_dir"], parameters["scratch_dir"])
+    before = objects_under(layout)
+    for _ in range(3):
+        again = notmnist_pipeline(**parameters, return_state=True)
+        assert again.is_completed(), again.message
+        assert again.result()["dataset_fingerprint"] == result["dataset_fingerprint"]
+        states = task_states(again.state_details.flow_run_id)
+        assert {task: set(states[task]) for task in DATA_TASKS} == {task: {"Cached"} for task in DATA_TASKS}
+    assert objects_under(layout) == before
+
+
+def test_a_second_machine_reuses_every_finished_stage_without_asking_the_origin(first_machine, served_archives,
+                                                                                 tmp_path):
+    parameters, result = first_machine
+    with FileServer(served_archives.server.root) as origin, temporary_settings(
+        {PREFECT_LOCAL_STORAGE_PATH: tmp_path / "second-home" / "storage"}  # no local cache records of its own
+    ):
+        second = {**parameters, "base_url": origin.base_url, "scratch_dir": str(tmp_path / "second-machine")}
+        state = notmnist_pipeline(**second, return_state=True)
+        assert state.is_completed(), state.message
+        assert not origin.state.requests  # the archives were never asked for
+    states = task_states(state.state_details.flow_run_id)
+    assert {task: set(states[task]) for task in DATA_TASKS} == {task: {"Cached"} for task in DATA_TASKS}
+    assert state.result()["dataset_fingerprint"] == result["dataset_fingerprint"]
+    assert state.result()["test_accuracy"] == result["test_accuracy"]
+
+
+def test_same_size_damage_in_the_data_root_is_repaired_and_training_elsewhere_then_succeeds(
+    first_machine, tmp_path, caplog
 ):
-    scratch = tmp_path / "scratch"
-    parameters = pipeline_parameters(served_archives, tmp_path / "unused", epochs=1)
-    parameters.update(data_dir=s3_root, scratch_dir=str(scratch))
-    first = notmnist_pipeline(**parameters, return_state=True)
-    assert first.is_completed(), first.message
-    layout = DataRoot(s3_root, scratch)
-    model = first.result()["model_path"].removeprefix(s3_root + "/").removesuffix("/model.keras")
-    split_key = json.loads((scratch / model / "record.json").read_text())["dataset"]["splits"]
+    parameters, result = first_machine
+    layout = DataRoot(parameters["data_dir"], parameters["scratch_dir"])
+    model = result["model_path"].removeprefix(parameters["data_dir"] + "/").removesuffix("/model.keras")
+    split_dir = json.loads((layout.root / model / "record.json").read_text())["dataset"]["splits"]  # splits/<key>
+    time.sleep(1.1)  # the store's listing times have whole seconds: a rewrite must be seen as one
+    damaged = [overwrite_in_place(layout, layout.root / split_dir),
+               overwrite_in_place(layout, letter_folder(layout.shards("notMNIST_large"), "A"))]
+
+    with caplog.at_level(logging.WARNING):
+        again = notmnist_pipeline(**parameters, return_state=True)
+    assert again.is_completed(), again.message
+    states = {run: state for run, state in zip(*_named_states(again.state_details.flow_run_id))}
+    assert states["decode notMNIST_large A"] == "Completed" and states["decode notMNIST_large B"] == "Cached"
+    assert states[next(name for name in states if name.startswith("splits "))] == "Completed"
+    for url in damaged:  # one line names each damaged object
+        assert [r for r in caplog.records if url in r.getMessage() and "Damaged in the data root" in r.getMessage()]
+
+    # Every committed folder of the data root is whole again: a fresh working copy fetches each, verified.
+    reader = DataRoot(parameters["data_dir"], tmp_path / "reader")
+    for folder in [reader.root / split_dir, *(letter_folder(reader.shards(a), letter)
+                                             for a in ("notMNIST_large", "notMNIST_small") for letter in "ABCDEFGHIJ")]:
+        assert reader.fetch(folder)
+    # A training on another machine fetches the splits, verified, and finds the model the pipeline reported.
+    trained = train_flow(data_dir=parameters["data_dir"], splits=split_dir.split("/")[-1], epochs=1, batch_size=128,
+                         scratch_dir=str(tmp_path / "gpu-machine"), return_state=True)
+    assert trained.is_completed(), trained.message
+    assert trained.result()["test_accuracy"] == result["test_accuracy"]
+
+
+def _named_states(flow_run_id) -> tuple[list[str], list[str]]:
+    from tests.flows.test_pipeline import task_runs
+
+    runs = task_runs(flow_run_id)
+    return [run.name for run in runs], [run.state.name for run in runs]
+
+
+def test_splits_missing_from_the_data_root_are_rebuilt_and_published_again(first_machine):
+    parameters, result = first_machine
+    layout = DataRoot(parameters["data_dir"], parameters["scratch_dir"])
+    model = result["model_path"].removeprefix(parameters["data_dir"] + "/").removesuffix("/model.keras")
+    split_key = json.loads((layout.root / model / "record.json").read_text())["dataset"]["splits"]
     layout.discard(layout.root / split_key)  # the data root lost them; the working copy still has them
 
     again = notmnist_pipeline(**parameters, return_state=True)
     assert again.is_completed(), again.message
     assert task_states(again.state_details.flow_run_id)["splits"] == ["Completed"]  # not served from the cache
-    assert layout.published(layout.root / split_key) is not None
+    assert layout.committed(layout.root / split_key) is not None
+    assert layout.store.read_bytes(f"{split_key}/{MANIFEST}") is not None
+
+
+FAILURES = {
+    "missing bucket": ({}, "s3://no-such-bucket/data", r"The bucket 'no-such-bucket' of s3://no-such-bucket/data "
+                                                        r"does not exist.*create it first"),
+    "wrong secret": ({"AWS_SECRET_ACCESS_KEY": "not-the-secret"}, None,
+                     r"refused these credentials for s3://notmnist.*check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+    "endpoint down": ({"AWS_ENDPOINT_URL": "http://127.0.0.1:{port}"}, None,
+                      r"Cannot reach http://127\.0\.0\.1:\d+ for s3://.*check AWS_ENDPOINT_URL and that the server runs"),
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES), ids=list(FAILURES))
+def test_a_data_root_that_cannot_be_written_fails_the_run_before_any_download(
+    failure, prefect_api, served_archives, s3_root, tmp_path, monkeypatch, capsys
+):
+    environment, data_dir, message = FAILURES[failure]
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value.format(port=free_port()))
+    with FileServer(served_archives.server.root) as origin:
+        code = main(["run", "--data-dir", data_dir or s3_root, "--scratch-dir", str(tmp_path / "scratch"),
+                     "--base-url", origin.base_url, "--no-checks", "--min-images-large", "30",
+                     "--min-images-small", "10", "--train-size", "250", "--valid-size", "50", "--test-size", "50"])
+        assert not origin.state.requests  # nothing was downloaded
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("notmnist run: error: ")]
+    assert code == 1
+    assert len(err) == 1 and re.search(message, err[0]), err  # one line (a second, when kept, is the run's page)
+    assert not (tmp_path / "scratch" / "raw").exists()
+

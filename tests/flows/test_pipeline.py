@@ -21,6 +21,7 @@ from flows.notmnist import archive_url, notmnist_pipeline
 from flows.train import train_remotely
 from storage.layout import DataRoot
 from tasks.download import download_task
+from tasks.stage import open_data_root
 from tests.flows.conftest import pipeline_parameters
 
 DATA_TASKS = {"download", "unpack", "decode", "splits"}
@@ -165,10 +166,11 @@ def test_downloads_without_checks_are_cached_per_file_and_a_base_url_needs_no_la
 
     @flow
     def fetch_both(base_url: str) -> list[str]:
-        return [str(download_task(archive_url(base_url, name), tmp_path / "raw")) for name in ("one.bin", "two.bin")]
+        root = open_data_root(str(tmp_path / "data"))
+        return [download_task(root, archive_url(base_url, name))["file"] for name in ("one.bin", "two.bin")]
 
     base = (tmp_path / "mirror").as_uri()  # no last slash
-    assert fetch_both(base) == fetch_both(base) == [str(tmp_path / "raw" / name) for name in ("one.bin", "two.bin")]
+    assert fetch_both(base) == fetch_both(base) == ["raw/one.bin", "raw/two.bin"]
 
 
 def test_a_damaged_stage_output_is_rebuilt_and_the_stages_before_it_come_from_the_cache(first_run):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,13 @@ def objects_under(store: ObjectStore, relative: str) -> list[str]:
     return sorted(info.path[len(prefix) + 1:] for info in infos if info.type == arrow_fs.FileType.File)
 
 
+def is_committed(layout: DataRoot, folder: Path) -> bool:
+    """True when the data root holds exactly the working copy's content of `folder`, intact by listing."""
+    published = layout.committed(folder)
+    return published is not None and manifest_identity(published) == manifest_identity(
+        read_manifest(folder, KIND, FORMAT))
+
+
 def test_a_published_folder_is_fetched_whole_into_another_working_copy(s3_root, tmp_path):
     here = DataRoot(s3_root, tmp_path / "here")
     folder = committed_folder(here, "a")
@@ -73,12 +81,12 @@ def test_an_interrupted_upload_is_never_taken_for_a_folder_and_a_later_publish_r
     # What a crash before the manifest leaves: a generation's files, no manifest naming them.
     layout.store.put_file(folder / "data.bin", f"things/a/{GENERATION_PREFIX}abandoned/data.bin")
     assert layout.store.manifest("things/a") is None
-    assert layout.published(folder) is None
+    assert layout.committed(folder) is None
     assert not DataRoot(s3_root, tmp_path / "other").fetch(tmp_path / "other" / "things" / "a")
 
     layout.publish(folder)  # a generation this recent may be another machine's upload in progress: kept
     assert any("abandoned" in name for name in objects_under(layout.store, "things/a"))
-    assert layout.is_published(folder, read_manifest(folder, KIND, FORMAT))
+    assert is_committed(layout, folder)
 
     layout.store.abandoned_after_seconds = 0  # as if it had been left for an hour
     layout.publish(committed_folder(layout, "a", b"newer"))
@@ -100,18 +108,42 @@ def test_a_new_version_replaces_the_old_one_whole(s3_root, tmp_path):
     assert len(generations) == 1  # the old generation is gone
 
 
-def test_a_damaged_object_is_refused_and_leaves_no_local_folder(s3_root, tmp_path):
+def test_a_damaged_object_is_refused_leaves_no_local_folder_and_is_taken_out_of_the_data_root(s3_root, tmp_path):
     layout = DataRoot(s3_root, tmp_path / "copy")
     layout.publish(committed_folder(layout, "a"))
-    generation = layout.store.manifest("things/a")["generation"]
-    layout.store.write_bytes(f"things/a/{generation}/data.bin", b"X" * 5000)  # same size, other bytes
+    manifest = layout.store.manifest("things/a")
+    # Same size, other bytes, and the listing as it was: damage only the bytes can show.
+    layout.store.upload(layout.root / "things" / "a", "things/a", manifest)
+    damaged = layout.store.manifest("things/a")
+    layout.store.write_bytes(f"things/a/{damaged['generation']}/data.bin", b"X" * 5000)
+    listed = layout.store._listing("things/a", damaged["generation"])
+    layout.store.write_bytes("things/a/" + MANIFEST, json.dumps(
+        {**damaged, "listed": {name: mtime for name, (_, mtime) in listed.items()}}).encode())
+    assert layout.committed(layout.root / "things" / "a") is not None  # the listing cannot tell
 
     reader = DataRoot(s3_root, tmp_path / "reader")
     copy = reader.root / "things" / "a"
-    with pytest.raises(CorruptDataError, match=r"data\.bin does not match the size and sha256 recorded"):
+    with pytest.raises(CorruptDataError, match=r"data\.bin does not match the size and sha256 recorded .*taken out "
+                                               r"of it; rerun, and the stage that writes it runs again"):
         reader.fetch(copy)
     assert not copy.exists()
-    assert [path for path in copy.parent.iterdir() if path.suffix != ".lock"] == []  # nor a temporary one
+    assert [path for path in copy.parent.iterdir() if path.name != ".locks"] == []  # nor a temporary one
+    assert layout.store.manifest("things/a") is None  # the next run rebuilds it
+
+
+def test_an_object_written_again_after_its_folder_was_committed_is_damage_the_listing_shows(s3_root, tmp_path):
+    layout = DataRoot(s3_root, tmp_path / "copy")
+    folder = committed_folder(layout, "a")
+    layout.publish(folder)
+    generation = layout.store.manifest("things/a")["generation"]
+    time.sleep(1.1)  # the store's listing times have whole seconds
+    layout.store.write_bytes(f"things/a/{generation}/data.bin", b"X" * 5000)  # same size, other bytes
+    manifest, damage = layout.commit_state(folder)
+    assert manifest is None and damage == f"{s3_root}/things/a/{generation}/data.bin was written again after its " \
+        "folder was committed"
+    assert layout.publish(folder) == damage  # the working copy is intact: published again, as a new generation
+    assert is_committed(layout, folder) and layout.store.manifest("things/a")["generation"] != generation
+    assert not any(name.startswith(generation) for name in objects_under(layout.store, "things/a"))
 
 
 def test_a_missing_object_means_the_folder_is_not_there(s3_root, tmp_path):
@@ -120,10 +152,10 @@ def test_a_missing_object_means_the_folder_is_not_there(s3_root, tmp_path):
     layout.publish(folder)
     generation = layout.store.manifest("things/a")["generation"]
     layout.store.fs.delete_file(f"{layout.store.base}/things/a/{generation}/data.bin")
-    assert layout.published(folder) is None
-    assert not layout.is_published(folder, read_manifest(folder, KIND, FORMAT))
-    layout.publish(folder)  # a republish repairs it
-    assert layout.is_published(folder, read_manifest(folder, KIND, FORMAT))
+    assert layout.committed(folder) is None
+    assert not is_committed(layout, folder)
+    assert "data.bin is missing" in layout.publish(folder)  # a republish repairs it, and says what it repaired
+    assert is_committed(layout, folder)
 
 
 def test_a_folder_that_changes_in_place_is_described_when_published(s3_root, tmp_path):
@@ -160,13 +192,14 @@ def test_a_store_pickles_without_its_keys_and_works_where_it_is_unpickled(s3_roo
     layout.publish(committed_folder(layout, "a"))
     data = pickle.dumps(layout)
     assert s3_server_secret().encode() not in data
-    assert pickle.loads(data).published(layout.root / "things" / "a") is not None
+    assert pickle.loads(data).committed(layout.root / "things" / "a") is not None
+    assert pickle.loads(data) == layout
 
 
 def test_wrong_credentials_give_one_line_naming_the_variables(s3_root, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     layout = DataRoot(s3_root, tmp_path / "copy")
-    with pytest.raises(PipelineError, match=r"Cannot access s3://notmnist/.*AWS_SECRET_ACCESS_KEY") as raised:
+    with pytest.raises(PipelineError, match=r"refused these credentials for s3://notmnist/.*AWS_SECRET_ACCESS_KEY") as raised:
         layout.publish(committed_folder(layout, "a"))
     assert "\n" not in str(raised.value)
 
@@ -177,7 +210,7 @@ def test_a_local_data_root_publishes_and_fetches_nothing(tmp_path):
     layout.publish(folder)
     layout.discard(folder)
     assert layout.store is None and layout.fetch(folder) and layout.url(folder) == str(folder)
-    assert manifest_identity(layout.published(folder)) == manifest_identity(read_manifest(folder, KIND, FORMAT))
+    assert manifest_identity(layout.committed(folder)) == manifest_identity(read_manifest(folder, KIND, FORMAT))
 
 
 def test_a_location_without_a_bucket_is_refused():

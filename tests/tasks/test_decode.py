@@ -139,7 +139,8 @@ def test_crash_mid_run_keeps_finished_letters_and_rerun_redoes_the_rest(folders,
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
     monkeypatch.setattr(decode, "decode_batch", real)
-    done_before = {p.name: (p / MANIFEST).stat().st_mtime_ns for p in tmp_path.iterdir() if p.is_dir()}
+    done_before = {p.name: (p / MANIFEST).stat().st_mtime_ns for p in tmp_path.iterdir()
+                   if p.is_dir() and not p.name.startswith(".")}
     manifests = decode_to_shards(folders.root, tmp_path, workers=1)
     assert {letter: m["images"] for letter, m in manifests.items()} == folders.good_per_letter
     assert {name: (tmp_path / name / MANIFEST).stat().st_mtime_ns for name in done_before} == done_before

@@ -14,6 +14,7 @@ import requests
 
 from core.errors import DownloadError, PermanentDownloadError, VerificationError
 from demo.loopback import Fault, FileServer
+from storage.layout import LOCKS
 from tasks.download import Action, PartState, download_file, is_transient, plan_download
 
 CONTENT = os.urandom(300_000)
@@ -32,7 +33,7 @@ def test_downloads_verifies_and_leaves_no_partial_file(file_server, tmp_path):
     path = fetch(file_server, tmp_path / "raw", sha256=SHA256)
     assert path == tmp_path / "raw" / NAME
     assert path.read_bytes() == CONTENT
-    assert sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")) == [NAME]
+    assert sorted(p.name for p in path.parent.iterdir() if p.name != LOCKS) == [NAME]  # locks live in `.locks/`
 
 
 def test_verified_file_in_place_is_reused_without_any_request(file_server, tmp_path):

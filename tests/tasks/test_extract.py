@@ -19,6 +19,7 @@ from core.errors import ArchiveError, UnsafeArchiveError
 from core.seed import LETTERS
 from storage.atomic import read_json, temporary_sibling
 from storage.extraction import RECORD_NAME, find_extraction, folder_state
+from storage.layout import LOCKS
 from tasks.extract import extract_archive
 
 TOP = "notMNIST_large"
@@ -63,8 +64,8 @@ def build(path: Path, files: dict[str, bytes], extra: tuple[tarfile.TarInfo, ...
 
 
 def leftovers(dest: Path) -> list[str]:
-    """What is in `dest` apart from the lock file."""
-    return sorted(entry.name for entry in dest.iterdir() if not entry.name.endswith(".lock"))
+    """What is in `dest` apart from the locks' folder."""
+    return sorted(entry.name for entry in dest.iterdir() if entry.name != LOCKS)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -302,7 +303,7 @@ def test_a_top_folder_named_like_the_aside_name_replaces_an_old_one(tmp_path):
     assert sorted(path.name for path in top.iterdir()) == sorted([RECORD_NAME, *LETTERS])
 
 
-@pytest.mark.parametrize("top_name", [".hidden", f".{NAME}.lock", f".{NAME}.tmp-0123456789ab"],
+@pytest.mark.parametrize("top_name", [".hidden", LOCKS, f".{NAME}.tmp-0123456789ab"],
                          ids=["hidden", "lock-name", "temporary-name"])
 def test_hidden_top_folder_is_refused(tmp_path, top_name):
     archive = build(tmp_path / NAME, notmnist_files(top=top_name))
@@ -318,11 +319,11 @@ def test_archive_without_members_is_an_error(tmp_path):
     assert leftovers(tmp_path / "dest") == []
 
 
-def test_task_logs_the_archive_and_what_it_held_then_the_skip(tmp_path, caplog):
+def test_extraction_logs_the_archive_and_what_it_held_then_the_skip(tmp_path, caplog):
     archive = build(tmp_path / NAME, notmnist_files())
     with caplog.at_level("INFO", logger="tasks.extract"):
-        top = extract.extract_task.fn(archive, tmp_path / "dest")
-        assert extract.extract_task.fn(archive, tmp_path / "dest") == top
+        top = extract_archive(archive, tmp_path / "dest")
+        assert extract_archive(archive, tmp_path / "dest") == top
     assert re.search(rf"Extracting .*{NAME} \([\d,]+ bytes\)", caplog.text)
     assert re.search(rf"Extracted 41 members \([\d,]+ bytes\) of {NAME}", caplog.text)
     assert "already present - Skipping extraction" in caplog.text

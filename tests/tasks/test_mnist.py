@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -117,9 +118,16 @@ def test_a_file_that_is_not_an_npz_archive_is_refused(tmp_path, content, message
         load_mnist(path)
 
 
+def splits_of(npz: Path, data: Path) -> dict:
+    """The split folder the stage builds from `npz` as the data root's downloaded mnist.npz."""
+    (data / "raw").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(npz, data / "raw" / "mnist.npz")
+    return build_mnist_splits(data, "mnist.npz")
+
+
 def test_the_split_folder_has_train_from_x_train_and_valid_and_test_from_x_test(fake_npz, tmp_path):
     arrays = small_arrays()
-    manifest = build_mnist_splits(fake_npz, tmp_path / "data")
+    manifest = splits_of(fake_npz, tmp_path / "data")
     folder = DataRoot(tmp_path / "data").splits(manifest["key"])
     assert manifest["key"] == f"mnist-{sha256(fake_npz)[:12]}"
     for split, source in (("train", "train"), ("valid", "test"), ("test", "test")):
@@ -129,14 +137,14 @@ def test_the_split_folder_has_train_from_x_train_and_valid_and_test_from_x_test(
         assert manifest["splits"][split]["rows"] == len(labels)  # the file's own sizes, recorded
     assert json.loads((folder / MANIFEST).read_text())["fingerprint"] == manifest["fingerprint"]
     assert len(manifest["fingerprint"]) == 64 and manifest["class_names"] == list("0123456789")
-    assert manifest["inputs"]["mnist.npz"] == {"name": "mnist.npz", "sha256": sha256(fake_npz)}
+    assert manifest["inputs"]["npz"] == {"name": "mnist.npz", "sha256": sha256(fake_npz)}
 
 
 def test_the_split_folder_is_reused_for_the_same_file_and_rebuilt_for_another(fake_npz, tmp_path):
-    first = build_mnist_splits(fake_npz, tmp_path / "data")
+    first = splits_of(fake_npz, tmp_path / "data")
     train_x = DataRoot(tmp_path / "data").splits(first["key"]) / "train_x.npy"
     stamp = train_x.stat().st_mtime_ns
-    assert build_mnist_splits(fake_npz, tmp_path / "data") == first
+    assert splits_of(fake_npz, tmp_path / "data") == first
     assert train_x.stat().st_mtime_ns == stamp
     other = write_npz(tmp_path / "other" / "mnist.npz", small_arrays(seed=1))
-    assert build_mnist_splits(other, tmp_path / "data")["fingerprint"] != first["fingerprint"]
+    assert splits_of(other, tmp_path / "data")["fingerprint"] != first["fingerprint"]

@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 
 from core.errors import CorruptDataError, PipelineError
+from core.seed import NORMALISATIONS
 from storage.arrays import save_npy
 from storage.folders import MANIFEST
-from storage.layout import DataRoot, backup_folder
+from storage.layout import LOCKS, DataRoot, backup_folder
 from storage.splits import open_split, read_splits_manifest
-from tasks.batches import NORMALISATIONS, SplitBatches, epoch_permutation, open_splits
+from tasks.batches import SplitBatches, epoch_permutation, open_splits
 from tasks.models import build_one_layer_cnn
 from tasks.reporting import Progress
-from tasks.train import find_trained, train_model
+from tasks.train import find_trained, train_model, train_task
 from tasks.training_callbacks import BatchProgress, EpochCheckpoint
 from tasks.training_record import git_commit
 from tests.tasks.synthetic_splits import write_split_folder
@@ -210,7 +211,7 @@ def test_a_damaged_split_folder_fails_with_an_error_naming_the_file(data_root, d
     with pytest.raises(error, match=message):
         train_model(data_root, "synthetic", **FAST)
     models = DataRoot(data_root).models_root
-    assert not [path for path in models.glob("*") if path.is_dir()]  # no model folder, finished or not
+    assert not [path for path in models.glob("*") if path.is_dir() and path.name != LOCKS]  # no model folder, finished or not
 
 
 def test_a_copied_data_root_trains_on_its_own_splits(data_root, tmp_path):
@@ -429,7 +430,7 @@ def test_a_diverging_training_is_an_error_not_a_model(data_root):
     with pytest.raises(PipelineError, match=r"The training loss became nan in epoch 1: the model diverged\. .*lower"):
         train_model(data_root, "synthetic", **{**FAST, "learning_rate": 1e30})
     models = DataRoot(data_root).models_root
-    assert not [path for path in models.glob("*") if path.is_dir()]  # no model, and no checkpoint to resume from
+    assert not [path for path in models.glob("*") if path.is_dir() and path.name != LOCKS]  # no model, and no checkpoint to resume from
 
 
 # --- a data root on object storage (a real S3-compatible server on 127.0.0.1) ---------------------
@@ -441,15 +442,15 @@ def test_on_an_object_store_the_splits_are_fetched_and_the_model_published(refer
     pipeline.publish(pipeline.splits("synthetic"))
 
     worker = tmp_path / "worker"  # another machine: nothing local but what it fetches
-    result = train_model(s3_root, "synthetic", scratch_dir=worker, **FAST)
+    result = train_task.fn(DataRoot(s3_root, worker), "synthetic", **FAST)
     assert result["model_path"] == f"{s3_root}/{result['model']}/model.keras"
     assert result["test_loss"] == reference["test_loss"]  # the fetched splits are the same splits
     assert (worker / "splits" / "synthetic" / "train_x.npy").exists()
     # The data root holds the whole model folder (TensorBoard logs included) and no checkpoint.
-    model_manifest = pipeline.published(pipeline.root / result["model"])
+    model_manifest = pipeline.committed(pipeline.root / result["model"])
     assert {"model.keras", "metrics.json", "record.json"} <= set(model_manifest["files"])
     assert any(name.startswith("tensorboard/") for name in model_manifest["files"])
-    assert pipeline.published(backup_folder(pipeline.root / result["model"])) is None
+    assert pipeline.committed(backup_folder(pipeline.root / result["model"])) is None
     # Reading it back elsewhere gives what training returned.
     assert find_trained(pipeline, "synthetic", "notmnist", {**FAST, "learning_rate": 1.0, "seed": 133}) == result
 
@@ -459,10 +460,10 @@ def test_a_training_interrupted_on_one_machine_resumes_on_another(reference_root
     shutil.copytree(DataRoot(reference_root).splits("synthetic"), first.splits("synthetic"))
     first.publish(first.splits("synthetic"))
     with pytest.raises(Interrupted):
-        train_model(s3_root, "synthetic", scratch_dir=first.root, **FAST, extra_callbacks=[InterruptAfterEpoch(0)])
+        train_task.fn(DataRoot(s3_root, first.root), "synthetic", **FAST, extra_callbacks=[InterruptAfterEpoch(0)])
 
     begun = EpochsBegun()
-    resumed = train_model(s3_root, "synthetic", scratch_dir=tmp_path / "second", **FAST, extra_callbacks=[begun])
+    resumed = train_task.fn(DataRoot(s3_root, tmp_path / "second"), "synthetic", **FAST, extra_callbacks=[begun])
     assert begun.epochs == [1]  # epoch 0 came from the checkpoint the first machine published
     assert resumed["epochs_run"] == 1
     assert resumed["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-5)
@@ -475,10 +476,10 @@ def test_a_machine_with_an_older_checkpoint_resumes_from_the_newer_one_of_the_da
     layout.publish(layout.splits("synthetic"))
     three = {"epochs": 3, "batch_size": 32}
     with pytest.raises(Interrupted):  # machine A checkpoints epoch 1
-        train_model(s3_root, "synthetic", scratch_dir=a, **three, extra_callbacks=[InterruptAfterEpoch(0)])
+        train_task.fn(DataRoot(s3_root, a), "synthetic", **three, extra_callbacks=[InterruptAfterEpoch(0)])
     with pytest.raises(Interrupted):  # machine B takes it over and checkpoints epoch 2
-        train_model(s3_root, "synthetic", scratch_dir=b, **three, extra_callbacks=[InterruptAfterEpoch(1)])
+        train_task.fn(DataRoot(s3_root, b), "synthetic", **three, extra_callbacks=[InterruptAfterEpoch(1)])
 
     begun = EpochsBegun()
-    result = train_model(s3_root, "synthetic", scratch_dir=a, **three, extra_callbacks=[begun])
+    result = train_task.fn(DataRoot(s3_root, a), "synthetic", **three, extra_callbacks=[begun])
     assert begun.epochs == [2] and result["epochs_run"] == 1  # not epoch 1 again from its own stale checkpoint

@@ -192,10 +192,11 @@ def test_decoding_packed_letters_gives_the_rows_of_the_archive_and_checks_them_f
 
 
 def test_a_letter_task_without_its_packed_letter_says_to_rerun(tmp_path):
-    from tasks.decode import decode_letter
+    from storage.layout import DataRoot
+    from tasks.decode import letter_task
 
-    with pytest.raises(PipelineError, match="holds no packed letter: rerun the pipeline"):
-        decode_letter(str(tmp_path / "data"), "notMNIST_large.tar.gz", "C")
+    with pytest.raises(PipelineError, match=r"packed/notMNIST_large/C is not in the data root: rerun the pipeline"):
+        letter_task.fn(DataRoot(tmp_path / "data"), "notMNIST_large.tar.gz", "C")
 
 
 def test_decoding_goes_on_after_a_worker_died_on_a_new_pool(tmp_path):

@@ -1,0 +1,51 @@
+"""The demo's commands of `notmnist`: `demo` (the whole pipeline offline) and `make-archives`.
+
+They are declared as a plugin of the command line (pyproject.toml, entry point group `notmnist.commands`),
+so the product's layers never import the demo; `register` adds them to the parser `flows/cli.py` builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from flows.cli import POSITIVE, SEED_VALUE, data_dir_options, data_root, letter_task_options
+
+
+def _demo(args: argparse.Namespace) -> dict[str, Any]:
+    from demo.run import run_demo
+
+    return run_demo(
+        data_root(args, must_exist=False), per_letter=args.per_letter, epochs=args.epochs, workers=args.workers,
+        task_runner=args.task_runner, dask_address=args.dask_address,
+        train_deployment=args.train_deployment,
+    )
+
+
+def _make_archives(args: argparse.Namespace) -> dict[str, Any]:
+    from demo.synthetic import make_archives
+
+    return make_archives(args.dest, per_letter=args.per_letter, small_per_letter=args.small_per_letter, seed=args.seed)
+
+
+def register(commands) -> None:
+    """Add `demo` and `make-archives` through the command line's `commands(name, handler, help)`."""
+    demo = commands("demo", _demo, "Run the pipeline offline on generated archives served from 127.0.0.1.")
+    data_dir_options(demo, "data/demo")
+    demo.add_argument("--per-letter", type=POSITIVE, default=5000, help="images per letter in the generated large archive")
+    demo.add_argument("--epochs", type=POSITIVE, default=5,
+                      help="training epochs (the seed trains 2 on 200,000 images; the demo has 40,000)")
+    letter_task_options(demo)
+    demo.add_argument("--train-deployment", default=None,
+                      help="send training to this deployment (e.g. train/gpu) instead of training here")
+
+    archives = commands(
+        "make-archives", _make_archives,
+        "Write notMNIST_large.tar.gz and notMNIST_small.tar.gz in the real layout, from this machine's fonts.",
+    )
+    archives.add_argument("dest", type=Path, metavar="DIR", help="folder to write the two archives to")
+    archives.add_argument("--per-letter", type=POSITIVE, required=True, help="images per letter in the large archive")
+    archives.add_argument("--small-per-letter", type=POSITIVE, default=None,
+                          help="images per letter in the small archive (default: a sixth of --per-letter)")
+    archives.add_argument("--seed", type=SEED_VALUE, default=2024, help="same seed, same bytes")

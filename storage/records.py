@@ -1,0 +1,54 @@
+"""Small records kept at a location of the data root (Prefect's cache records): read, written whole, removed.
+
+A location is an s3:// URL or a local path, as `DataRoot.record_location` gives it, so that whatever
+holds a location alone (a record's key) can reach it from any machine. A record is written in one
+request (object stores) or to a temporary name renamed into place (folders): a reader sees the old
+record or the new one, never part of one.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from storage.atomic import write_bytes
+from storage.objects import SCHEME, ObjectStore, is_object_store
+
+
+@functools.lru_cache(maxsize=16)
+def _bucket(bucket: str) -> ObjectStore:
+    return ObjectStore(f"{SCHEME}{bucket}")
+
+
+def _object(location: str) -> tuple[ObjectStore, str]:
+    bucket, _, key = location[len(SCHEME):].partition("/")
+    return _bucket(bucket), key
+
+
+def read_record(location: str) -> bytes | None:
+    """The record at `location`, or None when there is none."""
+    if is_object_store(location):
+        store, key = _object(location)
+        return store.read_bytes(key)
+    try:
+        return Path(location).read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def write_record(location: str, data: bytes) -> None:
+    """Write the record at `location` whole."""
+    if is_object_store(location):
+        store, key = _object(location)
+        store.write_bytes(key, data)
+    else:
+        write_bytes(Path(location), data)
+
+
+def delete_record(location: str) -> None:
+    """Remove the record at `location`, if there is one."""
+    if is_object_store(location):
+        store, key = _object(location)
+        store.delete_object(key)
+    else:
+        Path(location).unlink(missing_ok=True)
