@@ -125,6 +125,7 @@ def _shards(args: argparse.Namespace) -> dict[str, Any]:
     source = args.source
     if source.is_file() and not args.from_archive:
         source = unpack_archive(source, layout.packed(source))
+        publish(layout, [letter_folder(source, letter) for letter in SEED_FACTS.LETTERS])  # the decode tasks' inputs
     out_dir = layout.shards(args.source)
     manifests = decode_to_shards(source, out_dir, min_images=args.min_images, workers=args.workers)
     publish(layout, [letter_folder(out_dir, letter) for letter in manifests])

@@ -1,7 +1,7 @@
 """`notmnist_pipeline`: download both archives -> unpack -> a decode task per letter -> splits -> train.
 
 The seed's values are the defaults (core/seed.py). Every data stage is cached on what determines its
-output and on that output being on disk, intact (tasks/caching.py), so a rerun, or a retry after a
+output and on that output being in the data root, intact (tasks/stage.py), so a rerun, or a retry after a
 failure, takes finished stages from the cache and redoes the rest: a half-downloaded archive from
 its `.part`, a damaged stage from scratch, training from its last finished epoch.
 """

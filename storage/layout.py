@@ -34,16 +34,25 @@ from filelock import FileLock
 from core.errors import CorruptDataError, PipelineError
 from storage.atomic import read_json
 from storage.digests import sha256_of
-from storage.folders import MANIFEST, describe_files, files_under, folder_problem, manifest_identity
-from storage.objects import ObjectStore, is_object_store
+from storage.folders import MANIFEST, describe_files, files_under, folder_problem
+from storage.objects import DamagedObjectError, ObjectStore, is_object_store
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 REPORT_FILE = "report.md"
 BACKUP_SUFFIX = ".backup"
 PART_SUFFIX = ".part"
+FETCH_ATTEMPTS = 3  # a folder published again while it is fetched is fetched again, up to this often
 SINGLE_FILE = "file"  # the object of a file published on its own (a download), in its generation
 RECORDS = "_prefect/records"  # Prefect's cache records of the stages that wrote this data root
 LOCKS = ".locks"  # lock files, one folder beside what they guard, never a data file
+
+
+def same_manifest(first: dict, second: dict) -> bool:
+    """True when two manifests of a folder describe the same thing (what only the store adds left out)."""
+    def own(manifest: dict) -> dict:
+        return {key: value for key, value in manifest.items() if key not in ("generation", "listed")}
+
+    return own(first) == own(second)
 
 
 def lock_file(path: Path, purpose: str = "") -> Path:
@@ -94,9 +103,10 @@ def default_scratch(location: str) -> Path:
 class DataRoot:
     """The data root, the system of record: a local folder, or an `s3://` location with a local working copy.
 
-    It travels as one value: pickled, it is its location and the scratch folder as given, so a process
-    on another machine that unpickles it works in its own default working copy; `location` alone is
-    its identity in cache keys. Stages work in `root` (the working copy; for a local data root, the
+    It travels as one value: pickled, it is its location and the scratch folder as given (none: each
+    machine that unpickles it works in its own default working copy; a given one is that folder on
+    every machine); `location` alone is its identity in cache keys (for a local data root, its
+    absolute path). Stages work in `root` (the working copy; for a local data root, the
     data root itself) and go through `fetch` and `publish` for everything the data root holds.
     """
 
@@ -197,22 +207,32 @@ class DataRoot:
         if published is None:
             return False
         path.parent.mkdir(parents=True, exist_ok=True)
-        single = published.get("single_file", False)
+        relative = self.relative(path)
         with FileLock(str(lock_file(path, "fetch"))):
-            if self._holds(path, published, single):
-                return True
-            try:
-                if single:
-                    self.store.download_file(self.relative(path), published, path)
-                else:
-                    self.store.download(self.relative(path), published, path)
-            except CorruptDataError as error:
-                self.store.delete(self.relative(path))
-                raise CorruptDataError(
-                    f"{error}: {self.url(path)} was damaged in the data root and has been taken out of it; "
-                    "rerun, and the stage that writes it runs again"
-                ) from error
-        return True
+            for _ in range(FETCH_ATTEMPTS):
+                single = published.get("single_file", False)
+                if self._holds(path, published, single):
+                    return True
+                try:
+                    if single:
+                        self.store.download_file(relative, published, path)
+                    else:
+                        self.store.download(relative, published, path)
+                    return True
+                except CorruptDataError as error:
+                    now = self.store.manifest(relative)
+                    if now is not None and now["generation"] != published["generation"]:
+                        published = now  # published again while it was read: fetch the new generation
+                        continue
+                    if not isinstance(error, DamagedObjectError):
+                        raise
+                    # Still the named generation, and its bytes are not those recorded: damage, not a race.
+                    self.store.delete(relative)
+                    raise CorruptDataError(
+                        f"{error}: {self.url(path)} was damaged in the data root and has been taken out of it; "
+                        "rerun, and the stage that writes it runs again"
+                    ) from error
+        raise CorruptDataError(f"{self.url(path)} changed {FETCH_ATTEMPTS} times while it was read: rerun")
 
     def _holds(self, path: Path, published: dict, single: bool) -> bool:
         """True when the working copy at `path` already holds exactly what `published` describes, intact."""
@@ -223,7 +243,7 @@ class DataRoot:
             local = read_json(path / MANIFEST)
         except (OSError, ValueError):
             return False
-        return manifest_identity(local) == manifest_identity(published) and folder_problem(path, local) is None
+        return same_manifest(local, published) and folder_problem(path, local) is None
 
     def publish(self, path: Path, *, describe: bool = False) -> str | None:
         """Publish a committed folder of the working copy (or, for a file such as a download, the file on its own),
@@ -249,7 +269,7 @@ class DataRoot:
                 if describe else read_json(path / MANIFEST)
             )
         published, damage = self.commit_state(path)
-        if published is not None and manifest_identity(published) == manifest_identity(manifest):
+        if published is not None and same_manifest(published, manifest):
             return None
         self.store.upload(local, self.relative(path), manifest, sources)
         return damage

@@ -44,6 +44,11 @@ def commit_letter(work: Path, final: Path, **fields) -> dict:
     return commit_folder(work, final, KIND, FORMAT, [shard["file"] for shard in fields["shards"]], **fields)
 
 
+def letter_manifest(folder: Path) -> dict | None:
+    """The manifest of a finished letter folder, unverified, or None."""
+    return read_manifest(folder, KIND, FORMAT)
+
+
 def find_letter(folder: Path, source_fingerprint: str | None = None) -> dict | None:
     """The manifest of a finished, intact letter folder (made from that source, when one is given), or None."""
     manifest = read_manifest(folder, KIND, FORMAT)

@@ -52,6 +52,10 @@ TRANSFER_THREADS = 8  # uploads and downloads wait on the network, not the CPU
 ABANDONED_AFTER_SECONDS = 3600.0  # an unnamed generation this old is no upload in progress
 
 
+class DamagedObjectError(CorruptDataError):
+    """An object whose bytes differ from the size and sha256 its manifest recorded."""
+
+
 def is_object_store(location: str | os.PathLike) -> bool:
     """True for an `s3://bucket/prefix` data root."""
     return str(location).startswith(SCHEME)
@@ -221,7 +225,7 @@ class ObjectStore:
         except (OSError, pa.ArrowException) as error:
             raise _access_error(f"{SCHEME}{key}", error) from error
         if size != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
-            raise CorruptDataError(f"{SCHEME}{key} does not match the size and sha256 recorded when it was written")
+            raise DamagedObjectError(f"{SCHEME}{key} does not match the size and sha256 recorded when it was written")
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -276,6 +280,38 @@ class ObjectStore:
             pass
         except (OSError, pa.ArrowException) as error:
             raise _access_error(self.url(relative), error) from error
+
+    def sweep(self) -> list[str]:
+        """Remove the generations no manifest names that nobody has written to for `abandoned_after_seconds` (uploads
+        cut short, anywhere under the data root, also of folders no stage publishes again); returns their URLs.
+
+        One listing of the data root; a manifest is read only for a folder holding such a generation.
+        """
+        try:
+            infos = self.fs.get_file_info(arrow_fs.FileSelector(self.base, recursive=True, allow_not_found=True))
+        except (OSError, pa.ArrowException) as error:
+            raise _access_error(self.location, error) from error
+        newest: dict[tuple[str, str], float] = {}  # (folder, generation) -> the newest write under it
+        for info in infos:
+            if info.type != arrow_fs.FileType.File:
+                continue
+            parts = info.path[len(self.base) + 1:].split("/")
+            at = next((number for number, part in enumerate(parts) if part.startswith(GENERATION_PREFIX)), None)
+            if at is None:
+                continue
+            key = ("/".join(parts[:at]), parts[at])
+            written = info.mtime.timestamp() if info.mtime is not None else time.time()
+            newest[key] = max(newest.get(key, 0.0), written)
+        removed = []
+        for (folder, generation), written in sorted(newest.items()):
+            if time.time() - written < self.abandoned_after_seconds:
+                continue
+            if (self.manifest(folder) or {}).get("generation") == generation:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_dir(self._key(f"{folder}/{generation}"))
+            removed.append(self.url(f"{folder}/{generation}"))
+        return removed
 
     def check_writable(self) -> None:
         """Raise PipelineError, in one line saying what to do, unless the bucket exists and takes a write here."""

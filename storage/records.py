@@ -9,20 +9,26 @@ record or the new one, never part of one.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 from storage.atomic import write_bytes
 from storage.objects import SCHEME, ObjectStore, is_object_store
 
 
+# The variables that choose an S3 client: a client is reused only while they are as they were.
+_CLIENT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                     "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
 @functools.lru_cache(maxsize=16)
-def _bucket(bucket: str) -> ObjectStore:
+def _bucket(bucket: str, environment: tuple) -> ObjectStore:
     return ObjectStore(f"{SCHEME}{bucket}")
 
 
 def _object(location: str) -> tuple[ObjectStore, str]:
     bucket, _, key = location[len(SCHEME):].partition("/")
-    return _bucket(bucket), key
+    return _bucket(bucket, tuple(os.environ.get(name) for name in _CLIENT_VARIABLES)), key
 
 
 def read_record(location: str) -> bytes | None:

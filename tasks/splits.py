@@ -32,7 +32,7 @@ from core.errors import PipelineError
 from core.seed import LARGE_ARCHIVE, LETTERS, SEED, SMALL_ARCHIVE, TEST_SIZE, TRAIN_SIZE, VALID_SIZE
 from storage.atomic import remove_leftovers
 from storage.layout import DataRoot, archive_stem, lock_file, short_digest, splits_key
-from storage.letters import LetterShards, letter_folder, shard_set_identity_of
+from storage.letters import LetterShards, letter_folder, letter_manifest, shard_set_identity_of
 from storage.shards import pixels_of
 from storage.splits import SPLITS, SplitWriter, find_splits
 from tasks.reporting import stage_logger

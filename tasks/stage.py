@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.filesystems import WritableFileSystem
+from prefect.serializers import JSONSerializer
 from prefect.utilities.hashing import hash_objects
 
 from core.errors import PipelineError
@@ -40,6 +42,7 @@ from storage.records import delete_record, read_record, write_record
 from tasks.reporting import stage_logger
 
 Parameters = dict[str, Any]
+_SERIALIZER = JSONSerializer().model_dump(mode="json")  # what every stage's record names, exactly
 Outputs = Callable[[DataRoot, Parameters], list[Path] | None]  # None: cannot be known yet (inputs missing)
 Current = Callable[[DataRoot, Parameters, dict[Path, dict]], bool]
 
@@ -59,6 +62,7 @@ class DataRootRecords(WritableFileSystem):
         data = read_record(_location(path))
         if data is None:
             raise ValueError(f"No record at {path}")  # what Prefect's own storages raise for a missing path
+        _check_record(path, data)
         return data
 
     def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> None:
@@ -71,6 +75,18 @@ class DataRootRecords(WritableFileSystem):
     def _resolve_path(self, path: str) -> None:
         # Prefect asks an unsaved storage to resolve keys to paths; these keys are full locations already.
         return None
+
+
+def _check_record(path: str, data: bytes) -> None:
+    """Refuse a record this project did not write: one naming another serializer or decoder (Prefect would use it,
+    and a pickle or a named function runs code), or holding an object to rebuild by class name."""
+    try:
+        record = json.loads(data)
+        serializer = record["metadata"]["serializer"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a stage's record") from error
+    if serializer != _SERIALIZER or b'"__class__"' in data:
+        raise ValueError(f"{path} names a serializer or objects no stage writes; it is ignored")
 
 
 def _location(key: str) -> str:
@@ -110,6 +126,15 @@ class Stage:
     reads: Outputs = lambda root, parameters: []
     current: Current | None = None  # are committed outputs those of the current inputs? (default: yes)
     after_publish: Callable[[DataRoot, Parameters], None] | None = None  # once the outputs are in the data root
+    # What a run wrote, from its result, where that can differ from `outputs` read from the data root at another
+    # moment (an input published again meanwhile): default, `outputs`.
+    built: Callable[[DataRoot, Parameters, Any], list[Path]] | None = None
+
+    def written(self, root: DataRoot, parameters: Parameters, result: Any) -> list[Path]:
+        """What a run of the stage wrote, to publish."""
+        if self.built is not None:
+            return self.built(root, parameters, result)
+        return self.outputs(root, parameters) or []
 
     def fetch_outputs(self, root: DataRoot, parameters: Parameters) -> list[Path] | None:
         """The stage's outputs in this machine's working copy, fetched (verified) from the data root; None when the
@@ -185,16 +210,13 @@ def stage_task(
         values = dict(parameters.arguments)
         root = values["root"] = DataRoot.of(values["root"])
         logger = stage_logger(function.__module__)
-        if stage.identity(root, values) is not None:  # done: the working copy takes the data root's outputs
-            for path in stage.outputs(root, values) or []:
-                root.fetch(path)
-        for path in stage.reads(root, values) or []:
-            if not root.fetch(path):
-                raise PipelineError(
-                    f"{root.url(path)} is not in the data root: rerun the pipeline, which builds it first."
-                )
+        # Done already (a record lost, say): the working copy takes the data root's outputs, and the function
+        # finds them. A local data root is its own working copy: nothing to take.
+        if root.store is not None and stage.identity(root, values) is not None:
+            in_working_copy(root, *stage.outputs(root, values))
+        in_working_copy(root, *(stage.reads(root, values) or []))
         result = function(**values)
-        publish(root, stage.outputs(root, values) or [], logger)
+        publish(root, stage.written(root, values, result), logger)
         if stage.after_publish is not None:
             stage.after_publish(root, values)
         return result
@@ -213,23 +235,31 @@ def open_data_root(location: str, scratch: str | None = None) -> DataRoot:
     root = DataRoot(location, scratch)
     root.check_writable()
     save_records_block()
+    if root.store is not None:  # uploads cut short, left long enough to be nobody's upload in progress
+        for generation in root.store.sweep():
+            stage_logger(__name__).info("Removed %s, an upload no manifest names", generation)
     return root
 
 
 def in_working_copy(root: DataRoot, *paths: Path) -> list[Path]:
-    """`paths` of the data root in this machine's working copy, fetched (verified) where needed: what the reports
-    read of a stage whose run was served from the cache, or ran on another machine."""
+    """`paths` of the data root in this machine's working copy, fetched (verified) where needed: what a stage reads,
+    and what the reports read of a stage whose run was served from the cache, or ran on another machine."""
     for path in paths:
-        if not root.fetch(path):
-            raise PipelineError(f"{root.url(path)} is not in the data root: rerun the pipeline, which builds it.")
+        if root.fetch(path):
+            continue
+        _, damage = root.commit_state(path)
+        if damage is not None:
+            raise PipelineError(f"{root.url(path)} is damaged in the data root ({damage}): rerun the pipeline, "
+                                "and the stage that writes it runs again.")
+        raise PipelineError(f"{root.url(path)} is not in the data root: rerun the pipeline, which builds it first.")
     return list(paths)
 
 
 def publish(root: DataRoot, paths: Iterable[Path], logger=None) -> None:
-    """Publish what a stage wrote; a copy in the data root found damaged on the way is replaced and named."""
+    """Publish what a stage wrote; a damaged copy in the data root (the cache check has named it) is replaced."""
     for path in paths:
-        if (damage := root.publish(path)) is not None:
-            (logger or stage_logger(__name__)).warning("Replaced in the data root what was damaged: %s", damage)
+        if root.publish(path) is not None:
+            (logger or stage_logger(__name__)).info("Published %s again, in place of the damaged copy", root.url(path))
 
 
 def attach(root: DataRoot, paths: Iterable[Path]) -> None:

@@ -98,10 +98,11 @@ def _training(parameters: dict[str, Any]) -> dict[str, Any]:
     return {name: parameters[name] for name in ("epochs", "batch_size", "learning_rate", "seed")}
 
 
-def model_folder(root: DataRoot, parameters: dict[str, Any]) -> list[Path] | None:
-    """The model folder of these splits and training parameters (named after the splits' dataset fingerprint, as
-    the data root records it); None while the splits are not there."""
-    splits = root.committed(root.splits(parameters["splits"]), verify=False)
+def model_folder(root: DataRoot, parameters: dict[str, Any], *, local: bool = False) -> list[Path] | None:
+    """The model folder of these splits and training parameters, named after the splits' dataset fingerprint as the
+    data root records it (with `local`, as the working copy's splits do); None while the splits are not there."""
+    folder = root.splits(parameters["splits"])
+    splits = read_splits_manifest(folder) if local else root.committed(folder, verify=False)
     if splits is None or "fingerprint" not in splits:
         return None
     return [root.model(model_key(parameters["experiment"], splits["fingerprint"], _training(parameters)))]
@@ -147,7 +148,7 @@ def train_model(
     fingerprint = manifest["fingerprint"]
     training = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed}
     parameters = _model_parameters(experiment, training)
-    (model_dir,) = model_folder(layout, {"splits": splits, "experiment": experiment, **training})
+    (model_dir,) = model_folder(layout, {"splits": splits, "experiment": experiment, **training}, local=True)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     backup = backup_folder(model_dir)
     # Two pipelines on one data root may ask for the same model: one trains, the other then finds it.
@@ -194,8 +195,10 @@ def _model_parameters(experiment: str, training: dict[str, Any]) -> dict[str, An
 
 def drop_checkpoint(root: DataRoot, parameters: dict[str, Any], logger=None) -> None:
     """Once the model folder is in the data root, its training's checkpoint goes, here and in the data root."""
-    (model_dir,) = model_folder(root, parameters)
-    backup = backup_folder(model_dir)
+    outputs = model_folder(root, parameters)
+    if outputs is None:
+        return
+    backup = backup_folder(outputs[0])
     _best_effort(lambda: checkpoints.drop(root, backup), f"remove {root.url(backup)}", logger or stage_logger(__name__))
 
 
@@ -325,7 +328,11 @@ def _evaluate(
     }
 
 
-TRAIN_STAGE = Stage(outputs=model_folder, reads=_split_folder, after_publish=drop_checkpoint)
+def _trained(root: DataRoot, parameters: dict[str, Any], result: dict[str, Any]) -> list[Path]:
+    return [root.root / result["model"]]
+
+
+TRAIN_STAGE = Stage(outputs=model_folder, reads=_split_folder, after_publish=drop_checkpoint, built=_trained)
 train_task = stage_task(
     train_model, stage=TRAIN_STAGE, name="train", task_run_name="train {experiment}", cached=False, retries=1,
     retry_delay_seconds=10, retry_condition_fn=retry_unless_pipeline_error,

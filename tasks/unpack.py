@@ -131,10 +131,12 @@ def _archive(root: DataRoot, parameters: dict) -> list[Path]:
 
 
 def _unpack_current(root: DataRoot, parameters: dict, manifests: dict[Path, dict]) -> bool:
-    """The ten letters were unpacked from the archive the data root holds now."""
+    """The ten letters were unpacked from the archive the data root holds now (their files are checked already)."""
     if root.store is None:
         archive = root.raw / parameters["archive"]
-        return archive.is_file() and find_unpacked(archive, root.packed(parameters["archive"])) is not None
+        return archive.is_file() and all(
+            find_packed(folder, archive_identity(archive)) is not None for folder in manifests
+        )
     raw = root.committed(root.raw / parameters["archive"])
     if raw is None:
         return False

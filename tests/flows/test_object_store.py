@@ -121,8 +121,10 @@ def test_same_size_damage_in_the_data_root_is_repaired_and_training_elsewhere_th
     states = {run: state for run, state in zip(*_named_states(again.state_details.flow_run_id))}
     assert states["decode notMNIST_large A"] == "Completed" and states["decode notMNIST_large B"] == "Cached"
     assert states[next(name for name in states if name.startswith("splits "))] == "Completed"
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     for url in damaged:  # one line names each damaged object
-        assert [r for r in caplog.records if url in r.getMessage() and "Damaged in the data root" in r.getMessage()]
+        assert len([line for line in warnings if url in line]) == 1, warnings
+        assert any(line.startswith("Damaged in the data root: " + url) for line in warnings)
 
     # Every committed folder of the data root is whole again: a fresh working copy fetches each, verified.
     reader = DataRoot(parameters["data_dir"], tmp_path / "reader")
@@ -184,3 +186,21 @@ def test_a_data_root_that_cannot_be_written_fails_the_run_before_any_download(
     assert len(err) == 1 and re.search(message, err[0]), err  # one line (a second, when kept, is the run's page)
     assert not (tmp_path / "scratch" / "raw").exists()
 
+
+
+def test_a_record_this_project_did_not_write_is_ignored(first_machine, tmp_path):
+    from tasks.stage import RECORDS
+
+    parameters, _ = first_machine
+    layout = DataRoot(parameters["data_dir"], parameters["scratch_dir"])
+    key = next(key for key in objects_under(layout) if "/_prefect/records/" in key).split("/", 2)[2]
+    record = json.loads(layout.store.read_bytes(key))
+    assert RECORDS.read_path(layout.store.url(key))  # a stage's own record reads
+    for serializer in ({**record["metadata"]["serializer"], "type": "pickle"},
+                       {**record["metadata"]["serializer"], "object_decoder": "os.system"}):
+        crafted = {**record, "metadata": {**record["metadata"], "serializer": serializer}}
+        location = layout.store.url("_prefect/records/crafted")
+        RECORDS.write_path(location, json.dumps(crafted).encode())
+        with pytest.raises(ValueError, match="names a serializer or objects no stage writes"):
+            RECORDS.read_path(location)  # Prefect takes this as no record: the stage runs
+        RECORDS.delete_path(location)

@@ -216,3 +216,20 @@ def test_a_local_data_root_publishes_and_fetches_nothing(tmp_path):
 def test_a_location_without_a_bucket_is_refused():
     with pytest.raises(PipelineError, match="names no bucket"):
         DataRoot("s3://")
+
+
+def test_a_sweep_removes_uploads_no_manifest_names_once_they_are_old_and_never_a_named_one(s3_root, tmp_path):
+    layout = DataRoot(s3_root, tmp_path / "copy")
+    folder = committed_folder(layout, "a")
+    layout.publish(folder)
+    named = layout.store.manifest("things/a")["generation"]
+    # Cut short: one under a committed folder, one of a folder that never got its manifest.
+    layout.store.put_file(folder / "data.bin", f"things/a/{GENERATION_PREFIX}cut/data.bin")
+    layout.store.put_file(folder / "data.bin", f"things/b/{GENERATION_PREFIX}cut/data.bin")
+    assert layout.store.sweep() == []  # recent: perhaps another machine's upload in progress
+    layout.store.abandoned_after_seconds = 0
+    assert sorted(layout.store.sweep()) == [f"{s3_root}/things/a/{GENERATION_PREFIX}cut",
+                                            f"{s3_root}/things/b/{GENERATION_PREFIX}cut"]
+    assert objects_under(layout.store, "things/b") == []
+    assert {name.split("/")[0] for name in objects_under(layout.store, "things/a")} == {named, MANIFEST}
+    assert is_committed(layout, folder)
