@@ -374,8 +374,9 @@ def decode_letter(root: DataRoot, archive: str, letter: str, *, min_images: int 
     boundary fetches the one and publishes the other); decodes in this process, or on the pool
     `shared_worker_pool` opened.
     """
-    manifest = decode_to_shards(root.packed(archive), root.shards(archive), min_images=min_images, workers=1,
-                                letters=letter)
+    which = {"archive": archive, "letter": letter}
+    (packed,), (shards,) = _packed_letter(root, which), _letter_shards(root, which)
+    manifest = decode_to_shards(packed.parent, shards.parent, min_images=min_images, workers=1, letters=letter)
     return manifest[letter]
 
 

@@ -433,7 +433,8 @@ def download_to_root(
     Where the data root already holds the file, the stage boundary has fetched it into the working
     copy (checked against the data root's sha256), and this finds it in place: the origin is not asked.
     """
-    target = download_file(url, root.raw, expected_bytes=expected_bytes, sha256=sha256, retries=retries,
+    (target,) = _downloaded(root, {"url": url})
+    target = download_file(url, target.parent, expected_bytes=expected_bytes, sha256=sha256, retries=retries,
                            backoff_base_seconds=backoff_base_seconds, read_timeout=read_timeout)
     return {"file": root.relative(target), "bytes": target.stat().st_size}
 

@@ -117,7 +117,8 @@ def _pack_members(
 def unpack_to_root(root: DataRoot, archive: str) -> dict:
     """Unpack the data root's `raw/<archive>` into `packed/<archive>/<letter>/` (see `unpack_archive`); returns
     where the letters are and how many images each holds."""
-    packed = unpack_archive(root.raw / archive, root.packed(archive))
+    (raw,), letters = _archive(root, {"archive": archive}), _unpacked(root, {"archive": archive})
+    packed = unpack_archive(raw, letters[0].parent)
     return {"packed": root.relative(packed),
             "images": {letter: find_packed(packed / letter)["images"] for letter in LETTERS}}
 

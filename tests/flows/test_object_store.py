@@ -91,8 +91,10 @@ def test_reruns_that_change_nothing_are_cached_and_leave_the_object_count_unchan
 def test_a_second_machine_reuses_every_finished_stage_without_asking_the_origin(first_machine, served_archives,
                                                                                  tmp_path):
     parameters, result = first_machine
+    # Another machine: a working copy of its own, and a Prefect home whose local storage holds no record; the
+    # Prefect API and the bucket are the ones both machines share.
     with FileServer(served_archives.server.root) as origin, temporary_settings(
-        {PREFECT_LOCAL_STORAGE_PATH: tmp_path / "second-home" / "storage"}  # no local cache records of its own
+        {PREFECT_LOCAL_STORAGE_PATH: tmp_path / "second-home" / "storage"}
     ):
         second = {**parameters, "base_url": origin.base_url, "scratch_dir": str(tmp_path / "second-machine")}
         state = notmnist_pipeline(**second, return_state=True)
@@ -204,3 +206,19 @@ def test_a_record_this_project_did_not_write_is_ignored(first_machine, tmp_path)
         with pytest.raises(ValueError, match="names a serializer or objects no stage writes"):
             RECORDS.read_path(location)  # Prefect takes this as no record: the stage runs
         RECORDS.delete_path(location)
+
+
+def test_an_archive_missing_from_a_working_copy_comes_from_the_data_root_not_the_origin(
+    first_machine, served_archives, tmp_path
+):
+    from tasks.download import download_task
+
+    parameters, _ = first_machine
+    root = DataRoot(parameters["data_dir"], tmp_path / "third-machine")
+    name = "notMNIST_small.tar.gz"
+    with FileServer(served_archives.server.root) as origin:
+        result = download_task.fn(root, f"{origin.base_url}{name}", expected_bytes=served_archives.sizes[name],
+                                  sha256=served_archives.sha256[name])
+        assert not origin.state.requests
+    assert result == {"file": f"raw/{name}", "bytes": served_archives.sizes[name]}
+    assert (root.raw / name).read_bytes() == (served_archives.server.root / name).read_bytes()
