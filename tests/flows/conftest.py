@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import requests
+from pyarrow import fs as arrow_fs
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from demo.loopback import FileServer
 from demo.synthetic import make_archive
+from storage.layout import DataRoot
 
 
 def free_port() -> int:
@@ -118,3 +120,22 @@ def dask_address() -> Iterator[str]:
     with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
                       dashboard_address=":0") as cluster:
         yield cluster.scheduler_address
+
+
+def objects_under(layout: DataRoot) -> list[str]:
+    """Every object of the data root, by key."""
+    prefix = layout.store.base
+    selector = arrow_fs.FileSelector(prefix, recursive=True, allow_not_found=True)
+    return sorted(info.path for info in layout.store.fs.get_file_info(selector) if info.type == arrow_fs.FileType.File)
+
+
+def overwrite_in_place(layout, folder) -> str:
+    """Flip one byte of the first file of a committed folder in the data root, keeping its size (a new PUT)."""
+    relative = layout.relative(folder)
+    manifest = layout.store.manifest(relative)
+    name = sorted(manifest["files"])[0]
+    key = f"{relative}/{manifest['generation']}/{name}"
+    data = bytearray(layout.store.read_bytes(key))
+    data[len(data) // 2] ^= 0xFF
+    layout.store.write_bytes(key, bytes(data))
+    return f"{layout.store.url(key)}"

@@ -12,36 +12,15 @@ import uuid
 
 import pytest
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-from pyarrow import fs as arrow_fs
 
 from demo.loopback import FileServer
 from flows.cli import main
 from flows.notmnist import notmnist_pipeline
-from flows.train import train_flow
 from storage.folders import MANIFEST
 from storage.layout import DataRoot
 from storage.letters import letter_folder
-from tests.flows.conftest import free_port, pipeline_parameters
+from tests.flows.conftest import free_port, objects_under, overwrite_in_place, pipeline_parameters
 from tests.flows.test_pipeline import DATA_TASKS, task_states
-
-
-def objects_under(layout: DataRoot) -> list[str]:
-    """Every object of the data root, by key."""
-    prefix = layout.store.base
-    selector = arrow_fs.FileSelector(prefix, recursive=True, allow_not_found=True)
-    return sorted(info.path for info in layout.store.fs.get_file_info(selector) if info.type == arrow_fs.FileType.File)
-
-
-def overwrite_in_place(layout, folder) -> str:
-    """Flip one byte of the first file of a committed folder in the data root, keeping its size (a new PUT)."""
-    relative = layout.relative(folder)
-    manifest = layout.store.manifest(relative)
-    name = sorted(manifest["files"])[0]
-    key = f"{relative}/{manifest['generation']}/{name}"
-    data = bytearray(layout.store.read_bytes(key))
-    data[len(data) // 2] ^= 0xFF
-    layout.store.write_bytes(key, bytes(data))
-    return f"{layout.store.url(key)}"
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +85,7 @@ def test_a_second_machine_reuses_every_finished_stage_without_asking_the_origin(
     assert state.result()["test_accuracy"] == result["test_accuracy"]
 
 
-def test_same_size_damage_in_the_data_root_is_repaired_and_training_elsewhere_then_succeeds(
+def test_same_size_damage_in_the_data_root_is_repaired_and_named_once(
     first_machine, tmp_path, caplog
 ):
     parameters, result = first_machine
@@ -128,16 +107,12 @@ def test_same_size_damage_in_the_data_root_is_repaired_and_training_elsewhere_th
         assert len([line for line in warnings if url in line]) == 1, warnings
         assert any(line.startswith("Damaged in the data root: " + url) for line in warnings)
 
-    # Every committed folder of the data root is whole again: a fresh working copy fetches each, verified.
+    # Every committed folder of the data root is whole again: a fresh working copy fetches each, verified (a
+    # training sent to another machine's worker after such a repair: tests/flows/test_deployments.py).
     reader = DataRoot(parameters["data_dir"], tmp_path / "reader")
     for folder in [reader.root / split_dir, *(letter_folder(reader.shards(a), letter)
                                              for a in ("notMNIST_large", "notMNIST_small") for letter in "ABCDEFGHIJ")]:
         assert reader.fetch(folder)
-    # A training on another machine fetches the splits, verified, and finds the model the pipeline reported.
-    trained = train_flow(data_dir=parameters["data_dir"], splits=split_dir.split("/")[-1], epochs=1, batch_size=128,
-                         scratch_dir=str(tmp_path / "gpu-machine"), return_state=True)
-    assert trained.is_completed(), trained.message
-    assert trained.result()["test_accuracy"] == result["test_accuracy"]
 
 
 def _named_states(flow_run_id) -> tuple[list[str], list[str]]:

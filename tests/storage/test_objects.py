@@ -233,3 +233,10 @@ def test_a_sweep_removes_uploads_no_manifest_names_once_they_are_old_and_never_a
     assert objects_under(layout.store, "things/b") == []
     assert {name.split("/")[0] for name in objects_under(layout.store, "things/a")} == {named, MANIFEST}
     assert is_committed(layout, folder)
+
+
+def test_a_local_data_root_that_cannot_be_written_is_one_line_saying_so(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(PipelineError, match=r"Cannot write to the data root .*a-file/data: .*Choose a folder") as raised:
+        DataRoot(tmp_path / "a-file" / "data").check_writable()  # what a read-only folder gives, even to root
+    assert "\n" not in str(raised.value)
