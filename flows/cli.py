@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from core import seed as SEED_FACTS
-from core.defaults import DEDUP, DEDUP_MODES, READ_TIMEOUT_SECONDS, TASK_RUNNERS, TRAIN_TIMEOUT_SECONDS
+from core.defaults import (
+    DEDUP,
+    DEDUP_MODES,
+    EPHEMERAL_API_STARTUP_SECONDS,
+    READ_TIMEOUT_SECONDS,
+    TASK_RUNNERS,
+    TRAIN_TIMEOUT_SECONDS,
+)
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 SEED_LIMIT = 2**32  # NumPy's RandomState and Keras take seeds in [0, 2**32)
@@ -485,11 +492,30 @@ def _not_relayed(record: logging.LogRecord) -> bool:
     return not getattr(record, "relayed", False)
 
 
+def prefect_api_problem(error: BaseException) -> str | None:
+    """What to do, in one line, when `error` (or what caused it) is Prefect's API not answering, else None."""
+    while error is not None:
+        text = str(error)
+        if "Timed out while attempting to connect to ephemeral Prefect API server" in text:
+            seconds = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
+            return (f"Prefect's embedded API did not start within {seconds} s (a busy machine, or a new Prefect home "
+                    "creating its database): start `prefect server start` in another terminal and export "
+                    "PREFECT_API_URL=http://127.0.0.1:4200/api, or allow it longer with "
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.")
+        if text.startswith("Failed to reach API at "):
+            url = text.removeprefix("Failed to reach API at ")
+            return (f"The Prefect API at {url} does not answer: start it (`prefect server start`) or correct "
+                    "PREFECT_API_URL; unset, each command starts an embedded API of its own.")
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `notmnist` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.debug else "3")  # TensorFlow's C++ start-up chatter
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the embedded server would phone home
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_API_STARTUP_SECONDS))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_RunFormatter())
@@ -510,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         elif isinstance(error, OSError) and error.strerror:  # a path that cannot serve: say which and why
             error = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+        elif problem := prefect_api_problem(error):
+            error = problem
         elif not isinstance(error, PipelineError):
             print("notmnist: unexpected failure; rerun with --debug for the traceback.", file=sys.stderr)
         print(f"notmnist {args.command}: error: {error}", file=sys.stderr)

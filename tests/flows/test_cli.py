@@ -252,6 +252,47 @@ def test_a_failed_flow_ends_with_one_line_and_the_runs_page_without_a_traceback(
     assert re.fullmatch(r"notmnist run: the run: http://127\.0\.0\.1:\d+/runs/flow-run/[0-9a-f-]{36}", lines[-1])
 
 
+API_PROBLEMS = {
+    "embedded API too slow": ({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0"},
+                              r"Prefect's embedded API did not start within 0 s \(a busy machine, or a new Prefect home "
+                              r"creating its database\): start `prefect server start` .*"
+                              r"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS\."),
+    "API that does not answer": ({"PREFECT_API_URL": "http://127.0.0.1:{port}/api"},
+                                 r"The Prefect API at http://127\.0\.0\.1:\d+/api/ does not answer: start it "
+                                 r"\(`prefect server start`\) or correct PREFECT_API_URL"),
+}
+
+
+@pytest.mark.parametrize("problem", list(API_PROBLEMS), ids=list(API_PROBLEMS))
+def test_a_prefect_api_that_cannot_be_reached_is_one_line_saying_what_to_do(problem, tmp_path):
+    """The real command line, in its own process, in a new Prefect home (its database not yet created)."""
+    from tests.flows.conftest import free_port
+
+    variables, message = API_PROBLEMS[problem]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "TF_CPP_MIN_LOG_LEVEL": "3",
+           **{name: value.format(port=free_port()) for name, value in variables.items()}}
+    if "PREFECT_API_URL" not in variables:
+        env.pop("PREFECT_API_URL", None)  # the embedded API, then
+    completed = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "iris", "--data-dir", str(tmp_path / "data")], capture_output=True,
+        text=True, env=env, cwd=Path(__file__).parents[2], timeout=300,
+    )
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("notmnist")]
+    assert completed.returncode == 1
+    assert len(errors) == 1 and re.fullmatch(f"notmnist iris: error: {message}.*", errors[0]), completed.stderr[-2000:]
+
+
+def test_the_embedded_api_gets_time_to_start_on_a_busy_machine_unless_told_otherwise(tmp_path, monkeypatch):
+    from core.defaults import EPHEMERAL_API_STARTUP_SECONDS
+
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    main(["splits", "--data-dir", str(tmp_path / "missing")])
+    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == str(EPHEMERAL_API_STARTUP_SECONDS)
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "7")
+    main(["splits", "--data-dir", str(tmp_path / "missing")])
+    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "7"  # the user's setting stands
+
+
 def test_no_checks_beside_an_explicit_sha256_is_a_contradiction_not_a_silent_choice(capsys):
     assert main(["run", "--no-checks", "--large-sha256", "a" * 64]) == 1
     assert "--no-checks turns off the check --large-sha256 asks for" in capsys.readouterr().err
