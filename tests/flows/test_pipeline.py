@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import glob
 import io
 import re
 from pathlib import Path
@@ -19,7 +20,7 @@ from core.errors import PipelineError
 from demo.loopback import Fault, FileServer
 from flows.notmnist import archive_url, notmnist_pipeline
 from flows.train import train_remotely
-from storage.layout import DataRoot
+from storage.layout import LOCKS, DataRoot
 from tasks.download import download_task
 from tasks.stage import open_data_root
 from tests.flows.conftest import pipeline_parameters
@@ -72,6 +73,18 @@ def test_pipeline_end_to_end_then_cached_rerun(first_run):
     cached = task_states(again.state_details.flow_run_id)
     assert {task: set(cached[task]) for task in DATA_TASKS} == {task: {"Cached"} for task in DATA_TASKS}
     assert again.result()["dataset_fingerprint"] == result["dataset_fingerprint"]
+
+
+def test_no_lock_is_left_where_a_glob_of_the_readme_would_meet_it(first_run):
+    """Locks live in hidden `.locks/` folders beside what they guard; README's `data/models/notmnist-*` finds models."""
+    parameters, state = first_run
+    assert state.is_completed(), state.message
+    root = Path(parameters["data_dir"])
+    stray = [path for path in root.rglob("*.lock") if path.parent.name != LOCKS]
+    assert stray == []
+    models = glob.glob(str(root / "models" / "notmnist-*"))  # as the shell expands it for `notmnist predict`
+    assert models and all(Path(model, "model.keras").is_file() for model in models)
+    assert not glob.glob(str(root / "*" / "*.lock")) and not glob.glob(str(root / "*.lock"))
 
 
 def test_interrupted_download_fails_the_run_and_the_rerun_resumes_from_the_part(prefect_api, served_archives, tmp_path):
