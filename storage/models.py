@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.errors import PipelineError
+from core.errors import CorruptDataError, PipelineError
 from storage.atomic import read_json, write_bytes
 from storage.folders import FolderWriter, folder_problem, read_manifest, read_verified
 from storage.layout import report_file
@@ -48,6 +48,20 @@ def find_model(folder: Path, parameters: dict, fingerprint: str) -> tuple[dict, 
     if record.get("parameters") != parameters or record.get("dataset", {}).get("fingerprint") != fingerprint:
         return None
     return record, metrics
+
+
+def verified_model(folder: Path) -> dict | None:
+    """The manifest of a model folder whose every file matches it, None where no training wrote one (a bare model
+    file); CorruptDataError naming the file when one differs, PipelineError for a folder that was never finished."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, KIND, FORMAT)
+    if manifest is None:
+        if (folder / RECORD_FILE).exists() or (folder / METRICS_FILE).exists():
+            raise PipelineError(f"{folder} has no manifest: it is no finished model folder; train it again.")
+        return None
+    if (problem := folder_problem(folder, manifest)) is not None:
+        raise CorruptDataError(f"{problem}: the model folder changed after training; train it again")
+    return manifest
 
 
 def write_report(folder: Path, markdown: str) -> Path:

@@ -21,7 +21,7 @@ from core.seed import LETTERS, NORMALISATIONS
 from storage.atomic import read_json
 from storage.folders import MANIFEST
 from storage.layout import ARCHIVE_SUFFIXES
-from storage.models import METRICS_FILE, MODEL_FILE, RECORD_FILE
+from storage.models import METRICS_FILE, MODEL_FILE, RECORD_FILE, verified_model
 from storage.splits import open_split, read_splits_manifest
 from storage.tar_stream import MAX_MEMBERS, MAX_TOTAL_BYTES, TarReader
 from tasks.images import IMAGE_SIDE, UNREADABLE, Rejected, decode_png, is_utf8, printable_name
@@ -58,6 +58,7 @@ def load_trained_model(path: Path) -> TrainedModel:
     model_file = path / MODEL_FILE if path.is_dir() else path
     if not model_file.is_file():
         raise PipelineError(f"{path} is not a model: give a model folder (models/<key>) or its {MODEL_FILE}.")
+    verified_model(model_file.parent)  # before Keras reads a byte of it
     try:
         model = keras.saving.load_model(model_file, safe_mode=True, compile=False)
     except Exception as error:  # Keras raises ValueError, OSError, zipfile errors...: all mean "not loadable"
@@ -67,11 +68,11 @@ def load_trained_model(path: Path) -> TrainedModel:
             "project trained (models/<key>)."
         ) from error
     folder = model_file.parent
-    try:
+    if verified_model(folder) is None:  # a bare .keras file, not in a folder training wrote: the notMNIST model
+        experiment, class_names = "notmnist", list(LETTERS)
+    else:  # checked as the pipeline checks it before reusing it: every file against the manifest
         experiment = read_json(folder / RECORD_FILE).get("experiment", "notmnist")
         class_names = list(read_json(folder / METRICS_FILE)["class_names"])
-    except (OSError, ValueError, KeyError):
-        experiment, class_names = "notmnist", list(LETTERS)  # a bare .keras file: the notMNIST model
     if experiment not in NORMALISATIONS:
         raise PipelineError(f"{folder}: no normalisation known for experiment {experiment!r}.")
     return TrainedModel(model, class_names, NORMALISATIONS[experiment])
@@ -172,7 +173,13 @@ def evaluate_model(model_path: Path, data: Path, *, split: str = "test") -> dict
         raise PipelineError(f"{data} does not exist or is not a folder: give a split folder or a folder of letters.")
     rejected: list[dict] = []
     if (data / MANIFEST).is_file():
-        images, labels = open_split(data, read_splits_manifest(data), split)
+        manifest = read_splits_manifest(data)
+        if list(manifest["class_names"]) != trained.class_names:
+            raise PipelineError(
+                f"{data} holds the classes {' '.join(manifest['class_names'])}, but the model {model_path} predicts "
+                f"{' '.join(trained.class_names)}: give a split folder of the model's own experiment."
+            )
+        images, labels = open_split(data, manifest, split)
         source = f"{data} ({split})"
     else:
         images, labels, rejected = _labelled_folders(data, trained.class_names)
@@ -198,6 +205,12 @@ def _labelled_folders(root: Path, class_names: list[str]) -> tuple[np.ndarray, n
     if not present:
         raise PipelineError(
             f"{root} holds neither a split folder's manifest nor folders named {', '.join(class_names)}."
+        )
+    others = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and entry.name not in class_names)
+    if others:
+        raise PipelineError(
+            f"{root} holds folders {', '.join(others)}, which are not classes of this model "
+            f"({' '.join(class_names)}): give folders of its own classes only."
         )
     images, labels, rejected = [], [], []
     for name in present:

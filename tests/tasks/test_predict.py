@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.errors import PipelineError
+from core.errors import CorruptDataError, PipelineError
 from core.seed import LETTERS
 from demo.synthetic import write_letter_folders
 from flows.cli import main
@@ -107,6 +107,40 @@ def test_hostile_files_are_reported_with_the_decode_stages_reasons_and_never_cra
     assert reasons == {**{name: reason for name, (_, reason) in hostile.items()}, "caf\\xe9.png": "bad name",
                        "dangling.png": "unreadable", "fifo.png": "unreadable"}
     assert result["predictions"] == []
+
+
+def test_a_model_file_swapped_in_a_model_folder_is_refused_as_the_pipeline_refuses_it(model, letters, tmp_path):
+    import shutil
+
+    import keras
+
+    folder = tmp_path / "model"
+    shutil.copytree(model, folder)
+    inputs = keras.Input((28, 28, 1))  # another model of the same shape, as an MNIST model would be
+    keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs))).save(folder / "model.keras")
+    for use in (lambda: predict_files(folder, [letters]), lambda: evaluate_model(folder, letters)):
+        with pytest.raises(CorruptDataError, match=r"model\.keras .*recorded.*the model folder changed after training"):
+            use()
+    (folder / "_manifest.json").unlink()  # and without its manifest, it is no finished model folder
+    with pytest.raises(PipelineError, match="has no manifest: it is no finished model folder"):
+        predict_files(folder / "model.keras", [letters])
+
+
+def test_a_split_or_folders_of_other_classes_than_the_models_are_refused(model, letters, tmp_path):
+    digits = tmp_path / "splits" / "digits"
+    with SplitWriter(digits, list("0123456789")) as writer:
+        for split in ("train", "valid", "test"):
+            writer.save(split, np.zeros((10, 28, 28), np.uint8), np.arange(10), [str(n) for n in range(10)])
+        writer.commit(seed=0, dedup="none", inputs={})
+    with pytest.raises(PipelineError, match=r"holds the classes 0 1 2 .* but the model .* predicts A B C .*own "
+                                            r"experiment"):
+        evaluate_model(model, digits)
+    (letters / "7").mkdir(exist_ok=True)
+    try:
+        with pytest.raises(PipelineError, match=r"holds folders 7, which are not classes of this model \(A B C"):
+            evaluate_model(model, letters)
+    finally:
+        (letters / "7").rmdir()
 
 
 @pytest.mark.parametrize("kind", ["lambda-layer", "not-a-model"])
