@@ -4,7 +4,9 @@
       png.parquet        rows: file (the member's path in the archive, normalised: no "./" or empty
                          parts; as bytes), png (its bytes, unchanged)
       _manifest.json     written last (storage/folders.py), with: letter, images (rows), top_folder,
-                         archive {name, bytes, mtime_ns, sha256}
+                         archive {name, bytes, mtime_ns, sha256}, and binding: the sha256 of the
+                         archive's sha256, the letter and the file's sha256 together, which ties the
+                         file to this letter of this archive
 
 The unpack stage (tasks/unpack.py) reads the archive once, with the checks of extraction, and writes
 all ten; each letter's decode task then reads its own folder alone, the file checked against the
@@ -18,6 +20,8 @@ name as a rejected file, as it does for an extracted one.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -26,9 +30,9 @@ import pyarrow.parquet as pq
 
 from core.errors import CorruptDataError
 from core.seed import LETTERS
-from storage.folders import FolderWriter, folder_problem, read_manifest, verify_file
+from storage.folders import MANIFEST, FolderWriter, folder_problem, read_manifest, verify_file
 
-KIND, FORMAT = "packed-letter", 1
+KIND, FORMAT = "packed-letter", 2
 FILE = "png.parquet"
 ROW_GROUP_ROWS = 8192  # one row group is one batch of the decode stage's work
 ROW_GROUP_BYTES = 64 << 20  # or fewer rows, so that a writer never holds more than this of one letter
@@ -72,11 +76,30 @@ class PackedLetterWriter(FolderWriter):
             self._names, self._pngs, self._bytes = [], [], 0
 
     def commit(self, **fields) -> dict:
-        """Write the last rows, close the file, and put the folder in place with its manifest."""
+        """Write the last rows, close the file, and put the folder in place with its manifest (`archive` given)."""
         self._flush()
         self._writer.close()
         self._writer = None
+        self._archive_sha256 = fields["archive"]["sha256"]
         return super().commit(letter=self.letter, images=self.images, **fields)
+
+    def fields(self, files: dict[str, dict]) -> dict:
+        """The binding of the file to this letter of this archive."""
+        return {"binding": binding(self._archive_sha256, self.letter, files[FILE]["sha256"])}
+
+
+def binding(archive_sha256: str, letter: str, file_sha256: str) -> str:
+    """What ties a packed file to one letter of one archive: the sha256 of the three together."""
+    return hashlib.sha256(json.dumps([archive_sha256, letter, file_sha256]).encode()).hexdigest()
+
+
+def is_bound(manifest: dict, letter: str) -> bool:
+    """True when the manifest is of `letter` and its binding is that of its file, letter and archive."""
+    try:
+        expected = binding(manifest["archive"]["sha256"], letter, manifest["files"][FILE]["sha256"])
+    except (KeyError, TypeError):
+        return False
+    return manifest.get("letter") == letter and manifest.get("binding") == expected
 
 
 def archive_identity(archive: Path) -> dict:
@@ -86,12 +109,13 @@ def archive_identity(archive: Path) -> dict:
 
 
 def find_packed(folder: Path, archive: dict | None = None) -> dict | None:
-    """The manifest of a finished packed folder (of that archive, when its identity is given), unverified, or None.
+    """The manifest of a finished packed folder bound to its letter (of that archive, when its identity is given),
+    its file unverified, or None.
 
     `archive` is what the manifest's `archive` records: name, bytes, mtime_ns (sha256 need not be given).
     """
     manifest = read_manifest(folder, KIND, FORMAT)
-    if manifest is None or FILE not in manifest["files"]:
+    if manifest is None or FILE not in manifest["files"] or not is_bound(manifest, Path(folder).name):
         return None
     if archive is not None and any(manifest.get("archive", {}).get(key) != value for key, value in archive.items()):
         return None
@@ -111,11 +135,15 @@ def find_unpacked(archive: Path, packed_dir: Path) -> dict[str, dict] | None:
 def checked_groups(folder: Path, manifest: dict, remedy: str) -> tuple[tuple[str, int, int], list[int]]:
     """The letter's file, checked against the manifest (CorruptDataError, saying `remedy`, when it differs):
     what `read_group` needs to find it unchanged (path, inode, mtime), and the rows of each row group."""
+    if not is_bound(manifest, Path(folder).name):
+        raise CorruptDataError(f"{Path(folder) / MANIFEST} is not bound to letter {Path(folder).name} of the archive "
+                               f"it names: {remedy}")
     path = verify_file(folder, manifest, FILE, remedy)
     status = path.stat()
     with pq.ParquetFile(path) as parquet:
         rows = [parquet.metadata.row_group(number).num_rows for number in range(parquet.num_row_groups)]
-    return (str(path), status.st_ino, status.st_mtime_ns), rows
+    prefix = f"{manifest['top_folder']}/{manifest['letter']}/"
+    return (str(path), status.st_ino, status.st_mtime_ns, prefix), rows
 
 
 def read_group(checked: tuple[str, int, int], group: int) -> tuple[list[str], list[bytes]]:
@@ -123,11 +151,16 @@ def read_group(checked: tuple[str, int, int], group: int) -> tuple[list[str], li
 
     A file replaced since (a new unpack renamed into place) is an error, not other rows.
     """
-    path, inode, mtime_ns = checked
+    path, inode, mtime_ns, prefix = checked
     with open(path, "rb") as handle:
         status = os.fstat(handle.fileno())
         if (status.st_ino, status.st_mtime_ns) != (inode, mtime_ns):
             raise CorruptDataError(f"{path} was replaced after it was checked: rerun, which reads the new one")
         table = pq.ParquetFile(handle).read_row_group(group)
     names = [name.decode("utf-8", "surrogateescape") for name in table.column("file").to_pylist()]
+    if stray := next((name for name in names if not name.startswith(prefix)), None):
+        # Another letter's file (or another archive's) under this letter's name: its glyphs would be trained on
+        # with this letter's label. Whoever swapped it also rewrote the manifest, so the rows are what tells.
+        raise CorruptDataError(f"{path} holds {stray!r}, not a file of {prefix}: this is not the packed letter its "
+                               f"manifest names; delete {Path(path).parent.parent} and rerun, which unpacks again")
     return names, table.column("png").to_pylist()

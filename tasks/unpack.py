@@ -22,7 +22,7 @@ from core.errors import ArchiveError, UnsafeArchiveError
 from core.seed import LETTERS
 from storage.atomic import remove_temporaries_of
 from storage.layout import DataRoot, lock_file
-from storage.packed import PackedLetterWriter, archive_identity, find_packed, find_unpacked
+from storage.packed import PackedLetterWriter, archive_identity, find_packed, find_unpacked, is_bound
 from storage.tar_stream import MAX_MEMBERS, MAX_TOTAL_BYTES, TarReader
 from tasks.decode import start_shared_workers
 from tasks.extract import member_path, top_folder
@@ -142,7 +142,8 @@ def _unpack_current(root: DataRoot, parameters: dict, manifests: dict[Path, dict
     if raw is None:
         return False
     sha256 = next(iter(raw["files"].values()))["sha256"]
-    return all(manifest.get("archive", {}).get("sha256") == sha256 for manifest in manifests.values())
+    return all(manifest.get("archive", {}).get("sha256") == sha256 and is_bound(manifest, folder.name)
+               for folder, manifest in manifests.items())
 
 
 unpack_task = stage_task(

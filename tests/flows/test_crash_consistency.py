@@ -95,7 +95,7 @@ def assert_nothing_half_written(layout: DataRoot, archive_bytes: dict[str, int])
         if (layout.raw / name).exists():
             assert (layout.raw / name).stat().st_size == size, name
     # Committed folders have names that do not start with a dot (temporaries and `.locks/` do).
-    committed = [(letter, "packed-letter", 1) for letter in layout.root.glob("packed/[!.]*/[!.]*")]
+    committed = [(letter, "packed-letter", 2) for letter in layout.root.glob("packed/[!.]*/[!.]*")]
     committed += [(letter, "letter", 2) for letter in layout.root.glob("shards/[!.]*/[!.]*")]
     committed += [(folder, "splits", 2) for folder in layout.splits_root.glob("[!.]*")]
     committed += [(folder, "model", 1) for folder in layout.models_root.glob("[!.]*") if not folder.name.endswith(".backup")]

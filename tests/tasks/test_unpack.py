@@ -212,3 +212,29 @@ def test_decoding_goes_on_after_a_worker_died_on_a_new_pool(tmp_path):
             pool.submit(os._exit, 1).result()  # a worker killed (out of memory, kill -9)
         manifest = decode_to_shards(dest, tmp_path / "shards", workers=1, letters="C")["C"]
     assert manifest["images"] == 8 and decode._shared is None
+
+
+@pytest.mark.parametrize("forger", ["manifest-files-only", "binding-too"])
+def test_a_packed_letter_swapped_for_another_letters_is_never_decoded_as_this_letter(tmp_path, forger):
+    """Replace E's file with F's and update E's manifest to match: as issue-tracked, this was decoded as E."""
+    import json
+    import shutil
+
+    from storage.packed import binding
+
+    archive = make_archive(tmp_path, "notMNIST_small", per_letter=6, seed=4)
+    dest = unpack_archive(archive.path, tmp_path / "packed" / "notMNIST_small")
+    shutil.copyfile(dest / "F" / FILE, dest / "E" / FILE)
+    manifest = json.loads((dest / "E" / MANIFEST).read_text())
+    manifest["files"][FILE] = json.loads((dest / "F" / MANIFEST).read_text())["files"][FILE]
+    if forger == "binding-too":
+        manifest["binding"] = binding(manifest["archive"]["sha256"], "E", manifest["files"][FILE]["sha256"])
+    (dest / "E" / MANIFEST).write_text(json.dumps(manifest))
+
+    assert find_unpacked(archive.path, dest) is None or forger == "binding-too"
+    message = (r"packed/notMNIST_small/E holds no packed letter" if forger == "manifest-files-only"
+               else r"E/png\.parquet holds 'notMNIST_small/F/.*', not a file of notMNIST_small/E/")
+    with pytest.raises(PipelineError, match=message):
+        decode_to_shards(dest, tmp_path / "shards", workers=1, letters="E")
+    assert not (tmp_path / "shards" / "E").exists()
+
