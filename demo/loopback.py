@@ -33,6 +33,7 @@ class Fault:
     stall_after: int | None = None  # send this many body bytes, then nothing for `stall_seconds`
     stall_seconds: float = 0.0
     no_length: bool = False  # send the body without a Content-Length, ending it by closing the connection
+    no_validators: bool = False  # send neither ETag nor Last-Modified (and honour any Range as it comes)
 
 
 @dataclass
@@ -148,7 +149,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         start, end, status = 0, content_length - 1, 200
         wanted = self.headers.get("Range")
-        if wanted and not fault.ignore_range and self._if_range_holds(etag, mtime):
+        if wanted and not fault.ignore_range and (fault.no_validators or self._if_range_holds(etag, mtime)):
             parsed = _parse_range(wanted, content_length)
             if parsed is None:
                 record.status = 416
@@ -164,8 +165,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", etag)
-        self.send_header("Last-Modified", last_modified)
+        if not fault.no_validators:
+            self.send_header("ETag", etag)
+            self.send_header("Last-Modified", last_modified)
         if fault.no_length:
             self.send_header("Connection", "close")
             self.close_connection = True

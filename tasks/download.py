@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,10 @@ from tasks.reporting import Progress, artifact_key, stage_logger
 from tasks.stage import Stage, stage_task
 
 CHUNK_BYTES = 1 << 20
+# Bytes before the resume point asked for again when the server gives no validator, and compared with what
+# `.part` holds: a changed file differs there unless the change lies wholly after it (the size and sha256
+# checks then catch it).
+OVERLAP_BYTES = 64 << 10
 SYNC_EVERY_BYTES = 32 << 20
 # Answers worth another try (RFC 9110: 408 timeout, 429 rate limit, 5xx server trouble).
 TRANSIENT_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
@@ -201,8 +206,11 @@ class _Transfer:
         state = self.load_state()
         have = self.part.stat().st_size if self.part.exists() else 0
         headers = {"Accept-Encoding": "identity"}  # byte offsets must be those of the file itself
+        # Without a validator the server cannot say whether the file changed since `.part` was started: ask again
+        # for the bytes before the resume point too, and resume only if they are still the file's.
+        overlap = min(OVERLAP_BYTES, have) if have and state is not None and not state.validator else 0
         if have and state is not None:
-            headers["Range"] = f"bytes={have}-"
+            headers["Range"] = f"bytes={have - overlap}-"
             if state.validator:
                 headers["If-Range"] = state.validator
         with _get(session, self.url, headers, self.timeout) as response:
@@ -229,21 +237,50 @@ class _Transfer:
             if status == 206:
                 start = _content_range_start(response.headers.get("Content-Range"))
                 changed = state is not None and state.validator and remote.validator not in (None, state.validator)
-                if start != have or changed:
+                if start != have - overlap or changed:
                     # Appending this body would splice two different files or duplicate bytes.
                     self.restart(remote)
                     raise DownloadError(f"{self.url}: the server's partial answer does not continue byte {have:,}")
                 if self.hashed_bytes != have:
                     self.hasher = None  # resumed from an earlier process: hash the whole file at the end
                 self.progress.reset(have)
+                chunks = self._after_overlap(_body_chunks(response), overlap, have, remote)
             else:  # 200: the whole body, even if we asked for a range
                 self.restart(remote)
-            self.append(_body_chunks(response))
+                chunks = _body_chunks(response)
+            self.append(chunks)
             total = _content_range_total(response.headers.get("Content-Range"))
             if status == 200 and response.headers.get("Content-Length", "").isdigit():
                 total = int(response.headers["Content-Length"])
             if total is not None and self.part.stat().st_size < total:
                 raise DownloadError(f"{self.url}: the connection ended at byte {self.part.stat().st_size:,} of {total:,}")
+
+
+    def _after_overlap(self, chunks: Iterator[bytes], overlap: int, have: int, remote: PartState) -> Iterator[bytes]:
+        """The body after its first `overlap` bytes, once those are found equal to the end of `.part`; a file that
+        changed on the server restarts from byte 0 instead (never spliced)."""
+        if not overlap:
+            yield from chunks
+            return
+        with open(self.part, "rb") as handle:
+            handle.seek(have - overlap)
+            kept = handle.read(overlap)
+        head = b""
+        for chunk in chunks:
+            if len(head) < overlap:
+                head += chunk
+                if len(head) < overlap:
+                    continue
+                head, chunk = head[:overlap], head[overlap:]
+                if head != kept:
+                    self.restart(remote)
+                    raise DownloadError(
+                        f"{self.url}: the file changed on the server since byte {have:,} was received (it sends no "
+                        "validator to resume by); starting over"
+                    )
+                if not chunk:
+                    continue
+            yield chunk
 
 
 # fdatasync skips the metadata flush; macOS and Windows only have fsync.

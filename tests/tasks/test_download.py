@@ -95,6 +95,30 @@ def test_file_changed_on_the_server_restarts_from_zero(file_server, tmp_path):
     assert file_server.requests_for(NAME)[-1].status == 200
 
 
+def test_a_file_changed_on_a_server_without_validators_is_never_spliced(file_server, tmp_path):
+    """Size checked only (the notMNIST defaults), no ETag, no Last-Modified: the resume asks again for the bytes
+    before the resume point, finds them changed, and starts over."""
+    file_server.put(NAME, CONTENT)
+    changed = os.urandom(len(CONTENT))
+    file_server.add_faults(NAME, Fault(drop_after=50_000, no_validators=True),
+                           Fault(replace_with=changed, no_validators=True), Fault(no_validators=True))
+    path = fetch(file_server, tmp_path, sha256=None)
+    assert path.read_bytes() == changed  # the new file whole, not 50,000 bytes of the old one before it
+    first, resumed, restarted = file_server.requests_for(NAME)
+    assert resumed.headers["Range"] == f"bytes={50_000 - 65_536 if 50_000 > 65_536 else 0}-" and resumed.status == 206
+    assert "Range" not in restarted.headers and restarted.status == 200
+
+
+def test_an_unchanged_file_on_a_server_without_validators_resumes_after_checking_the_overlap(file_server, tmp_path):
+    file_server.put(NAME, CONTENT)
+    file_server.add_faults(NAME, Fault(drop_after=150_000, no_validators=True), Fault(no_validators=True))
+    path = fetch(file_server, tmp_path, sha256=SHA256)
+    assert path.read_bytes() == CONTENT
+    first, resumed = file_server.requests_for(NAME)
+    assert resumed.headers["Range"] == f"bytes={150_000 - 65_536}-" and resumed.status == 206
+    assert resumed.body_bytes == len(CONTENT) - 150_000 + 65_536  # the rest, and the overlap it was checked by
+
+
 def test_partial_answer_from_a_changed_file_is_not_appended(file_server, tmp_path):
     """A server that ignores If-Range but changes the ETag: the 206 body must not be spliced on."""
     file_server.put(NAME, CONTENT)
@@ -159,14 +183,19 @@ def test_short_error_page_saved_as_the_archive_is_refused(file_server, tmp_path)
         fetch(file_server, tmp_path)
 
 
-def test_complete_part_file_answered_416_is_verified_not_fetched_again(file_server, tmp_path):
+@pytest.mark.parametrize("validator", [None, "etag"], ids=["no-validator", "etag"])
+def test_complete_part_file_is_verified_not_fetched_again(file_server, tmp_path, validator):
     file_server.put(NAME, CONTENT)
     (tmp_path / (NAME + ".part")).write_bytes(CONTENT)  # a crash between the last byte and the rename
-    (tmp_path / (NAME + ".part.json")).write_text(json.dumps({"url": file_server.url(NAME)}))
+    etag = requests.head(file_server.url(NAME), timeout=10).headers["ETag"] if validator else None
+    file_server.state.requests.clear()
+    (tmp_path / (NAME + ".part.json")).write_text(json.dumps({"url": file_server.url(NAME), "etag": etag}))
     assert fetch(file_server, tmp_path, sha256=SHA256).read_bytes() == CONTENT
     (request,) = file_server.requests_for(NAME)
-    assert request.status == 416
-    assert file_server.body_bytes_sent(NAME) == 0
+    if validator:  # the range after the last byte: 416, nothing sent
+        assert request.status == 416 and file_server.body_bytes_sent(NAME) == 0
+    else:  # no validator: only the last 64 KiB, to check that they are still the server's
+        assert request.status == 206 and file_server.body_bytes_sent(NAME) == 65_536
 
 
 def test_part_file_of_another_url_is_not_resumed(file_server, tmp_path):
