@@ -126,6 +126,9 @@ class TarReader:
                 self._unread = 0
             block = stream.read(BLOCK)
             if block == ZERO_BLOCK:
+                if pending:  # an extended header names a member that never comes
+                    raise _corrupt(archive, f"the extended header after member {name!r} is followed by the end of "
+                                            "the archive, not by the member it describes")
                 break
             if len(block) < BLOCK:
                 where = f"after member {name!r}" if name else "at its start"
@@ -143,6 +146,9 @@ class TarReader:
                 self._read_extension(name, typeflag, size, pending)
                 continue  # global pax headers hold comments; a long link name only precedes a refused link
             if pending:
+                if pending.get("path", None) == "":
+                    raise _corrupt(archive, f"the extended header after member {name!r} gives the next member an "
+                                            "empty name")
                 name, size = pending.pop("path", None) or _header_name(block), pending.pop("size", size)
                 pending.clear()
             else:
@@ -338,8 +344,10 @@ class _DecompressedStream:
         """Stop the background thread and wait for it."""
         self.stopping.set()
         while self.thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                self.chunks.get(timeout=0.05)
+            with contextlib.suppress(queue.Empty):  # make room: a producer waiting on a full queue then sees the stop
+                while True:
+                    self.chunks.get_nowait()
+            self.thread.join(timeout=0.005)
 
 
 def _decompressed_chunks(magic: bytes, source) -> Iterator[bytes]:

@@ -217,3 +217,19 @@ def test_negative_size_is_corrupt(tmp_path):
     archive.write_bytes(bytes(header) + bytes(1024))
     with pytest.raises(ArchiveError, match="a negative size in the tar header after member ''"):
         list(iter_files(archive, **LIMITS))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [("header-zeroed", r"extended header after member '' is followed by the end of the archive"),
+     ("long-name-zeroed", r"extended header after member '' gives the next member an empty name")],
+    ids=["member-after-a-long-name-gone", "empty-long-name"],
+)
+def test_a_long_name_without_its_member_or_with_no_name_is_refused(tmp_path, damage, message):
+    """Both were read by the reader and refused or read otherwise by tarfile (found by the differential test)."""
+    data = bytearray(write_tar(tmp_path / "a.tar", [(LONG, b"x" * 10)], mode="w").read_bytes())
+    zeroed = 1024 if damage == "header-zeroed" else 512  # [long-name header, its name, the member's header, ...]
+    data[zeroed:zeroed + 512] = bytes(512)
+    (tmp_path / "a.tar").write_bytes(bytes(data))
+    with pytest.raises(ArchiveError, match=message), TarReader(tmp_path / "a.tar", **LIMITS) as reader:
+        list(reader)
