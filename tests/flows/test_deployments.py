@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -35,6 +36,7 @@ from storage.layout import DataRoot
 from storage.letters import letter_folder
 from storage.models import read_metrics
 from tests.flows.conftest import overwrite_in_place, pipeline_parameters
+from tests.flows.test_pipeline import task_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -117,7 +119,7 @@ def test_deploy_all_registers_every_deployment_and_the_weekly_schedule(prefect_s
 
 
 def test_training_on_a_worker_that_shares_nothing_but_the_api_and_the_object_store(
-    prefect_server, deployed, repository, served_archives, s3_server, s3_root, tmp_path
+    prefect_server, deployed, repository, served_archives, s3_server, s3_root, tmp_path, caplog
 ):
     """The worker runs in a folder of its own, with its own HOME, and gets the code by cloning the deployed
     commit; the pipeline and the worker exchange data only through S3."""
@@ -143,12 +145,25 @@ def test_training_on_a_worker_that_shares_nothing_but_the_api_and_the_object_sto
             model_dir = result["model_path"].removeprefix(s3_root + "/").removesuffix("/model.keras")
             split_dir = json.loads((pipeline.root / model_dir / "record.json").read_text())["dataset"]["splits"]
             time.sleep(1.1)  # the store's listing times have whole seconds: a rewrite must be seen as one
-            overwrite_in_place(pipeline, pipeline.root / split_dir)
-            overwrite_in_place(pipeline, letter_folder(pipeline.shards("notMNIST_large"), "A"))
+            damaged = [overwrite_in_place(pipeline, pipeline.root / split_dir),
+                       overwrite_in_place(pipeline, letter_folder(pipeline.shards("notMNIST_large"), "A"))]
             shutil.rmtree(machine / ".cache" / "notmnist")
-            repaired = notmnist_pipeline(**parameters, return_state=True)
+            with caplog.at_level("WARNING"):
+                repaired = notmnist_pipeline(**parameters, return_state=True)
             assert repaired.is_completed(), repaired.message
             assert repaired.result()["test_accuracy"] == result["test_accuracy"]
+            states = {run.name: run.state.name for run in task_runs(repaired.state_details.flow_run_id)}
+            assert states["decode notMNIST_large A"] == "Completed" and states["decode notMNIST_large B"] == "Cached"
+            warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+            for url in damaged:  # one warning line names each damaged object
+                assert [line for line in warnings if url in line] == [f"Damaged in the data root: {url} was written "
+                                                                      "again after its folder was committed; this "
+                                                                      "stage runs again to replace it"], warnings
+            # Every committed folder of the data root is whole again: a fresh working copy fetches each, verified.
+            reader = DataRoot(s3_root, tmp_path / "reader")
+            for folder in [reader.root / split_dir, *(letter_folder(reader.shards(archive), letter) for letter in
+                                                      "ABCDEFGHIJ" for archive in ("notMNIST_large", "notMNIST_small"))]:
+                assert reader.fetch(folder)
     finally:
         worker.terminate()
         worker.wait(timeout=30)

@@ -5,9 +5,7 @@ that cannot be written fails the run before any download."""
 from __future__ import annotations
 
 import json
-import logging
 import re
-import time
 import uuid
 
 import pytest
@@ -19,7 +17,7 @@ from flows.notmnist import notmnist_pipeline
 from storage.folders import MANIFEST
 from storage.layout import DataRoot
 from storage.letters import letter_folder
-from tests.flows.conftest import free_port, objects_under, overwrite_in_place, pipeline_parameters
+from tests.flows.conftest import free_port, objects_under, pipeline_parameters
 from tests.flows.test_pipeline import DATA_TASKS, task_states
 
 
@@ -83,43 +81,6 @@ def test_a_second_machine_reuses_every_finished_stage_without_asking_the_origin(
     assert {task: set(states[task]) for task in DATA_TASKS} == {task: {"Cached"} for task in DATA_TASKS}
     assert state.result()["dataset_fingerprint"] == result["dataset_fingerprint"]
     assert state.result()["test_accuracy"] == result["test_accuracy"]
-
-
-def test_same_size_damage_in_the_data_root_is_repaired_and_named_once(
-    first_machine, tmp_path, caplog
-):
-    parameters, result = first_machine
-    layout = DataRoot(parameters["data_dir"], parameters["scratch_dir"])
-    model = result["model_path"].removeprefix(parameters["data_dir"] + "/").removesuffix("/model.keras")
-    split_dir = json.loads((layout.root / model / "record.json").read_text())["dataset"]["splits"]  # splits/<key>
-    time.sleep(1.1)  # the store's listing times have whole seconds: a rewrite must be seen as one
-    damaged = [overwrite_in_place(layout, layout.root / split_dir),
-               overwrite_in_place(layout, letter_folder(layout.shards("notMNIST_large"), "A"))]
-
-    with caplog.at_level(logging.WARNING):
-        again = notmnist_pipeline(**parameters, return_state=True)
-    assert again.is_completed(), again.message
-    states = {run: state for run, state in zip(*_named_states(again.state_details.flow_run_id))}
-    assert states["decode notMNIST_large A"] == "Completed" and states["decode notMNIST_large B"] == "Cached"
-    assert states[next(name for name in states if name.startswith("splits "))] == "Completed"
-    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
-    for url in damaged:  # one line names each damaged object
-        assert len([line for line in warnings if url in line]) == 1, warnings
-        assert any(line.startswith("Damaged in the data root: " + url) for line in warnings)
-
-    # Every committed folder of the data root is whole again: a fresh working copy fetches each, verified (a
-    # training sent to another machine's worker after such a repair: tests/flows/test_deployments.py).
-    reader = DataRoot(parameters["data_dir"], tmp_path / "reader")
-    for folder in [reader.root / split_dir, *(letter_folder(reader.shards(a), letter)
-                                             for a in ("notMNIST_large", "notMNIST_small") for letter in "ABCDEFGHIJ")]:
-        assert reader.fetch(folder)
-
-
-def _named_states(flow_run_id) -> tuple[list[str], list[str]]:
-    from tests.flows.test_pipeline import task_runs
-
-    runs = task_runs(flow_run_id)
-    return [run.name for run in runs], [run.state.name for run in runs]
 
 
 def test_splits_missing_from_the_data_root_are_rebuilt_and_published_again(first_machine):
