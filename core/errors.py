@@ -27,3 +27,7 @@ class ArchiveError(PipelineError):
 
 class CorruptDataError(PipelineError):
     """Data on disk that differs from what was recorded when it was written (a damaged or overwritten file)."""
+
+
+class DiskFullError(PipelineError):
+    """No room left on a file system for what a stage writes."""

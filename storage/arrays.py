@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
 
+from core.errors import DiskFullError
+
 
 def create_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype | str) -> np.memmap:
-    """A new NPY file of `shape`, memory-mapped for writing (its header is valid from the start)."""
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
+    """A new NPY file of `shape`, memory-mapped for writing (its header is valid from the start).
+
+    Its whole size is allocated before it is mapped: a write through a map into a file the file system
+    cannot back is a SIGBUS that kills the process without a word, where a full disk is an error here.
+    """
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
+    try:
+        with open(path, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+    except OSError as error:
+        del array
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                f"No space left on the file system of {Path(path).parent} for {Path(path).name} "
+                f"({int(np.prod(shape)) * np.dtype(dtype).itemsize:,} bytes): free space there, or use a data root "
+                "on a larger one; nothing was committed."
+            ) from error
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot preallocate: map as is
+            raise
+    return array
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

@@ -57,3 +57,30 @@ def test_layout_names_every_folder_under_the_root(tmp_path):
 def test_a_moved_data_root_describes_the_same_places(tmp_path):
     first, second = DataRoot(tmp_path / "a"), DataRoot(tmp_path / "b")
     assert first.relative(first.shards("notMNIST_large")) == second.relative(second.shards("notMNIST_large"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs mounted for the test (CI runs as root), unmounted afterwards."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_memory_mapped_array_the_disk_cannot_hold_is_an_error_not_a_crash(small_disk):
+    from core.errors import DiskFullError
+    from storage.arrays import create_npy
+
+    with pytest.raises(DiskFullError, match=r"No space left on the file system of .*disk for big\.npy \(8,000,000 "
+                                            r"bytes\): free space there"):
+        create_npy(small_disk / "big.npy", (1000, 8000), np.uint8)  # 8 MB on a 4 MiB disk: SIGBUS when written
+    fits = create_npy(small_disk / "fits.npy", (1000, 1000), np.uint8)
+    fits[:] = 7
+    fits.flush()
