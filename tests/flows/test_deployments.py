@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -135,24 +134,22 @@ def test_training_on_a_worker_that_shares_nothing_but_the_api_and_the_object_sto
                                          train_timeout_seconds=300)
         parameters.update(data_dir=s3_root, scratch_dir=str(tmp_path / "pipeline-machine"))
         with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
-            state = notmnist_pipeline(**parameters, return_state=True)
-            assert state.is_completed(), state.message
-            result = state.result()
-
-            # Same-size damage in the bucket, and a worker that lost its working copy: the rerun repairs the data
-            # root before it sends training, so the worker's fresh copy of the splits passes its sha256 checks.
+            # A first run trains here (one epoch), so the bucket holds every stage; then same-size damage in the
+            # bucket. The run that sends training to the worker repairs the data root first, so the worker's
+            # copy of the splits, fetched from the bucket, passes its sha256 checks.
+            first = notmnist_pipeline(**{**parameters, "train_deployment": None, "epochs": 1}, return_state=True)
+            assert first.is_completed(), first.message
             pipeline = DataRoot(s3_root, parameters["scratch_dir"])
-            model_dir = result["model_path"].removeprefix(s3_root + "/").removesuffix("/model.keras")
+            model_dir = first.result()["model_path"].removeprefix(s3_root + "/").removesuffix("/model.keras")
             split_dir = json.loads((pipeline.root / model_dir / "record.json").read_text())["dataset"]["splits"]
             time.sleep(1.1)  # the store's listing times have whole seconds: a rewrite must be seen as one
             damaged = [overwrite_in_place(pipeline, pipeline.root / split_dir),
                        overwrite_in_place(pipeline, letter_folder(pipeline.shards("notMNIST_large"), "A"))]
-            shutil.rmtree(machine / ".cache" / "notmnist")
             with caplog.at_level("WARNING"):
-                repaired = notmnist_pipeline(**parameters, return_state=True)
-            assert repaired.is_completed(), repaired.message
-            assert repaired.result()["test_accuracy"] == result["test_accuracy"]
-            states = {run.name: run.state.name for run in task_runs(repaired.state_details.flow_run_id)}
+                state = notmnist_pipeline(**parameters, return_state=True)
+            assert state.is_completed(), state.message
+            result = state.result()
+            states = {run.name: run.state.name for run in task_runs(state.state_details.flow_run_id)}
             assert states["decode notMNIST_large A"] == "Completed" and states["decode notMNIST_large B"] == "Cached"
             warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
             for url in damaged:  # one warning line names each damaged object
@@ -192,8 +189,8 @@ def test_training_on_a_worker_that_shares_nothing_but_the_api_and_the_object_sto
             return runs, artifacts
 
     runs, artifacts = read(prefect_server, child_runs)
-    runs = sorted((run for run in runs if run.parameters.get("data_dir") == s3_root), key=lambda run: run.created)
-    assert [(run.work_pool_name, run.state.name) for run in runs] == [("gpu", "Completed")] * 2
+    runs = [run for run in runs if run.parameters.get("data_dir") == s3_root]
+    assert [(run.work_pool_name, run.state.name) for run in runs] == [("gpu", "Completed")]
     assert {"notmnist-splits", "notmnist-report", "notmnist-confusion-matrix"} <= {a.key for a in artifacts}
 
     async def parent_log():
