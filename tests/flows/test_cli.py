@@ -98,16 +98,6 @@ def test_demo_runs_the_whole_pipeline_to_a_model_and_a_report(prefect_api, tmp_p
     assert str(result["flow_run"])
 
 
-def test_demo_runs_with_its_data_root_on_an_object_store(prefect_api, s3_root, tmp_path, capsys):
-    scratch = tmp_path / "scratch"
-    code = main(["demo", "--data-dir", s3_root, "--scratch-dir", str(scratch), "--per-letter", "60", "--epochs", "1",
-                 "--json"])
-    assert code == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["model_path"].startswith(f"{s3_root}/models/") and result["report"].startswith(s3_root)
-    assert (scratch / "source" / "notMNIST_large.tar.gz").is_file()  # generated and served from the working copy
-
-
 def test_train_on_an_object_store_needs_the_split_folder_named(capsys):
     assert main(["train", "--data-dir", "s3://notmnist/somewhere"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
