@@ -47,6 +47,16 @@ RECORDS = "_prefect/records"  # Prefect's cache records of the stages that wrote
 LOCKS = ".locks"  # lock files, one folder beside what they guard, never a data file
 
 
+def file_manifest(path: Path, entry: dict) -> dict:
+    """The manifest of a file published on its own (a download): its one object, under a name of its own."""
+    return {"kind": "file", "format": 1, "single_file": True, "name": Path(path).name, "files": {SINGLE_FILE: entry}}
+
+
+def file_entry(manifest: dict) -> dict:
+    """The size and sha256 of the file a `file_manifest` describes (sha256 None: a local file, not hashed here)."""
+    return manifest["files"][SINGLE_FILE]
+
+
 def same_manifest(first: dict, second: dict) -> bool:
     """True when two manifests of a folder describe the same thing (what only the store adds left out)."""
     def own(manifest: dict) -> dict:
@@ -175,8 +185,7 @@ class DataRoot:
         path = Path(path)
         if self.store is None:
             if path.is_file():
-                return {"kind": "file", "single_file": True, "name": path.name,
-                        "files": {SINGLE_FILE: {"bytes": path.stat().st_size, "sha256": None}}}, None
+                return file_manifest(path, {"bytes": path.stat().st_size, "sha256": None}), None
             try:
                 manifest = read_json(path / MANIFEST)
             except (OSError, ValueError):
@@ -237,7 +246,7 @@ class DataRoot:
     def _holds(self, path: Path, published: dict, single: bool) -> bool:
         """True when the working copy at `path` already holds exactly what `published` describes, intact."""
         if single:
-            ((name, entry),) = published["files"].items()
+            entry = file_entry(published)
             return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_of(path) == entry["sha256"]
         try:
             local = read_json(path / MANIFEST)
@@ -260,8 +269,7 @@ class DataRoot:
             # One object under a name of its own: some stores list a `.gz` object by its stored size.
             local, sources = path.parent, {SINGLE_FILE: path}
             (entry,) = describe_files(path.parent, [path.name]).values()
-            manifest = {"kind": "file", "format": 1, "single_file": True, "name": path.name,
-                        "files": {SINGLE_FILE: entry}}
+            manifest = file_manifest(path, entry)
         else:
             local = path
             manifest = (

@@ -15,7 +15,6 @@ from pathlib import Path
 from storage.atomic import atomic_path
 from storage.objects import SCHEME, ObjectStore, is_object_store
 
-
 # The variables that choose an S3 client: a client is reused only while they are as they were.
 _CLIENT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                      "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")

@@ -31,7 +31,7 @@ from core.defaults import READ_TIMEOUT_SECONDS
 from core.errors import DownloadError, PermanentDownloadError, VerificationError
 from storage.atomic import remove, remove_temporaries_of, write_json
 from storage.digests import sha256_of
-from storage.layout import DataRoot, lock_file, partial_download, partial_download_state
+from storage.layout import DataRoot, file_entry, lock_file, partial_download, partial_download_state
 from tasks.reporting import Progress, artifact_key, stage_logger
 from tasks.stage import Stage, stage_task
 
@@ -486,7 +486,7 @@ def _download_current(root: DataRoot, parameters: dict, manifests: dict[Path, di
     expected_bytes, sha256 = parameters["expected_bytes"], parameters["sha256"]
     if root.store is None:
         return verify(path, expected_bytes=expected_bytes, sha256=sha256) is None
-    entry = next(iter(manifest["files"].values()))
+    entry = file_entry(manifest)
     return (expected_bytes is None or entry["bytes"] == expected_bytes) and (
         sha256 is None or entry["sha256"] == sha256.lower())
 

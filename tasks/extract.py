@@ -18,8 +18,8 @@ from filelock import FileLock
 
 from core.errors import ArchiveError, UnsafeArchiveError
 from storage.atomic import remove, remove_temporaries_of, temporary_sibling
-from storage.layout import lock_file
 from storage.extraction import RECORD_NAME, class_folders, find_extraction, listing_digest, write_record
+from storage.layout import lock_file
 from storage.tar_stream import MAX_MEMBERS, MAX_TOTAL_BYTES, TarReader
 from tasks.reporting import stage_logger
 

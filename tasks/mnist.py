@@ -18,7 +18,7 @@ import numpy as np
 
 from core.errors import PipelineError
 from storage.digests import sha256_of
-from storage.layout import DataRoot, mnist_splits_key
+from storage.layout import DataRoot, file_entry, mnist_splits_key
 from storage.splits import IMAGE_SHAPE, SplitWriter, find_splits
 from tasks.reporting import stage_logger
 from tasks.stage import Stage, stage_task
@@ -118,7 +118,7 @@ def _mnist_output(root: DataRoot, parameters: dict) -> list[Path] | None:
     if root.store is None:
         sha256 = sha256_of(npz) if npz.is_file() else None
     else:
-        sha256 = next(iter(raw["files"].values()))["sha256"] if (raw := root.committed(npz)) else None
+        sha256 = file_entry(raw)["sha256"] if (raw := root.committed(npz)) else None
     return None if sha256 is None else [root.splits(mnist_splits_key(sha256))]
 
 

@@ -203,12 +203,13 @@ def _write_split(
     writer.save_files(split, files.tolist())
 
 
-def input_identities(root: DataRoot, large: str, small: str) -> list[tuple[str, str]] | None:
+def input_identities(root: DataRoot, large: str, small: str, *, local: bool = False) -> list[tuple[str, str]] | None:
     """(archive name, shard-set fingerprint) of the large input, then of the small one, from the letters the data
-    root holds; None while a letter is missing."""
+    root holds (with `local`, those of this machine's working copy); None while a letter is missing."""
     identities = []
     for archive in (large, small):
-        manifests = {letter: root.committed(folder, verify=False) for letter, folder in _letters(root, archive).items()}
+        manifests = {letter: letter_manifest(folder) if local else root.committed(folder, verify=False)
+                     for letter, folder in _letters(root, archive).items()}
         if None in manifests.values():
             return None
         identities.append((archive, shard_set_identity_of(manifests)))
@@ -223,10 +224,10 @@ def _sizes(parameters: dict) -> dict[str, int]:
     return {split: parameters[f"{split}_size"] for split in SPLITS}
 
 
-def split_folder(root: DataRoot, parameters: dict) -> Path | None:
-    """The folder that holds the splits of these input shard sets and parameters (one folder per combination);
-    None while the inputs are not all there."""
-    inputs = input_identities(root, parameters["large"], parameters["small"])
+def split_folder(root: DataRoot, parameters: dict, *, local: bool = False) -> Path | None:
+    """The folder that holds the splits of these input shard sets and parameters (one folder per combination), the
+    inputs as the data root holds them (with `local`, as the working copy does); None while one is missing."""
+    inputs = input_identities(root, parameters["large"], parameters["small"], local=local)
     if inputs is None:
         return None
     fingerprint = short_digest([identity for _, identity in inputs])
@@ -249,7 +250,7 @@ def _write_splits(root: DataRoot, folder: Path, parameters: dict) -> dict:
     """Choose each split's rows, write them into `folder` and commit it; returns the manifest."""
     large, small, sizes, seed, dedup = (parameters["large"], parameters["small"], _sizes(parameters),
                                         parameters["seed"], parameters["dedup"])
-    inputs = input_identities(root, large, small)
+    inputs = input_identities(root, large, small, local=True)
     large_letters = [_read_letter(root.shards(large), letter) for letter in LETTERS]
     small_letters = [_read_letter(root.shards(small), letter) for letter in LETTERS]
     per_class = {split: size // len(LETTERS) for split, size in sizes.items()}
@@ -296,10 +297,10 @@ def build_splits(
                       seed=seed, dedup=dedup)
     _check_parameters(_sizes(parameters), dedup)
     root, logger = DataRoot.of(root), stage_logger(__name__)
-    folder = split_folder(root, parameters)
+    folder = split_folder(root, parameters, local=True)  # of the letters read: those the boundary fetched
     if folder is None:
         missing = [f"{archive_stem(archive)} {letter}" for archive in (large, small)
-                   for letter, path in _letters(root, archive).items() if root.committed(path, verify=False) is None]
+                   for letter, path in _letters(root, archive).items() if letter_manifest(path) is None]
         raise PipelineError(f"{root.location} has no decoded letters {', '.join(missing)}: decode them first "
                             "(`notmnist shards`, or rerun the pipeline).")
     if (manifest := find_splits(folder)) is not None:
@@ -332,9 +333,13 @@ def _split_output(root: DataRoot, parameters: dict) -> list[Path] | None:
     return None if folder is None else [folder]
 
 
+def _built(root: DataRoot, parameters: dict, manifest: dict) -> list[Path]:
+    return [root.splits(manifest["key"])]
+
+
 splits_task = stage_task(
     build_splits,
-    stage=Stage(outputs=_split_output, reads=_split_inputs),
+    stage=Stage(outputs=_split_output, reads=_split_inputs, built=_built),
     name="splits",
     task_run_name="splits {train_size}/{valid_size}/{test_size} seed {seed}",
 )

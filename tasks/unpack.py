@@ -21,7 +21,7 @@ from filelock import FileLock
 from core.errors import ArchiveError, UnsafeArchiveError
 from core.seed import LETTERS
 from storage.atomic import remove_temporaries_of
-from storage.layout import DataRoot, lock_file
+from storage.layout import DataRoot, file_entry, lock_file
 from storage.packed import PackedLetterWriter, archive_identity, find_packed, find_unpacked, is_bound
 from storage.tar_stream import MAX_MEMBERS, MAX_TOTAL_BYTES, TarReader
 from tasks.decode import start_shared_workers
@@ -141,7 +141,7 @@ def _unpack_current(root: DataRoot, parameters: dict, manifests: dict[Path, dict
     raw = root.committed(root.raw / parameters["archive"])
     if raw is None:
         return False
-    sha256 = next(iter(raw["files"].values()))["sha256"]
+    sha256 = file_entry(raw)["sha256"]
     return all(manifest.get("archive", {}).get("sha256") == sha256 and is_bound(manifest, folder.name)
                for folder, manifest in manifests.items())
 

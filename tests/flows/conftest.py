@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from pyarrow import fs as arrow_fs
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from pyarrow import fs as arrow_fs
 
 from demo.loopback import FileServer
 from demo.synthetic import make_archive
