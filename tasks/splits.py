@@ -10,8 +10,11 @@ notMNIST is full of exact duplicates, so a test set drawn that way shares images
 
     none         the seed's sampling, duplicates and all
     cross-split  no valid or test image equals a train image, no test image a valid one: every group
-                 of identical images goes to one split, the first to draw it (default)
+                 of identical images goes to one split, in either archive (default)
     all          cross-split, and every split unique within itself
+
+Which split each group goes to is tasks/split_groups.py's: the seed's slicing where there are no
+repeats, and a letter refused only when no assignment exists.
 
 Only file names and digests are held for selection; pixels are copied letter by letter into
 memory-mapped NPY files, so memory stays far below the splits' size. Every shard is checked against
@@ -36,6 +39,7 @@ from storage.letters import LetterShards, letter_folder, letter_manifest, shard_
 from storage.shards import pixels_of
 from storage.splits import SPLITS, SplitWriter, find_splits
 from tasks.reporting import stage_logger
+from tasks.split_groups import assign
 from tasks.stage import Stage, stage_task
 
 
@@ -92,38 +96,6 @@ def _require(letter: _Letter, archive: str, have: int, need: int, what: str) -> 
         )
 
 
-def _assign_groups(
-    letter: _Letter, order: np.ndarray, needs: dict[str, int], group_split: dict[bytes, str], unique: bool
-) -> dict[str, np.ndarray]:
-    """Rows for each split in `needs`, walking `order`; every image (digest) goes to one split only.
-
-    An image not seen before goes to the first split that still needs rows (in the order of `needs`:
-    the seed's valid, then train), so without repeats this is exactly the seed's slicing. A repeat
-    may only join its image's split: as one more row there, or, with `unique`, not at all.
-    `group_split` is shared across letters, so an image drawn by two letters cannot leak either.
-    """
-    names, sizes = list(needs), list(needs.values())
-    slot = {name: number for number, name in enumerate(names)}
-    picked: list[list[int]] = [[] for _ in names]
-    filling, wanted = 0, sum(sizes)  # the first split that still needs rows; rows still needed in all
-    for index, digest in zip(order.tolist(), letter.digests[order].tolist()):
-        split = group_split.get(digest)
-        if split is None:  # a new image: to the first split with room
-            while len(picked[filling]) == sizes[filling]:
-                filling += 1
-            number = filling
-            group_split[digest] = names[number]
-        else:  # a repeat: only into its image's split, and only where repeats are allowed
-            number = slot.get(split)
-            if unique or number is None or len(picked[number]) == sizes[number]:
-                continue
-        picked[number].append(index)
-        wanted -= 1
-        if wanted == 0:
-            break
-    return {name: np.array(rows, dtype=np.int64) for name, rows in zip(names, picked)}
-
-
 Chosen = dict[str, list[tuple[_Letter, np.ndarray]]]
 
 
@@ -132,9 +104,8 @@ def choose_rows(
 ) -> Chosen:
     """Each split's rows as (letter, row indices in pick order), letters in label order.
 
-    With dedup, whole groups of identical images go to one split (as group-aware splitters do), so a
-    letter full of repeats fills its shares from its distinct images instead of losing every repeat of
-    a train image for valid; the error comes only when the distinct images run out.
+    With dedup, whole groups of identical images go to one split, decided for both archives at once
+    (tasks/split_groups.py), so a letter is refused only when no assignment exists.
     """
     # The seed's call order: shuffle each large letter, then each small one, then each split.
     large_orders = [_shuffled(len(letter.files), rng) for letter in large]
@@ -147,24 +118,35 @@ def choose_rows(
     for letter in small:
         _require(letter, "notMNIST_small", len(letter.files), test_n, "test")
 
-    group_split: dict[bytes, str] = {}
-    for letter, order in zip(large, large_orders):
+    placed: dict[bytes, str] = {}  # shared by the letters, so an image drawn by two letters cannot leak either
+    for large_letter, large_order, small_letter, small_order in zip(large, large_orders, small, small_orders):
         if dedup == "none":  # the seed's slices, repeats and all
-            rows = {"valid": order[:valid_n], "train": order[valid_n : valid_n + train_n]}
+            rows = {"valid": large_order[:valid_n], "train": large_order[valid_n : valid_n + train_n],
+                    "test": small_order[:test_n]}
         else:
-            rows = _assign_groups(letter, order, {"valid": valid_n, "train": train_n}, group_split, dedup == "all")
-        for split, need in (("valid", valid_n), ("train", train_n)):
-            _require(letter, "notMNIST_large", len(rows[split]), need, f"{split} (dedup={dedup!r})")
-            chosen[split].append((letter, rows[split]))
-
-    for letter, order in zip(small, small_orders):
-        if dedup == "none":
-            rows = order[:test_n]
-        else:  # images already in valid or train are off limits; test's own images join test
-            rows = _assign_groups(letter, order, {"test": test_n}, group_split, dedup == "all")["test"]
-        _require(letter, "notMNIST_small", len(rows), test_n, f"test (dedup={dedup!r})")
-        chosen["test"].append((letter, rows))
+            positions = assign(large_letter.digests[large_order], small_letter.digests[small_order], per_class,
+                               unique=dedup == "all", placed=placed)
+            if positions is None:
+                raise TooFewUsableImagesError(_refusal(large_letter, small_letter, per_class, dedup, placed))
+            rows = {split: (small_order if split == "test" else large_order)[positions[split]] for split in SPLITS}
+        chosen["valid"].append((large_letter, rows["valid"]))
+        chosen["train"].append((large_letter, rows["train"]))
+        chosen["test"].append((small_letter, rows["test"]))
     return chosen
+
+
+def _refusal(large: _Letter, small: _Letter, per_class: dict[str, int], dedup: str, placed: dict) -> str:
+    in_large = set(large.digests.tolist())
+    unseen = set(small.digests.tolist()) - in_large
+    elsewhere = len((in_large | unseen) & placed.keys())
+    return (
+        f"letter {large.letter}: no way to give valid {per_class['valid']:,}, train {per_class['train']:,} and test "
+        f"{per_class['test']:,} images per class with every group of identical images in one split "
+        f"(dedup={dedup!r}); notMNIST_large has {len(large.files):,} decoded, {len(in_large):,} of them distinct, "
+        f"notMNIST_small {len(small.files):,}, {len(unseen):,} of them distinct and not in notMNIST_large"
+        + (f", and {elsewhere:,} of these images are already in another letter's split" if elsewhere else "")
+        + "; use smaller split sizes or a weaker dedup mode"
+    )
 
 
 def overlap_report(chosen: Chosen) -> dict[str, int]:

@@ -143,7 +143,7 @@ def test_a_letter_full_of_repeats_fills_its_shares_from_its_distinct_images(tmp_
     assert not digests(train[0]) & digests(valid[0]) and not digests(test[0]) & (digests(train[0]) | digests(valid[0]))
     for (_, labels, _), per_class in zip((train, valid, test), (12, 4, 5)):
         assert np.bincount(labels, minlength=10).tolist() == [per_class] * 10
-    with pytest.raises(TooFewUsableImagesError, match=r"letter A of notMNIST_large has 4 usable images for train .*\(24 decoded, 8 of them distinct\)"):
+    with pytest.raises(TooFewUsableImagesError, match=r"letter A: no way to give valid 4, train 20 and test 5 images per class .*\(dedup='all'\); notMNIST_large has 24 decoded, 8 of them distinct"):
         build_splits(root, train_size=200, valid_size=40, test_size=50, dedup="all")  # 16 distinct per letter needed
 
 
@@ -155,9 +155,18 @@ def test_all_makes_every_split_unique_within_itself(shard_sets, tmp_path):
     assert manifest["overlap"]["seed_sampling"]["train_unique"] < manifest["overlap"]["seed_sampling"]["train_rows"]
 
 
+def test_test_takes_images_of_both_archives_when_the_small_ones_alone_are_too_few(shard_sets):
+    """Each small letter holds 6 images of its own and 6 copies of large ones: test 12 per class exists only with
+    those 6 groups in test and valid and train from the rest of the large archive (drawing valid and train
+    first, as before, refused it)."""
+    manifest = build(shard_sets, test_size=120, dedup="cross-split")
+    train, valid, test = (digests(split_arrays(shard_sets, manifest, s)[0]) for s in SPLITS)
+    assert len(test) == 120 and not test & (train | valid)
+
+
 def test_a_letter_without_enough_usable_images_names_what_it_has_and_needs(shard_sets, tmp_path):
-    with pytest.raises(TooFewUsableImagesError, match=r"letter A of notMNIST_small has 7 usable images for test \(dedup='cross-split'\), which needs 8 per class"):
-        build(shard_sets, test_size=80, dedup="cross-split")
+    with pytest.raises(TooFewUsableImagesError, match=r"letter A: no way to give valid 5, train 35 and test 12 images per class .*notMNIST_small 12, 6 of them distinct and not in notMNIST_large"):
+        build(shard_sets, train_size=350, test_size=120, dedup="cross-split")
     with pytest.raises(TooFewUsableImagesError, match=r"letter A of notMNIST_large has 60 usable images for valid and train, which needs 70"):
         build(shard_sets, train_size=600, valid_size=100)
     assert not list(DataRoot(shard_sets).splits_root.glob("train*"))
