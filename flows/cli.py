@@ -510,6 +510,16 @@ def prefect_api_problem(error: BaseException) -> str | None:
     return None
 
 
+def _working_folder(args: argparse.Namespace) -> Path:
+    """The local folder a command writes in: its scratch folder, its local data root, or the current folder."""
+    from storage.objects import is_object_store
+
+    for folder in (getattr(args, "scratch_dir", None), getattr(args, "data_dir", None)):
+        if folder and not is_object_store(str(folder)):
+            return Path(folder)
+    return Path.cwd()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `notmnist` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -525,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             handler.addFilter(_no_tracebacks)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.debug else logging.WARNING)  # one line per API call
     from core.errors import PipelineError
+    from storage.disk import disk_full, out_of_space
 
     try:
         result = args.handler(args)
@@ -534,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # one line for the user; the traceback only on request
         if args.debug:
             traceback.print_exc()
+        elif not isinstance(error, PipelineError) and out_of_space(error):  # met outside a stage and the flows
+            error = disk_full(error, _working_folder(args), f"what `notmnist {args.command}` wrote")
         elif isinstance(error, OSError) and error.strerror:  # a path that cannot serve: say which and why
             error = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
         elif problem := prefect_api_problem(error):

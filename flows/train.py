@@ -27,6 +27,7 @@ from core.defaults import TRAIN_TIMEOUT_SECONDS
 from core.errors import PipelineError
 from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED
 from flows.reports import publish_pictures, publish_report, publish_training, run_url
+from storage.disk import writing
 from storage.layout import DataRoot
 from storage.models import MODEL_FILE, read_metrics, write_report
 from tasks.reporting import stage_logger
@@ -122,12 +123,13 @@ def train_and_report(
     """Train (here or on `deployment`); publish the epoch table, the pictures (with `pictures` given, such as
     glyph grids) and the report, also written beside the model; returns the result and report.md."""
     result = train(layout, experiment, splits["key"], training, deployment, timeout_seconds)
-    model_dir, split_dir = in_working_copy(layout, layout.root / result["model"], layout.splits(splits["key"]))
-    metrics = read_metrics(model_dir)
-    publish_training(experiment, metrics)
-    figures = publish_pictures(experiment, model_dir, metrics, split_dir, splits, pictures or {})
-    report = write_report(model_dir, publish_report(experiment, result, metrics, splits, figures))
-    attach(layout, [model_dir / name for name in (report.name, *figures)])
+    with writing(f"the report and pictures of {result['model']}", layout.root):
+        model_dir, split_dir = in_working_copy(layout, layout.root / result["model"], layout.splits(splits["key"]))
+        metrics = read_metrics(model_dir)
+        publish_training(experiment, metrics)
+        figures = publish_pictures(experiment, model_dir, metrics, split_dir, splits, pictures or {})
+        report = write_report(model_dir, publish_report(experiment, result, metrics, splits, figures))
+        attach(layout, [model_dir / name for name in (report.name, *figures)])
     return result, report
 
 

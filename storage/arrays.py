@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import DiskFullError
+from storage.disk import out_of_space
 
 
 def create_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype | str) -> np.memmap:
@@ -23,12 +23,8 @@ def create_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype | str) -> np.
             os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
     except OSError as error:
         del array
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(
-                f"No space left on the file system of {Path(path).parent} for {Path(path).name} "
-                f"({int(np.prod(shape)) * np.dtype(dtype).itemsize:,} bytes): free space there, or use a data root "
-                "on a larger one; nothing was committed."
-            ) from error
+        if out_of_space(error):  # with the file named, for the error that the stage boundary makes of it
+            raise OSError(error.errno, error.strerror, str(path)) from error
         if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot preallocate: map as is
             raise
     return array

@@ -3,7 +3,8 @@
     models/<key>.backup/
       run.json                    the parameters and dataset fingerprint the checkpoint belongs to
       history.json                every finished epoch's metrics, so a resumed run reports them all
-      epoch-NNNN/                 the newest finished epoch: checkpoint.weights.h5, then state.json
+      epoch-NNNN/                 the newest finished epoch: checkpoint.npz (the model's and optimizer's
+                                  variables), then state.json
       tensorboard/                Keras' TensorBoard logs, moved into the model folder at the end
 
 The folder changes in place while training runs, so it has no manifest of its own: on an object-store
@@ -13,14 +14,40 @@ generations), and a machine that resumes takes the data root's copy when it is f
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 from storage.atomic import remove
 from storage.layout import DataRoot
 
 IDENTITY, HISTORY, TENSORBOARD = "run.json", "history.json", "tensorboard"
-WEIGHTS, STATE = "checkpoint.weights.h5", "state.json"
+WEIGHTS, STATE = "checkpoint.npz", "state.json"
 EPOCH_PREFIX = "epoch-"
+VARIABLE_GROUPS = ("model", "optimizer")
+
+
+def save_variables(path: Path, variables: dict[str, list[np.ndarray]]) -> None:
+    """Each group's variables ("model", "optimizer") as arrays of one NPZ file, written with plain file writes.
+
+    Not Keras' `.weights.h5`: HDF5 met a full disk with an OSError and then, at exit, a segmentation fault
+    when its file could not be closed; a plain write fails once, with ENOSPC.
+    """
+    arrays = {f"{group}-{index:05d}": np.asarray(array) for group in VARIABLE_GROUPS
+              for index, array in enumerate(variables[group])}
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def load_variables(path: Path) -> dict[str, list[np.ndarray]]:
+    """What `save_variables` wrote; ValueError for a file that is not such a checkpoint (never unpickled)."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            names = sorted(arrays.files)
+            return {group: [arrays[name] for name in names if name.startswith(f"{group}-")] for group in VARIABLE_GROUPS}
+    except (zipfile.BadZipFile, EOFError, AttributeError) as error:
+        raise ValueError(f"{path} is not a readable checkpoint ({error})") from error
 
 
 def epoch_folder(backup: Path, epoch: int) -> Path:

@@ -159,9 +159,20 @@ class FolderWriter:
     def commit(self, **fields: Any) -> dict:
         """Describe every file written (in subfolders too), write the manifest and put the folder in place;
         returns the manifest."""
-        return commit_folder(
-            self.work, self.folder, self.kind, self.format_version, files_under(self.work), self.fields, **fields
-        )
+        manifest = self.seal(**fields)
+        self.place()
+        return manifest
+
+    def seal(self, **fields: Any) -> dict:
+        """Everything `commit` does but the rename: the folder is finished but not yet in place (`place` puts it
+        there). Several folders that belong together are all sealed first, so that a full disk or a bad file
+        leaves none of them in place."""
+        files = describe_files(self.work, files_under(self.work))
+        return write_manifest(self.work, self.kind, self.format_version, files, **self.fields(files), **fields)
+
+    def place(self) -> None:
+        """Rename the sealed folder into place (replacing an earlier one)."""
+        replace(self.work, self.folder)
 
     def fields(self, files: dict[str, dict]) -> dict[str, Any]:
         """Fields derived from the written files, for a kind of folder to add to its manifest."""

@@ -43,6 +43,7 @@ from pyarrow import fs as arrow_fs
 
 from core.errors import CorruptDataError, PipelineError
 from storage.atomic import remove, replace, temporary_sibling, write_json
+from storage.disk import out_of_space
 from storage.folders import MANIFEST
 
 SCHEME = "s3://"
@@ -223,6 +224,8 @@ class ObjectStore:
             raise CorruptDataError(f"{SCHEME}{key} is missing: {folder} changed while it was read, or was damaged; "
                                    "run again") from error
         except (OSError, pa.ArrowException) as error:
+            if out_of_space(error):  # this machine's disk, not the store: the stage boundary names it
+                raise
             raise _access_error(f"{SCHEME}{key}", error) from error
         if size != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
             raise DamagedObjectError(f"{SCHEME}{key} does not match the size and sha256 recorded when it was written")

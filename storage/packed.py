@@ -75,13 +75,13 @@ class PackedLetterWriter(FolderWriter):
             self.images += len(self._names)
             self._names, self._pngs, self._bytes = [], [], 0
 
-    def commit(self, **fields) -> dict:
-        """Write the last rows, close the file, and put the folder in place with its manifest (`archive` given)."""
+    def seal(self, **fields) -> dict:
+        """Write the last rows, close the file, and write the manifest (`archive` given); `place` puts it in place."""
         self._flush()
         self._writer.close()
         self._writer = None
         self._archive_sha256 = fields["archive"]["sha256"]
-        return super().commit(letter=self.letter, images=self.images, **fields)
+        return super().seal(letter=self.letter, images=self.images, **fields)
 
     def fields(self, files: dict[str, dict]) -> dict:
         """The binding of the file to this letter of this archive."""

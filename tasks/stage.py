@@ -35,6 +35,7 @@ from prefect.serializers import JSONSerializer
 from prefect.utilities.hashing import hash_objects
 
 from core.errors import PipelineError
+from storage.disk import writing
 from storage.folders import manifest_identity
 from storage.layout import DataRoot
 from storage.objects import is_object_store
@@ -215,15 +216,16 @@ def stage_task(
         values = dict(parameters.arguments)
         root = values["root"] = DataRoot.of(values["root"])
         logger = stage_logger(function.__module__)
-        # Done already (a record lost, say): the working copy takes the data root's outputs, and the function
-        # finds them. A local data root is its own working copy: nothing to take.
-        if root.store is not None and stage.identity(root, values) is not None:
-            in_working_copy(root, *stage.outputs(root, values))
-        in_working_copy(root, *(stage.reads(root, values) or []))
-        result = function(**values)
-        publish(root, stage.written(root, values, result), logger)
-        if stage.after_publish is not None:
-            stage.after_publish(root, values)
+        with writing(_running(name, task_run_name, values), root.root):
+            # Done already (a record lost, say): the working copy takes the data root's outputs, and the function
+            # finds them. A local data root is its own working copy: nothing to take.
+            if root.store is not None and stage.identity(root, values) is not None:
+                in_working_copy(root, *stage.outputs(root, values))
+            in_working_copy(root, *(stage.reads(root, values) or []))
+            result = function(**values)
+            publish(root, stage.written(root, values, result), logger)
+            if stage.after_publish is not None:
+                stage.after_publish(root, values)
         return result
 
     if not cached:
@@ -235,6 +237,15 @@ def stage_task(
     )(run)
     _STAGES.append(stage_run)
     return stage_run
+
+
+def _running(name: str, run_name: Any, values: Parameters) -> str:
+    """What a stage run writes, for an error: the output of its task run's name ("unpack notMNIST_large.tar.gz")."""
+    try:
+        name = run_name.format(**values) if isinstance(run_name, str) else run_name(values) if run_name else name
+    except (KeyError, IndexError, ValueError, TypeError):
+        pass  # a name template that asks for more than the parameters: the stage's name says enough
+    return f"the output of `{name}`"
 
 
 def open_data_root(location: str, scratch: str | None = None) -> DataRoot:

@@ -9,9 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from storage.atomic import atomic_path, is_temporary, read_json, remove, remove_leftovers, write_json
-from storage.checkpoints import STATE, WEIGHTS, epoch_folder, epoch_folders
+from storage.checkpoints import STATE, WEIGHTS, epoch_folder, epoch_folders, load_variables, save_variables
 from tasks.reporting import Progress
 
 
@@ -92,9 +93,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         for checkpoint in self.checkpoints():
             try:
                 epoch = int(read_json(checkpoint / self.STATE)["epoch"])
-                if self.model.optimizer is not None and not self.model.optimizer.built:
-                    self.model.optimizer.build(self.model.trainable_variables)  # its variables must exist to load
-                self.model.load_weights(checkpoint / self.WEIGHTS)
+                self._restore(load_variables(checkpoint / self.WEIGHTS))
             except (OSError, ValueError, KeyError, TypeError) as error:
                 self.logger.warning("Discarding the unreadable checkpoint %s (%s)", checkpoint, error)
                 remove(checkpoint)
@@ -102,10 +101,30 @@ class EpochCheckpoint(keras.callbacks.Callback):
             self.model._initial_epoch = epoch  # how Keras' own BackupAndRestore resumes `fit`
             return
 
+    def _variables(self) -> dict[str, list]:
+        """The model's variables and its optimizer's, in the order they are saved and restored."""
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)  # its variables must exist to be restored
+        return {"model": list(self.model.variables), "optimizer": list(optimizer.variables) if optimizer else []}
+
+    def _restore(self, saved: dict[str, list[np.ndarray]]) -> None:
+        """Assign a checkpoint's arrays; ValueError (nothing assigned) when they do not fit this model."""
+        variables = self._variables()
+        for group, values in variables.items():
+            shapes = [tuple(variable.shape) for variable in values]
+            if shapes != [array.shape for array in saved[group]]:
+                raise ValueError(f"its {group} variables do not fit this model ({len(saved[group])} arrays "
+                                 f"for {len(values)} variables)")
+        for group, values in variables.items():
+            for variable, array in zip(values, saved[group]):
+                variable.assign(array)
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         with atomic_path(epoch_folder(self.backup_dir, epoch + 1)) as temporary:
             temporary.mkdir()
-            self.model.save_weights(temporary / self.WEIGHTS)
+            save_variables(temporary / self.WEIGHTS, {group: [variable.numpy() for variable in values]
+                                                      for group, values in self._variables().items()})
             write_json(temporary / self.STATE, {"epoch": epoch + 1})
         for older in self.checkpoints()[1:]:
             remove(older)

@@ -65,8 +65,10 @@ def unpack_archive(
         with contextlib.ExitStack() as stack:
             writers = {letter: stack.enter_context(PackedLetterWriter(dest_dir / letter, letter)) for letter in LETTERS}
             top, sha256, members = _pack_members(archive, writers, max_members, max_total_bytes, max_member_bytes)
+            for writer in writers.values():  # all ten sealed before any is put in place: all or nothing
+                writer.seal(top_folder=top, archive={**identity, "sha256": sha256})
             for writer in writers.values():
-                writer.commit(top_folder=top, archive={**identity, "sha256": sha256})
+                writer.place()
     logger.info("Unpacked %s members of %s into ten letters in %.1f s.", f"{members:,}", archive.name,
                 time.perf_counter() - started)
     return dest_dir

@@ -3,8 +3,10 @@
 One data root goes through a chain of runs. Each run is killed the moment an event shows it is inside
 the next stage (a `.part` growing, a temporary folder appearing: watched with inotify, so the kill
 lands while the stage writes); the next run resumes. After every kill: nothing under a final name is
-half-written, and no process of the killed run is left. The last run finishes, and its dataset
-fingerprint and test metrics equal those of a run that was never interrupted.
+half-written, and no process of the killed run is left. Then a run meets a full disk (the data root
+is a tmpfs, filled the moment the model is in place) while it writes the report: it ends with one
+error line naming the file system, its flow run Failed. The last run, with the space freed, finishes,
+and its dataset fingerprint and test metrics equal those of a run that was never interrupted.
 
 Runnable alone: `python3 dev.py test tests/flows/test_crash_consistency.py`.
 """
@@ -31,6 +33,7 @@ from demo.synthetic import make_archive
 from flows.notmnist import notmnist_pipeline
 from storage.folders import MANIFEST, folder_problem, read_manifest
 from storage.layout import DataRoot
+from tests.disks import fill, free, mounted_tmpfs
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="inotify and /proc are Linux's")
 
@@ -117,6 +120,33 @@ def archives(tmp_path_factory) -> Iterator[tuple[FileServer, dict[str, int]]]:
         yield server, {archive.path.name: archive.size_bytes for archive in made}
 
 
+def assert_a_full_disk_fails_the_run_in_one_line(command, env, watch: Watch, layout: DataRoot, disk: Path) -> None:
+    """Run until the model is in place, fill the disk, and expect the report's writing to fail: exit 1, one error
+    line naming the file system and the model, and the flow run Failed in the Prefect server."""
+    from prefect.client.orchestration import get_client
+
+    model = re.compile(r"^notmnist-[0-9a-f]{12}-[0-9a-f]{8}$")
+    log = disk.parent / "full-disk-run.log"  # not a pipe: a pipe nobody reads while the run goes on would fill
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=output)
+        try:
+            assert any(path.parent == layout.models_root and model.match(path.name) for path in watch.created(240))
+            fill(disk, leave=16 << 10)
+            process.wait(timeout=240)
+        finally:
+            process.kill()
+    stderr = log.read_text()
+    assert process.returncode == 1, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, stderr[-3000:]
+    assert re.fullmatch(rf"notmnist run: error: No space left on {disk} \(the file system of {layout.root}\) while "
+                        r"writing the report and pictures of models/notmnist-\S+: free space there.*",
+                        errors[0]), errors[0]
+    run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", stderr).group(1)
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run_id).state.is_failed()
+
+
 def run_arguments(server: FileServer, sizes: dict[str, int], data_dir: Path) -> list[str]:
     options = {
         "base-url": server.base_url, "data-dir": str(data_dir), "large-bytes": sizes["notMNIST_large.tar.gz"],
@@ -126,8 +156,14 @@ def run_arguments(server: FileServer, sizes: dict[str, int], data_dir: Path) -> 
     return ["run", "--json", *[word for key, value in options.items() for word in (f"--{key}", str(value))]]
 
 
+@pytest.fixture
+def disk(tmp_path) -> Iterator[Path]:
+    with mounted_tmpfs(tmp_path / "disk", "256m") as mounted:
+        yield mounted
+
+
 def test_the_pipeline_killed_inside_every_stage_resumes_to_the_uninterrupted_result(
-    prefect_api, archives, tmp_path
+    prefect_api, archives, tmp_path, disk
 ):
     from prefect.settings import get_current_settings
 
@@ -138,7 +174,7 @@ def test_the_pipeline_killed_inside_every_stage_resumes_to_the_uninterrupted_res
         **SIZES,
     )
     reference = reference_state.result()
-    layout = DataRoot(tmp_path / "data")
+    layout = DataRoot(disk / "data")
     env = {**os.environ, "PREFECT_API_URL": get_current_settings().api.url, "TF_CPP_MIN_LOG_LEVEL": "3"}
     command = [sys.executable, "-m", "flows.cli", *run_arguments(server, sizes, layout.root)]
     watch = Watch(layout.raw, layout.packed("notMNIST_large"), layout.shards("notMNIST_large"), layout.splits_root,
@@ -185,9 +221,12 @@ def test_the_pipeline_killed_inside_every_stage_resumes_to_the_uninterrupted_res
                 time.sleep(0.05)
             assert not [pid for pid in spawned if Path(f"/proc/{pid}").exists()], f"{point}: processes left"
             assert_nothing_half_written(layout, sizes)
+        assert_a_full_disk_fails_the_run_in_one_line(command, env, watch, layout, disk)
+        assert_nothing_half_written(layout, sizes)
     finally:
         watch.close()
 
+    free(disk)
     final = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
     result = json.loads(final.stdout.strip().splitlines()[-1])
