@@ -27,12 +27,17 @@ def mounted_tmpfs(folder: Path, size: str) -> Iterator[Path]:
 
 
 def fill(disk: Path, leave: int) -> Path:
-    """Take all of `disk`'s free space but `leave` bytes, with one file that `free` removes."""
+    """Take all of `disk`'s free space but `leave` bytes, with one file that `free` removes; called again, it takes
+    what was freed since."""
     status = os.statvfs(disk)
-    taken = status.f_bavail * status.f_frsize - leave
+    more = status.f_bavail * status.f_frsize - leave
     filler = disk / FILLER
-    with open(filler, "wb") as handle:
-        os.posix_fallocate(handle.fileno(), 0, max(taken, 1))
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        if more > 0:
+            os.posix_fallocate(descriptor, os.fstat(descriptor).st_size, more)
+    finally:
+        os.close(descriptor)
     return filler
 
 

@@ -121,8 +121,8 @@ def archives(tmp_path_factory) -> Iterator[tuple[FileServer, dict[str, int]]]:
 
 
 def assert_a_full_disk_fails_the_run_in_one_line(command, env, watch: Watch, layout: DataRoot, disk: Path) -> None:
-    """Run until the model is in place, fill the disk, and expect the report's writing to fail: exit 1, one error
-    line naming the file system and the model, and the flow run Failed in the Prefect server."""
+    """Run until the model is in place, then keep the disk full, and expect the report's writing to fail: exit 1, one
+    error line naming the file system and the model, and the flow run Failed in the Prefect server."""
     from prefect.client.orchestration import get_client
 
     model = re.compile(r"^notmnist-[0-9a-f]{12}-[0-9a-f]{8}$")
@@ -131,8 +131,10 @@ def assert_a_full_disk_fails_the_run_in_one_line(command, env, watch: Watch, lay
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=output)
         try:
             assert any(path.parent == layout.models_root and model.match(path.name) for path in watch.created(240))
-            fill(disk, leave=16 << 10)
-            process.wait(timeout=240)
+            deadline = time.monotonic() + 240
+            while process.poll() is None and time.monotonic() < deadline:
+                fill(disk, leave=16 << 10)  # and again when the run frees space (its checkpoint, once the model is in)
+                time.sleep(0.01)
         finally:
             process.kill()
     stderr = log.read_text()
