@@ -192,10 +192,10 @@ def test_the_pipeline_killed_inside_every_stage_resumes_to_the_uninterrupted_res
         return lambda path: bool((match := temporary.match(path.name)) and re.fullmatch(pattern, match.group(1))
                                  and inside in (None, path.parent))
 
-    def in_epoch_two(path: Path) -> bool:
+    def writing_checkpoint_two(path: Path) -> bool:
         if path.name.endswith(".backup"):
             watch.add(path)  # where the per-epoch checkpoints appear
-        return path.name == "epoch-0001"
+        return temporary_of(r"epoch-0002")(path)
 
     # The large archive's first request sends 100 kB, then nothing: the download is under way.
     server.add_faults("notMNIST_large.tar.gz", Fault(stall_after=100_000, stall_seconds=30))
@@ -204,8 +204,7 @@ def test_the_pipeline_killed_inside_every_stage_resumes_to_the_uninterrupted_res
         ("mid-unpack", temporary_of(r"[A-J]", layout.packed("notMNIST_large"))),
         ("mid-decode", temporary_of(r"[A-J]", layout.shards("notMNIST_large"))),
         ("mid-splits", temporary_of(r"train2000-.*")),
-        ("mid-epoch", in_epoch_two),
-        ("mid-checkpoint", temporary_of(r"epoch-0002")),
+        ("mid-checkpoint", writing_checkpoint_two),
         ("mid-model-write", temporary_of(r"notmnist-[0-9a-f]{12}-[0-9a-f]{8}")),
     ]
     try:
