@@ -6,7 +6,7 @@ Variants, each in a fresh process (so peak RSS is its own), on one generated not
   project-archive  decode_to_shards reading the .tar.gz directly (no extraction)
   project-folder   extract_archive, then decode_to_shards on the extracted folder
   seed             the seed's maybe_extract + load_letter + maybe_pickle, ported in bench/seed_ingest.py
-  floor            every PNG already in memory, decoded on all cores, nothing written
+  floor            every PNG already in memory, decoded by Pillow on all cores, nothing written
 
 Prints images per second, the ratios (goal on 2 cores: project >= 4x seed, project <= 1.3x floor
 in time) and peak RSS (the parent's and the largest worker's).
@@ -33,9 +33,9 @@ VARIANTS = ("project-packed", "project-archive", "project-folder", "seed", "floo
 
 
 def _decode_all(blobs: list[bytes]) -> int:
-    from tasks.images import decode_png
+    from tasks.images import decode_png_with_pillow
 
-    return sum(decode_png(blob)[0] is not None for blob in blobs)
+    return sum(decode_png_with_pillow(blob)[0] is not None for blob in blobs)
 
 
 def decode_floor(archives: list[Path], workers: int) -> tuple[float, int]:
