@@ -12,6 +12,9 @@ from typing import Any
 
 from flows.cli import POSITIVE, SEED_VALUE, data_dir_options, data_root, letter_task_options
 
+SYSTEM_FONTS_HELP = ("draw from this machine's font folders too (by default only from the fonts matplotlib ships, "
+                     "so a seed gives the same archives everywhere)")
+
 
 def _demo(args: argparse.Namespace) -> dict[str, Any]:
     from demo.run import run_demo
@@ -19,14 +22,15 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
     return run_demo(
         data_root(args, must_exist=False), per_letter=args.per_letter, epochs=args.epochs, workers=args.workers,
         task_runner=args.task_runner, dask_address=args.dask_address,
-        train_deployment=args.train_deployment,
+        train_deployment=args.train_deployment, system_fonts=args.system_fonts,
     )
 
 
 def _make_archives(args: argparse.Namespace) -> dict[str, Any]:
     from demo.synthetic import make_archives
 
-    return make_archives(args.dest, per_letter=args.per_letter, small_per_letter=args.small_per_letter, seed=args.seed)
+    return make_archives(args.dest, per_letter=args.per_letter, small_per_letter=args.small_per_letter, seed=args.seed,
+                         system_fonts=args.system_fonts)
 
 
 def register(commands) -> None:
@@ -39,13 +43,15 @@ def register(commands) -> None:
     letter_task_options(demo)
     demo.add_argument("--train-deployment", default=None,
                       help="send training to this deployment (e.g. train/gpu) instead of training here")
+    demo.add_argument("--system-fonts", action="store_true", help=SYSTEM_FONTS_HELP)
 
     archives = commands(
         "make-archives", _make_archives,
-        "Write notMNIST_large.tar.gz and notMNIST_small.tar.gz in the real layout, from this machine's fonts.",
+        "Write notMNIST_large.tar.gz and notMNIST_small.tar.gz in the real layout, from the fonts matplotlib ships.",
     )
     archives.add_argument("dest", type=Path, metavar="DIR", help="folder to write the two archives to")
     archives.add_argument("--per-letter", type=POSITIVE, required=True, help="images per letter in the large archive")
     archives.add_argument("--small-per-letter", type=POSITIVE, default=None,
                           help="images per letter in the small archive (default: a sixth of --per-letter)")
     archives.add_argument("--seed", type=SEED_VALUE, default=2024, help="same seed, same bytes")
+    archives.add_argument("--system-fonts", action="store_true", help=SYSTEM_FONTS_HELP)

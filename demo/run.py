@@ -13,16 +13,20 @@ from typing import Any
 from core.errors import PipelineError
 from core.seed import LARGE_ARCHIVE, SMALL_ARCHIVE
 from demo.loopback import FileServer
-from demo.synthetic import make_archives
+from demo.synthetic import drawing_fonts, make_archives
 from flows.notmnist import notmnist_pipeline
 from flows.reports import run_url
 from storage.atomic import read_json, write_json
 from storage.layout import DataRoot
 
 
-def demo_archives(source_dir: Path, per_letter: int, small_per_letter: int | None = None) -> dict:
-    """The demo's archives, generated on first use and reused while their sizes stay the same."""
-    catalogue, sizes = source_dir / "archives.json", {"per_letter": per_letter, "small_per_letter": small_per_letter}
+def demo_archives(
+    source_dir: Path, per_letter: int, small_per_letter: int | None = None, *, system_fonts: bool = False
+) -> dict:
+    """The demo's archives, generated on first use and reused while their sizes and fonts stay the same."""
+    catalogue = source_dir / "archives.json"
+    sizes = {"per_letter": per_letter, "small_per_letter": small_per_letter,
+             "fonts": [Path(font).name for font in drawing_fonts(system_fonts)]}
     try:
         known = read_json(catalogue)
         if all(known.get(key) == value for key, value in sizes.items()) and all(
@@ -31,7 +35,8 @@ def demo_archives(source_dir: Path, per_letter: int, small_per_letter: int | Non
             return known["archives"]
     except (OSError, ValueError, KeyError):
         pass
-    archives = make_archives(source_dir, per_letter=per_letter, small_per_letter=small_per_letter)
+    archives = make_archives(source_dir, per_letter=per_letter, small_per_letter=small_per_letter,
+                             system_fonts=system_fonts)
     write_json(catalogue, {**sizes, "archives": archives})
     return archives
 
@@ -47,10 +52,11 @@ def demo_sizes(per_letter: int, small_per_letter: int) -> dict[str, int]:
 def run_demo(
     layout: DataRoot, *, per_letter: int = 5000, epochs: int = 5, workers: int | None = None,
     task_runner: str = "processes", dask_address: str | None = None, train_deployment: str | None = None,
+    system_fonts: bool = False,
 ) -> dict[str, Any]:
     """Generate (once), serve and run the pipeline; returns its result and where to see the run."""
     layout.check_writable()  # before minutes of generating archives for a data root that cannot take them
-    archives = demo_archives(layout.source, per_letter)
+    archives = demo_archives(layout.source, per_letter, system_fonts=system_fonts)
     large, small = archives[LARGE_ARCHIVE], archives[SMALL_ARCHIVE]
     with FileServer(layout.source) as server:
         state = notmnist_pipeline(

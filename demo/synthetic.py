@@ -1,12 +1,14 @@
-"""Synthetic notMNIST: archives laid out like the real ones, drawn from the fonts on this machine.
+"""Synthetic notMNIST: archives laid out like the real ones, drawn from the fonts matplotlib ships.
 
 The real notMNIST is every letter A-J of thousands of fonts rendered to 28x28 grayscale PNGs named
 after the base64 of the font file's name, with a few files that cannot be read. This module makes
 archives of the same shape, so tests, benchmarks and the demo never need the 247 MB download.
 
-An archive is deterministic for its seed, whatever the worker count, on a given machine: the
-glyphs depend on the fonts installed and on the Pillow and zlib versions. `fonts=()` uses only
-Pillow's built-in font, which takes the installed fonts out of that list.
+An archive is deterministic for its seed, whatever the worker count: its glyphs come from the fonts
+matplotlib ships (DejaVu, STIX, Computer Modern; `bundled_fonts`), never from the system's font
+folders unless asked (`find_fonts()`, `make-archives --system-fonts`), so installing a package that
+brings fonts changes nothing. What still can: the versions of matplotlib (its fonts), Pillow (its
+FreeType) and zlib. `fonts=()` uses only Pillow's built-in font.
 """
 
 from __future__ import annotations
@@ -136,6 +138,19 @@ def _font_folders() -> list[Path]:
     ]
 
 
+def bundled_fonts() -> list[Path]:
+    """The TrueType fonts that ship inside matplotlib: the same files on every machine with its version."""
+    import matplotlib
+
+    return sorted(Path(matplotlib.get_data_path(), "fonts", "ttf").glob("*.ttf"))
+
+
+def drawing_fonts(system_fonts: bool = False) -> list[str]:
+    """The names of the fonts `make_archives` draws with (after Pillow's built-in one)."""
+    fonts = find_fonts() if system_fonts else bundled_fonts()
+    return [str(font) for font in _usable_fonts(tuple(fonts)) if font is not None]
+
+
 def find_fonts(folders: Sequence[Path] | None = None) -> list[Path]:
     """Every TrueType/OpenType font file under `folders` (default: the standard font folders), sorted."""
     found: set[Path] = set()
@@ -166,7 +181,7 @@ def _draw(character: str, font: ImageFont.FreeTypeFont, stroke_width: int = 0) -
 
 @functools.lru_cache(maxsize=8)
 def _usable_fonts(fonts: tuple[Path, ...]) -> tuple[Path | None, ...]:
-    """Pillow's built-in font, then those of `fonts` that load and draw every letter, big and small."""
+    """Pillow's built-in font, then those of `fonts` that load and draw every letter, big and small, each its own."""
     usable: list[Path | None] = [None]
     for font in fonts:
         try:
@@ -176,8 +191,9 @@ def _usable_fonts(fonts: tuple[Path, ...]) -> tuple[Path | None, ...]:
             drawings = [_draw(character, loaded) for character in LETTERS + LETTERS.lower()]
         except (OSError, ValueError):
             continue  # not a font Pillow can draw with (a bitmap-only or damaged file)
-        if all(drawing.getbbox() is not None and drawing.tobytes() != missing for drawing in drawings):
-            usable.append(font)
+        distinct = len({drawing.tobytes() for drawing in drawings[: len(LETTERS)]}) == len(LETTERS)
+        if distinct and all(drawing.getbbox() is not None and drawing.tobytes() != missing for drawing in drawings):
+            usable.append(font)  # a font of one box for a whole block of letters (LastResort) draws no letter
     return tuple(usable)
 
 
@@ -321,7 +337,7 @@ def _render(
         raise ValueError(f"workers must be >= 1 or None, got {workers}")
     if workers is None:
         workers = 1 if len(specs) < PARALLEL_MINIMUM_FILES else os.cpu_count() or 1
-    usable = _usable_fonts(tuple(find_fonts() if fonts is None else fonts))
+    usable = _usable_fonts(tuple(bundled_fonts() if fonts is None else fonts))
     chunks = [specs[start : start + FILES_PER_CHUNK] for start in range(0, len(specs), FILES_PER_CHUNK)]
     render_chunk = functools.partial(_render_chunk, seed=seed, fonts=usable)
     # Checks above run now; the drawing below runs as the caller consumes the files.
@@ -369,7 +385,7 @@ def write_letter_folders(
         workers: drawing processes; None picks one for small jobs and one per CPU for big ones.
             They are spawned, so a script that asks for more than one needs the
             `if __name__ == "__main__":` guard.
-        fonts: font files to draw with (default: `find_fonts()`); Pillow's built-in font is always used.
+        fonts: font files to draw with (default: `bundled_fonts()`); Pillow's built-in font is always used.
     """
     root = Path(root)
     specs = _plan(per_letter, seed, bad_files)
@@ -435,12 +451,19 @@ def make_archive(
     return SyntheticArchive(path, size_bytes, sha256, good_per_letter, bad)
 
 
-def make_archives(dest_dir: Path, *, per_letter: int, small_per_letter: int | None = None, seed: int = 2024) -> dict:
-    """Write notMNIST_large.tar.gz and notMNIST_small.tar.gz; returns name -> {bytes, sha256, images}."""
+def make_archives(
+    dest_dir: Path, *, per_letter: int, small_per_letter: int | None = None, seed: int = 2024,
+    system_fonts: bool = False,
+) -> dict:
+    """Write notMNIST_large.tar.gz and notMNIST_small.tar.gz; returns name -> {bytes, sha256, images}.
+
+    With `system_fonts`, the glyphs come from this machine's font folders too (and the bytes depend on them).
+    """
     small_per_letter = small_per_letter or max(per_letter // 6, 20)
+    fonts = find_fonts() if system_fonts else None
     archives = {}
     for name, count, archive_seed in (("notMNIST_large", per_letter, seed), ("notMNIST_small", small_per_letter, seed + 1)):
-        archive = make_archive(Path(dest_dir), name, per_letter=count, seed=archive_seed)
+        archive = make_archive(Path(dest_dir), name, per_letter=count, seed=archive_seed, fonts=fonts)
         archives[archive.path.name] = {
             "path": str(archive.path), "bytes": archive.size_bytes, "sha256": archive.sha256,
             "images": sum(archive.good_per_letter.values()), "unreadable": len(archive.bad_files),

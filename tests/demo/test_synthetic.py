@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import io
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from demo.synthetic import (
     UNREADABLE_KINDS,
     find_fonts,
     make_archive,
+    make_archives,
     render_glyph,
     write_letter_folders,
 )
@@ -254,3 +256,26 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, argument
 def test_render_glyph_refuses_other_letters():
     with pytest.raises(ValueError, match="letter must be one of ABCDEFGHIJ"):
         render_glyph("K", None, np.random.default_rng(0))
+
+
+def test_the_archive_for_a_seed_does_not_change_when_the_system_fonts_do(tmp_path, monkeypatch):
+    """The default draws from the fonts matplotlib ships: a font that a package installs changes nothing, unless
+    the system's fonts are asked for."""
+    from demo import synthetic
+
+    system = tmp_path / "system-fonts"
+    system.mkdir()
+    monkeypatch.setattr(synthetic, "_font_folders", lambda: [system])
+    before = make_archives(tmp_path / "before", per_letter=4, seed=9)
+    asked_before = make_archives(tmp_path / "asked-before", per_letter=4, seed=9, system_fonts=True)
+    serif = next(path for path in synthetic.bundled_fonts() if path.name == "DejaVuSerif-Bold.ttf")
+    for copy in range(12):  # enough new fonts that some image is sure to be drawn with one
+        shutil.copy(serif, system / f"new-{copy}.ttf")
+    after = make_archives(tmp_path / "after", per_letter=4, seed=9)
+    asked_after = make_archives(tmp_path / "asked-after", per_letter=4, seed=9, system_fonts=True)
+    sha256 = lambda archives: {name: archive["sha256"] for name, archive in archives.items()}  # noqa: E731
+    assert sha256(after) == sha256(before)
+    assert sha256(asked_after) != sha256(asked_before)  # the system's fonts, when asked for, do change it
+    drawn = [Path(font).name for font in synthetic.drawing_fonts()]
+    assert len(drawn) > 10 and "DejaVuSans.ttf" in drawn  # DejaVu, STIX, Computer Modern
+    assert "LastResortHE-Regular.ttf" not in drawn  # one box for every letter: no letter at all
