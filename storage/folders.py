@@ -12,6 +12,14 @@ size or sha256 differs from the manifest's is corrupt, even when its size is rig
 before they use a byte (`verify_file`, `read_verified`), so damage is an error that names the file,
 never a silent input to the next stage. The leading underscore keeps the manifest out of what
 pyarrow, pandas and DuckDB read as a Parquet dataset.
+
+Checking that a folder is still intact (the cache check of every rerun) need not hash it again:
+beside the manifest, `.identities.json` records what this machine saw of each file when it last hashed
+it (size, modification and change times in nanoseconds, inode). A file whose identity is unchanged is
+taken as intact (`folder_problem(..., trusting=True)`); any other is hashed, and recorded again when it
+matches. Bytes read for use are always hashed (`verify_file`, `read_verified`), so damage that keeps a
+file's size, times and inode (which takes more than a write: a write moves the change time) is caught
+when the file is used. The record is this machine's: it is not in the manifest, nor on object storage.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from storage.atomic import read_json, remove, replace, temporary_sibling, write_
 from storage.digests import sha256_of
 
 MANIFEST = "_manifest.json"
+IDENTITIES = ".identities.json"
 
 
 def describe_files(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -44,7 +53,8 @@ def files_under(folder: Path) -> list[str]:
     own file left out): what a manifest lists."""
     folder = Path(folder)
     return sorted(
-        path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file() and path.name != MANIFEST
+        path.relative_to(folder).as_posix() for path in folder.rglob("*")
+        if path.is_file() and path.name not in (MANIFEST, IDENTITIES)
     )
 
 
@@ -90,12 +100,65 @@ def file_problem(folder: Path, manifest: dict, name: str) -> str | None:
     return None
 
 
-def folder_problem(folder: Path, manifest: dict) -> str | None:
-    """The first file of `folder` that differs from its manifest, or None when all match (checked on all cores)."""
+def folder_problem(folder: Path, manifest: dict, *, trusting: bool = False) -> str | None:
+    """The first file of `folder` that differs from its manifest, or None when all match (checked on all cores).
+
+    With `trusting`, a file whose identity is as recorded when it was last hashed is not hashed again (see the
+    module docstring), and the files hashed and found intact are recorded.
+    """
     names = list(manifest["files"])
-    with ThreadPoolExecutor(max_workers=_threads(len(names))) as pool:
-        problems = pool.map(lambda name: file_problem(folder, manifest, name), names)
-        return next((problem for problem in problems if problem is not None), None)
+    known = _identities(folder) if trusting else {}
+    unknown = [name for name in names if known.get(name) != _identity(Path(folder) / name, manifest["files"][name])]
+    with ThreadPoolExecutor(max_workers=_threads(len(unknown))) as pool:
+        problems = pool.map(lambda name: file_problem(folder, manifest, name), unknown)
+        problem = next((problem for problem in problems if problem is not None), None)
+    if trusting and problem is None and unknown:
+        record_identities(folder, manifest)
+    return problem
+
+
+def record_identities(folder: Path, manifest: dict) -> None:
+    """Record the identity of each file of `folder` as it is now, which its caller has just found intact."""
+    identities = {name: _identity(Path(folder) / name, entry) for name, entry in manifest["files"].items()}
+    try:
+        write_json(Path(folder) / IDENTITIES, identities)
+    except OSError:
+        pass  # a folder this process may not write (or a full disk): the next check hashes again
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The sha256 recorded for the single file `path` (a download) when its identity is as it was then, else None."""
+    path = Path(path)
+    recorded = _identities(path.parent).get(path.name)
+    return recorded[-1] if recorded is not None and recorded == _identity(path, {"sha256": recorded[-1]}) else None
+
+
+def record_sha256(path: Path, sha256: str) -> None:
+    """Record the single file `path`'s identity with the sha256 its caller has just computed (or checked)."""
+    path = Path(path)
+    identities = _identities(path.parent)
+    identities[path.name] = _identity(path, {"sha256": sha256})
+    try:
+        write_json(path.parent / IDENTITIES, identities)
+    except OSError:
+        pass  # as in record_identities
+
+
+def _identities(folder: Path) -> dict:
+    try:
+        recorded = read_json(Path(folder) / IDENTITIES)
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _identity(path: Path, entry: dict) -> list | None:
+    """What identifies the file's bytes on this machine short of reading them, with the sha256 they had."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return [status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino, entry.get("sha256")]
 
 
 def verify_file(folder: Path, manifest: dict, name: str, remedy: str) -> Path:
@@ -135,6 +198,7 @@ def commit_folder(
     manifest = write_manifest(work, kind, format_version, files, **(derived(files) if derived else {}), **fields)
     Path(final).parent.mkdir(parents=True, exist_ok=True)
     replace(work, final)
+    record_identities(final, manifest)  # just hashed: the next check need not hash them again
     return manifest
 
 
@@ -168,11 +232,13 @@ class FolderWriter:
         there). Several folders that belong together are all sealed first, so that a full disk or a bad file
         leaves none of them in place."""
         files = describe_files(self.work, files_under(self.work))
-        return write_manifest(self.work, self.kind, self.format_version, files, **self.fields(files), **fields)
+        self._manifest = write_manifest(self.work, self.kind, self.format_version, files, **self.fields(files), **fields)
+        return self._manifest
 
     def place(self) -> None:
         """Rename the sealed folder into place (replacing an earlier one)."""
         replace(self.work, self.folder)
+        record_identities(self.folder, self._manifest)  # just hashed: the next check need not hash them again
 
     def fields(self, files: dict[str, dict]) -> dict[str, Any]:
         """Fields derived from the written files, for a kind of folder to add to its manifest."""

@@ -179,7 +179,8 @@ class DataRoot:
         """(the manifest of `path` in the data root when it is intact, what is damaged when it is not).
 
         Intact: on an object store, every object is there as it was committed (by the listing; bytes are
-        checked when fetched); in a local data root, every file matches its sha256 (with `verify`). A
+        checked when fetched); in a local data root, every file matches its sha256 (with `verify`), or is as
+        this machine recorded it when it last did (storage/folders.py: its size, times and inode). A
         local file without a manifest (a download) is described by its size alone; its stage checks it.
         """
         path = Path(path)
@@ -192,7 +193,7 @@ class DataRoot:
                 return None, None
             if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
                 return None, None
-            problem = folder_problem(path, manifest) if verify else None
+            problem = folder_problem(path, manifest, trusting=True) if verify else None
             return (manifest, None) if problem is None else (None, problem)
         relative = self.relative(path)
         manifest = self.store.manifest(relative)
@@ -252,7 +253,7 @@ class DataRoot:
             local = read_json(path / MANIFEST)
         except (OSError, ValueError):
             return False
-        return same_manifest(local, published) and folder_problem(path, local) is None
+        return same_manifest(local, published) and folder_problem(path, local, trusting=True) is None
 
     def publish(self, path: Path, *, describe: bool = False) -> str | None:
         """Publish a committed folder of the working copy (or, for a file such as a download, the file on its own),

@@ -56,7 +56,7 @@ def find_letter(folder: Path, source_fingerprint: str | None = None) -> dict | N
         return None
     if source_fingerprint is not None and manifest.get("source", {}).get("fingerprint") != source_fingerprint:
         return None
-    return manifest if folder_problem(folder, manifest) is None else None
+    return manifest if folder_problem(folder, manifest, trusting=True) is None else None
 
 
 def read_letter_manifest(shards_dir: Path, letter: str) -> dict:

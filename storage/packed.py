@@ -128,7 +128,8 @@ def find_unpacked(archive: Path, packed_dir: Path) -> dict[str, dict] | None:
     manifests = {letter: find_packed(Path(packed_dir) / letter, identity) for letter in LETTERS}
     if None in manifests.values():
         return None
-    intact = all(folder_problem(Path(packed_dir) / letter, manifests[letter]) is None for letter in LETTERS)
+    intact = all(folder_problem(Path(packed_dir) / letter, manifests[letter], trusting=True) is None
+                 for letter in LETTERS)
     return manifests if intact else None
 
 

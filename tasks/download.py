@@ -31,6 +31,7 @@ from core.defaults import READ_TIMEOUT_SECONDS
 from core.errors import DownloadError, PermanentDownloadError, VerificationError
 from storage.atomic import remove, remove_temporaries_of, write_json
 from storage.digests import sha256_of
+from storage.folders import record_sha256, recorded_sha256
 from storage.layout import DataRoot, file_entry, lock_file, partial_download, partial_download_state
 from tasks.reporting import Progress, artifact_key, stage_logger
 from tasks.stage import Stage, stage_task
@@ -87,9 +88,11 @@ def verify(path: Path, *, expected_bytes: int | None, sha256: str | None, digest
     if expected_bytes is not None and size != expected_bytes:
         return f"expected {expected_bytes:,} bytes, got {size:,}"
     if sha256 is not None:
-        actual = digest or sha256_of(path)
+        actual = digest or recorded_sha256(path) or sha256_of(path)  # recorded: as this machine last hashed it
         if actual.lower() != sha256.lower():
             return f"expected sha256 {sha256.lower()}, got {actual}"
+        if digest is None:
+            record_sha256(path, actual)
     return None
 
 
@@ -439,7 +442,8 @@ def _with_retries(attempt, url: str, part: Path, retries: int, backoff_base_seco
 def _verify_and_commit(transfer: _Transfer, target: Path, *, expected_bytes, sha256, logger) -> Path:
     """Check the finished `.part`, make it durable and rename it into place; delete it when it fails."""
     part = transfer.part
-    problem = verify(part, expected_bytes=expected_bytes, sha256=sha256, digest=transfer.digest())
+    digest = transfer.digest()
+    problem = verify(part, expected_bytes=expected_bytes, sha256=sha256, digest=digest)
     if problem is not None:
         remove(part)
         remove(transfer.sidecar)
@@ -450,6 +454,8 @@ def _verify_and_commit(transfer: _Transfer, target: Path, *, expected_bytes, sha
     with open(part, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(part, target)
+    if digest is not None:
+        record_sha256(target, digest)  # after the rename, which moves the file's change time
     remove(transfer.sidecar)
     logger.info("Downloaded and verified %s (%s bytes)", target, f"{target.stat().st_size:,}")
     return target

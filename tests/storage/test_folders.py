@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from core.errors import CorruptDataError
 from storage.folders import (
+    IDENTITIES,
     MANIFEST,
     FolderWriter,
     folder_problem,
@@ -29,10 +32,32 @@ def committed(tmp_path):
 
 def test_the_manifest_lists_every_file_with_size_and_sha256_and_the_fields(committed):
     folder, manifest = committed
-    assert sorted(path.name for path in folder.iterdir()) == [MANIFEST, "a.bin", "b.json"]
+    assert sorted(path.name for path in folder.iterdir()) == [IDENTITIES, MANIFEST, "a.bin", "b.json"]
     assert manifest["files"]["a.bin"]["bytes"] == 100 and len(manifest["files"]["a.bin"]["sha256"]) == 64
     assert read_manifest(folder, "example", 1) == manifest == json.loads((folder / MANIFEST).read_text())
     assert manifest["note"] == "kept" and folder_problem(folder, manifest) is None
+
+
+def test_a_trusting_check_hashes_only_the_files_whose_identity_changed(committed, monkeypatch):
+    """The cache check of a rerun: a file as this machine recorded it (size, times, inode) is not read again; one
+    written since is, even at the same size and with its modification time put back."""
+    import storage.folders as folders
+
+    folder, manifest = committed
+    hashed = []
+    real_sha256 = folders.sha256_of
+    monkeypatch.setattr(folders, "sha256_of", lambda path: hashed.append(Path(path).name) or real_sha256(path))
+    assert folder_problem(folder, manifest, trusting=True) is None and hashed == []  # recorded at commit
+    stamp = (folder / "a.bin").stat()
+    (folder / "a.bin").write_bytes(b"b" + b"a" * 99)
+    os.utime(folder / "a.bin", ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # size and mtime as they were
+    assert folder_problem(folder, manifest, trusting=True) == f"{folder / 'a.bin'} does not match the sha256 recorded when it was written"
+    assert hashed == ["a.bin"]
+    (folder / "a.bin").write_bytes(b"a" * 100)  # put right: hashed once more, then trusted again
+    assert folder_problem(folder, manifest, trusting=True) is None
+    assert folder_problem(folder, manifest, trusting=True) is None and hashed == ["a.bin", "a.bin"]
+    (folder / IDENTITIES).write_text("not json")  # a damaged record costs a hash, never a wrong answer
+    assert folder_problem(folder, manifest, trusting=True) is None and len(hashed) == 4
 
 
 def test_a_writer_that_does_not_commit_leaves_nothing(tmp_path):

@@ -14,6 +14,8 @@ import requests
 
 from core.errors import DownloadError, PermanentDownloadError, VerificationError
 from demo.loopback import Fault, FileServer
+from storage.digests import sha256_of
+from storage.folders import IDENTITIES
 from storage.layout import LOCKS
 from tasks.download import Action, PartState, download_file, is_transient, plan_download
 
@@ -33,7 +35,21 @@ def test_downloads_verifies_and_leaves_no_partial_file(file_server, tmp_path):
     path = fetch(file_server, tmp_path / "raw", sha256=SHA256)
     assert path == tmp_path / "raw" / NAME
     assert path.read_bytes() == CONTENT
-    assert sorted(p.name for p in path.parent.iterdir() if p.name != LOCKS) == [NAME]  # locks live in `.locks/`
+    assert sorted(p.name for p in path.parent.iterdir() if p.name not in (LOCKS, IDENTITIES)) == [NAME]
+
+
+def test_a_file_in_place_is_not_hashed_again_until_it_is_written_to(file_server, tmp_path, monkeypatch):
+    """The rerun's check trusts the sha256 recorded with the file's size, times and inode; a same-size rewrite moves
+    its change time, so it is hashed, found wrong and downloaded again."""
+    import tasks.download as download
+
+    file_server.put(NAME, CONTENT)
+    path = fetch(file_server, tmp_path, sha256=SHA256)
+    hashed = []
+    monkeypatch.setattr(download, "sha256_of", lambda file: hashed.append(file) or sha256_of(file))
+    assert fetch(file_server, tmp_path, sha256=SHA256) == path and hashed == []
+    path.write_bytes(b"x" * len(CONTENT))
+    assert fetch(file_server, tmp_path, sha256=SHA256).read_bytes() == CONTENT and hashed == [path]
 
 
 def test_verified_file_in_place_is_reused_without_any_request(file_server, tmp_path):
