@@ -32,6 +32,7 @@ from storage.layout import DataRoot
 from storage.models import MODEL_FILE, read_metrics, write_report
 from tasks.reporting import stage_logger
 from tasks.stage import attach, in_working_copy, open_data_root
+from tasks.trained import find_trained
 
 RELAYED = "relayed"  # marks a log record repeated from the training run (the terminal shows it once)
 POLL_SECONDS = 2.0  # how often the pipeline looks at a training run it sent to a work pool
@@ -82,10 +83,12 @@ def train(
     Either way the caller's log says where training went and carries its per-epoch lines.
     """
     parameters = dict(data_dir=layout.location, splits=splits, experiment=experiment, **training)
+    logger = stage_logger(__name__)
+    if (result := find_trained(layout, splits, experiment, training)) is not None:  # Keras not even imported
+        logger.info("Already trained with these parameters on this dataset: %s", layout.url(layout.root / result["model"]))
+        return result
     if deployment:
         # The worker keeps its own working copy: its scratch_dir is its own default.
-        from tasks.train import find_trained
-
         train_remotely(deployment, parameters, timeout_seconds)
         if (result := find_trained(layout, splits, experiment, training)) is None:
             raise PipelineError(
@@ -93,7 +96,6 @@ def train(
                 "splits and parameters: does the worker see the same data root (and its AWS variables)?"
             )
         return result
-    logger = stage_logger(__name__)
     logger.info("Training %s in this process, as a subflow of this run", experiment)
     with _relayed_epochs(logger):
         return train_flow(**parameters, scratch_dir=layout.scratch)

@@ -24,17 +24,18 @@ from core.errors import PipelineError
 from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, NORMALISATIONS, SEED, reported
 from storage import checkpoints
 from storage.atomic import read_json, remove, remove_temporaries_of, write_json
-from storage.layout import DataRoot, backup_folder, lock_file, model_key
+from storage.layout import DataRoot, backup_folder, lock_file
 from storage.models import METRICS_FILE, MODEL_FILE, RECORD_FILE, find_model, model_writer
 from storage.splits import read_splits_manifest
 from tasks.batches import ShuffleEachEpoch, SplitBatches, open_splits
 from tasks.models import build_one_layer_cnn, make_optimizer
 from tasks.reporting import Progress, artifact_key, stage_logger
-from tasks.stage import Stage, retry_unless_pipeline_error, stage_task
+from tasks.stage import retry_unless_pipeline_error, stage_task
+from tasks.trained import OPTIMIZER, TRAIN_STAGE, best_effort, model_folder, model_parameters, summary
 from tasks.training_callbacks import BatchProgress, EpochCheckpoint, EpochRecorder, history_columns
 from tasks.training_record import confusion_matrix, per_class_accuracy, provenance
 
-OPTIMIZER, LOSS = "adadelta", "categorical_crossentropy"  # the seed's, on one-hot labels
+LOSS = "categorical_crossentropy"  # the seed's, on one-hot labels
 MISCLASSIFIED_KEPT = 24
 # Batches per call into the compiled training step: Keras' per-batch work in Python (dispatch,
 # callbacks, logs) is then paid once per 16 batches, which on CPU made up a tenth of the step time.
@@ -52,23 +53,6 @@ def make_deterministic(seed: int) -> None:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
-
-
-def summary(layout: DataRoot, model_dir: Path, metrics: dict, fingerprint: str) -> dict[str, Any]:
-    """What training returns: the scores, where the model folder's files are in the data root, speed and device."""
-    return {
-        "test_accuracy": metrics["test_accuracy"],
-        "test_loss": metrics["test_loss"],
-        "val_accuracy": metrics.get("val_accuracy"),
-        "model": layout.relative(model_dir),
-        "model_path": layout.url(model_dir / MODEL_FILE),
-        "metrics_path": layout.url(model_dir / METRICS_FILE),
-        "record_path": layout.url(model_dir / RECORD_FILE),
-        "dataset_fingerprint": fingerprint,
-        "device": metrics["device"],
-        "samples_per_second": metrics["samples_per_second"],
-        "epochs_run": metrics["epochs_run"],
-    }
 
 
 def _prepare_backup(backup: Path, identity: dict, logger) -> None:
@@ -92,24 +76,6 @@ def _check_parameters(experiment: str, epochs: int, batch_size: int) -> None:
         raise PipelineError(f"epochs must be at least 1; got {epochs}.")
     if batch_size < 1:
         raise PipelineError(f"batch_size must be at least 1; got {batch_size}.")
-
-
-def _training(parameters: dict[str, Any]) -> dict[str, Any]:
-    return {name: parameters[name] for name in ("epochs", "batch_size", "learning_rate", "seed")}
-
-
-def model_folder(root: DataRoot, parameters: dict[str, Any], *, local: bool = False) -> list[Path] | None:
-    """The model folder of these splits and training parameters, named after the splits' dataset fingerprint as the
-    data root records it (with `local`, as the working copy's splits do); None while the splits are not there."""
-    folder = root.splits(parameters["splits"])
-    splits = read_splits_manifest(folder) if local else root.committed(folder, verify=False)
-    if splits is None or "fingerprint" not in splits:
-        return None
-    return [root.model(model_key(parameters["experiment"], splits["fingerprint"], _training(parameters)))]
-
-
-def _split_folder(root: DataRoot, parameters: dict[str, Any]) -> list[Path]:
-    return [root.splits(parameters["splits"])]
 
 
 def train_model(
@@ -147,7 +113,7 @@ def train_model(
     manifest = read_splits_manifest(split_dir)
     fingerprint = manifest["fingerprint"]
     training = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed}
-    parameters = _model_parameters(experiment, training)
+    parameters = model_parameters(experiment, training)
     (model_dir,) = model_folder(layout, {"splits": splits, "experiment": experiment, **training}, local=True)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     backup = backup_folder(model_dir)
@@ -164,7 +130,7 @@ def train_model(
             optimizer=make_optimizer(OPTIMIZER, learning_rate), loss=LOSS, metrics=["accuracy"],
             steps_per_execution=STEPS_PER_EXECUTION,
         )
-        if _best_effort(lambda: checkpoints.take_newer(layout, backup), f"read {layout.url(backup)}", logger):
+        if best_effort(lambda: checkpoints.take_newer(layout, backup), f"read {layout.url(backup)}", logger):
             logger.info("Resuming from the checkpoint in %s", layout.url(backup))
         _prepare_backup(backup, {"parameters": parameters, "dataset_fingerprint": fingerprint}, logger)
         entries, started_at = _fit(model, batches, layout, backup, experiment, epochs, extra_callbacks, logger)
@@ -188,43 +154,6 @@ def train_model(
     return summary(layout, model_dir, metrics, fingerprint)
 
 
-def _model_parameters(experiment: str, training: dict[str, Any]) -> dict[str, Any]:
-    """What a model folder's record must name to be reused: the experiment, training parameters, optimizer."""
-    return {"experiment": experiment, **training, "optimizer": OPTIMIZER}
-
-
-def drop_checkpoint(root: DataRoot, parameters: dict[str, Any], logger=None) -> None:
-    """Once the model folder is in the data root, its training's checkpoint goes, here and in the data root."""
-    outputs = model_folder(root, parameters)
-    if outputs is None:
-        return
-    backup = backup_folder(outputs[0])
-    _best_effort(lambda: checkpoints.drop(root, backup), f"remove {root.url(backup)}", logger or stage_logger(__name__))
-
-
-def find_trained(root: DataRoot, splits: str, experiment: str, training: dict[str, Any]) -> dict[str, Any] | None:
-    """The result `train_model` returned for these splits and parameters, read back from the data root
-    (the model folder fetched into the working copy, verified), or None when there is no such model."""
-    parameters = {"splits": splits, "experiment": experiment, **training}
-    outputs = TRAIN_STAGE.fetch_outputs(root, parameters)
-    if outputs is None:
-        return None
-    (model_dir,) = outputs
-    fingerprint = root.committed(root.splits(splits), verify=False)["fingerprint"]
-    found = find_model(model_dir, _model_parameters(experiment, training), fingerprint)
-    return None if found is None else summary(root, model_dir, found[1], fingerprint)
-
-
-def _best_effort(action, what: str, logger) -> Any:
-    """Run `action`, returning what it returns; a failure of the object store is a warning (and None), not the end
-    of a training."""
-    try:
-        return action()
-    except PipelineError as error:
-        logger.warning("Could not %s: %s", what, error)
-        return None
-
-
 def _fit(
     model: keras.Model, batches: dict[str, SplitBatches], layout: DataRoot, backup: Path, experiment: str, epochs: int,
     extra_callbacks: list[keras.callbacks.Callback] | None, logger,
@@ -245,7 +174,7 @@ def _fit(
         # or saving does not cost the training.
         # Published after each epoch, so that a retry on another machine resumes; when the store cannot take
         # it, training goes on (a retry here still resumes from the local checkpoint).
-        checkpoint = EpochCheckpoint(backup, logger=logger, saved=lambda: _best_effort(
+        checkpoint = EpochCheckpoint(backup, logger=logger, saved=lambda: best_effort(
             lambda: checkpoints.publish(layout, backup), f"publish the checkpoint to {layout.url(backup)}", logger,
         ))
         callbacks = [ShuffleEachEpoch(train), recorder, checkpoint, BatchProgress(progress), *_tensorboard(backup)]
@@ -257,7 +186,7 @@ def _fit(
     entries = recorder.completed_entries()
     if diverged := [entry["epoch"] + 1 for entry in entries if not math.isfinite(entry.get("loss", 0.0))]:
         # Resuming from diverged weights would only diverge again.
-        _best_effort(lambda: checkpoints.drop(layout, backup), f"remove {layout.url(backup)}", logger)
+        best_effort(lambda: checkpoints.drop(layout, backup), f"remove {layout.url(backup)}", logger)
         raise PipelineError(
             f"The training loss became {entries[diverged[0] - 1]['loss']} in epoch {diverged[0]}: the model "
             "diverged. Train again with a lower learning rate."
@@ -328,11 +257,6 @@ def _evaluate(
     }
 
 
-def _trained(root: DataRoot, parameters: dict[str, Any], result: dict[str, Any]) -> list[Path]:
-    return [root.root / result["model"]]
-
-
-TRAIN_STAGE = Stage(outputs=model_folder, reads=_split_folder, after_publish=drop_checkpoint, built=_trained)
 train_task = stage_task(
     train_model, stage=TRAIN_STAGE, name="train", task_run_name="train {experiment}", cached=False, retries=1,
     retry_delay_seconds=10, retry_condition_fn=retry_unless_pipeline_error,

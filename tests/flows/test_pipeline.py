@@ -73,6 +73,8 @@ def test_pipeline_end_to_end_then_cached_rerun(first_run):
     cached = task_states(again.state_details.flow_run_id)
     assert {task: set(cached[task]) for task in DATA_TASKS} == {task: {"Cached"} for task in DATA_TASKS}
     assert again.result()["dataset_fingerprint"] == result["dataset_fingerprint"]
+    assert again.result()["test_accuracy"] == result["test_accuracy"]
+    assert "train-0" in states and "train-0" not in cached  # the model found first: no training subflow, no Keras import
 
 
 def test_no_lock_is_left_where_a_glob_of_the_readme_would_meet_it(first_run):

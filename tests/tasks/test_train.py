@@ -24,7 +24,8 @@ from storage.splits import open_split, read_splits_manifest
 from tasks.batches import SplitBatches, epoch_permutation, open_splits
 from tasks.models import build_one_layer_cnn
 from tasks.reporting import Progress
-from tasks.train import find_trained, train_model, train_task
+from tasks.train import train_model, train_task
+from tasks.trained import find_trained
 from tasks.training_callbacks import BatchProgress, EpochCheckpoint
 from tasks.training_record import git_commit
 from tests.tasks.synthetic_splits import write_split_folder
