@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -42,9 +43,10 @@ PACKED_SCHEMA = pa.schema([("file", pa.binary()), ("png", pa.binary())])
 class PackedLetterWriter(FolderWriter):
     """Writes one letter's packed folder: `add` its members in archive order, then `commit`."""
 
-    def __init__(self, folder: Path, letter: str):
+    def __init__(self, folder: Path, letter: str, on_group: Callable[[int, list[bytes], list[bytes]], None] | None = None):
         super().__init__(folder, KIND, FORMAT)
-        self.letter, self.images, self._bytes = letter, 0, 0
+        self.letter, self.images, self._bytes, self._groups = letter, 0, 0, 0
+        self._on_group = on_group  # told each row group written: its number, names and PNG bytes
         self._names: list[bytes] = []
         self._pngs: list[bytes] = []
         self._writer: pq.ParquetWriter | None = None
@@ -71,8 +73,11 @@ class PackedLetterWriter(FolderWriter):
 
     def _flush(self) -> None:
         if self._names:
-            self._writer.write_table(pa.table([self._names, self._pngs], schema=PACKED_SCHEMA))
+            self._writer.write_table(pa.table([self._names, self._pngs], schema=PACKED_SCHEMA))  # one row group
+            if self._on_group is not None:
+                self._on_group(self._groups, self._names, self._pngs)
             self.images += len(self._names)
+            self._groups += 1
             self._names, self._pngs, self._bytes = [], [], 0
 
     def seal(self, **fields) -> dict:

@@ -51,7 +51,7 @@ class TooFewImagesError(PipelineError):
     """A letter has fewer usable images than `min_images`."""
 
 
-def _letter_fields(letter: str, source: dict, results: list[BatchResult]) -> dict:
+def letter_fields(letter: str, source: dict, results: list[BatchResult]) -> dict:
     """Summarise a letter's batches for its manifest; statistics are exact, from the pixel histograms."""
     counts = [sum(column) for column in zip(*(r.histogram for r in results))] or [0] * 256
     pixels = sum(counts)
@@ -185,6 +185,11 @@ def shared_worker_pool(workers: int | None = None) -> Iterator[None]:
         pool.shutdown()
 
 
+def shared_pool() -> ProcessPoolExecutor | None:
+    """The pool `shared_worker_pool` opened (started on first use), or None when none is open."""
+    return _shared.get() if _shared is not None else None
+
+
 def start_shared_workers() -> None:
     """Start the shared pool's workers now, if `shared_worker_pool` opened one: a stage that knows decoding
     will follow (the unpack) calls it, so the workers start while it reads the archive."""
@@ -249,7 +254,7 @@ def _decode_group(
         by_shard = _run_jobs(jobs, pool, progress)
         for letter, folder in temporary.items():
             results = [by_shard[key] for key in sorted(by_shard) if Path(key).parent == folder]
-            fields = _letter_fields(letter, sources[letter], results)
+            fields = letter_fields(letter, sources[letter], results)
             logger.info("Letter %s: %s images, %d rejected", letter, f"{fields['images']:,}", len(fields["rejected"]))
             if fields["images"] < min_images:
                 short.append(fields)
@@ -271,7 +276,7 @@ def _sources(source: Path, letters: str) -> dict[str, dict]:
         fingerprint = sha256_of(source)
         return {letter: {"kind": "archive", "name": source.name, "fingerprint": fingerprint} for letter in letters}
     if _is_packed(source):
-        return {letter: _packed_source(source, letter) for letter in letters}
+        return {letter: packed_source(source, letter) for letter in letters}
     record = read_record(source)
     if record is not None and (problem := extraction_problem(source, record, letters)) is not None:
         raise CorruptDataError(f"{problem}: extract the archive again (`notmnist extract`, or rerun the pipeline).")
@@ -288,7 +293,7 @@ def _is_packed(source: Path) -> bool:
     return any(find_packed(source / letter) is not None for letter in LETTERS)
 
 
-def _packed_source(source: Path, letter: str) -> dict:
+def packed_source(source: Path, letter: str) -> dict:
     """A packed letter as an input: identified by its manifest's listing (unverified: it is checked as it is read)."""
     manifest = find_packed(source / letter)
     if manifest is None:

@@ -13,6 +13,7 @@ checksum has passed; then the ten folders are put in place, each with its manife
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from storage.layout import DataRoot, file_entry, lock_file
 from storage.packed import PackedLetterWriter, archive_identity, find_packed, find_unpacked, is_bound
 from storage.tar_stream import MAX_MEMBERS, MAX_TOTAL_BYTES, TarReader
 from tasks.decode import start_shared_workers
+from tasks.early_decode import EarlyDecode
 from tasks.extract import member_path, top_folder
 from tasks.reporting import stage_logger
 from tasks.stage import Stage, stage_task
@@ -40,8 +42,12 @@ def unpack_archive(
     max_members: int = MAX_MEMBERS,
     max_total_bytes: int = MAX_TOTAL_BYTES,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    shards_dir: Path | None = None,
 ) -> Path:
     """Unpack `archive` (a tar, plain or compressed) into `dest_dir/<letter>/` for A-J; returns `dest_dir`.
+
+    With `shards_dir`, where the pipeline's shared decode pool is open, the letters are decoded into it while
+    the archive is read, and committed after it (tasks/early_decode.py).
 
     Skips the work when all ten letters of this archive are there. Raises UnsafeArchiveError for
     hostile members or an archive past the limits (a member over `max_member_bytes` too: each is held in
@@ -63,12 +69,17 @@ def unpack_archive(
         identity, started = archive_identity(archive), time.perf_counter()
         logger.info("Unpacking %s (%s bytes) into %s.", archive, f"{identity['bytes']:,}", dest_dir)
         with contextlib.ExitStack() as stack:
-            writers = {letter: stack.enter_context(PackedLetterWriter(dest_dir / letter, letter)) for letter in LETTERS}
+            early = stack.enter_context(EarlyDecode(dest_dir, shards_dir)) if shards_dir is not None else None
+            writers = {letter: stack.enter_context(PackedLetterWriter(
+                dest_dir / letter, letter, functools.partial(early.group, letter) if early else None,
+            )) for letter in LETTERS}
             top, sha256, members = _pack_members(archive, writers, max_members, max_total_bytes, max_member_bytes)
             for writer in writers.values():  # all ten sealed before any is put in place: all or nothing
                 writer.seal(top_folder=top, archive={**identity, "sha256": sha256})
             for writer in writers.values():
                 writer.place()
+            if early is not None and (decoded := early.commit()):
+                logger.info("Decoded letters %s of %s while unpacking it.", "".join(decoded), archive.name)
     logger.info("Unpacked %s members of %s into ten letters in %.1f s.", f"{members:,}", archive.name,
                 time.perf_counter() - started)
     return dest_dir
@@ -120,7 +131,7 @@ def unpack_to_root(root: DataRoot, archive: str) -> dict:
     """Unpack the data root's `raw/<archive>` into `packed/<archive>/<letter>/` (see `unpack_archive`); returns
     where the letters are and how many images each holds."""
     (raw,), letters = _archive(root, {"archive": archive}), _unpacked(root, {"archive": archive})
-    packed = unpack_archive(raw, letters[0].parent)
+    packed = unpack_archive(raw, letters[0].parent, shards_dir=root.shards(archive))
     return {"packed": root.relative(packed),
             "images": {letter: find_packed(packed / letter)["images"] for letter in LETTERS}}
 
