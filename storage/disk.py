@@ -27,19 +27,24 @@ def out_of_space(error: BaseException | None) -> bool:
 
 
 def mount_point(path: Path) -> Path:
-    """The mount point of the file system that holds `path` (or would, for a path not yet made)."""
+    """The mount point of the file system that holds `path` (or would, for a path not yet made); as far up as
+    this process may look."""
     path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    device = path.stat().st_dev
-    while path != path.parent and path.parent.stat().st_dev == device:
-        path = path.parent
+    try:
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        device = path.stat().st_dev
+        while path != path.parent and path.parent.stat().st_dev == device:
+            path = path.parent
+    except OSError:
+        pass  # a folder this process may not stat: the last one it could is named
     return path
 
 
 def disk_full(error: BaseException, where: Path, what: str) -> DiskFullError:
     """The DiskFullError for `error`, met while writing `what` under `where`."""
-    named = next((Path(e.filename) for e in _chain(error) if isinstance(e, OSError) and e.filename), None)
+    named = next((Path(os.fsdecode(e.filename)) for e in _chain(error)
+                  if isinstance(e, OSError) and isinstance(e.filename, (str, bytes)) and e.filename), None)
     holder = mount_point(named or where)
     written = f"{what} ({named.name})" if named else what
     holds = f" (the file system of {where})" if Path(where).absolute() != holder else ""
@@ -63,6 +68,8 @@ def writing(what: str, where: Path):
 
 
 def _chain(error: BaseException | None):
-    while error is not None:
+    seen = set()
+    while error is not None and id(error) not in seen:  # `raise error from error` makes a loop
+        seen.add(id(error))
         yield error
         error = error.__cause__ or error.__context__

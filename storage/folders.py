@@ -107,19 +107,28 @@ def folder_problem(folder: Path, manifest: dict, *, trusting: bool = False) -> s
     module docstring), and the files hashed and found intact are recorded.
     """
     names = list(manifest["files"])
+    # Taken before hashing: a file changed while it is hashed must not be recorded as the bytes that were hashed.
+    seen = {name: _identity(Path(folder) / name, manifest["files"][name]) for name in names} if trusting else {}
     known = _identities(folder) if trusting else {}
-    unknown = [name for name in names if known.get(name) != _identity(Path(folder) / name, manifest["files"][name])]
+    unknown = [name for name in names if seen.get(name) is None or known.get(name) != seen[name]]
     with ThreadPoolExecutor(max_workers=_threads(len(unknown))) as pool:
         problems = pool.map(lambda name: file_problem(folder, manifest, name), unknown)
         problem = next((problem for problem in problems if problem is not None), None)
     if trusting and problem is None and unknown:
-        record_identities(folder, manifest)
+        record_identities(folder, manifest, seen)
     return problem
 
 
-def record_identities(folder: Path, manifest: dict) -> None:
-    """Record the identity of each file of `folder` as it is now, which its caller has just found intact."""
-    identities = {name: _identity(Path(folder) / name, entry) for name, entry in manifest["files"].items()}
+def record_identities(folder: Path, manifest: dict, seen: dict[str, list | None] | None = None) -> None:
+    """Record the identity of each file of `folder`, which its caller has just found intact: as it was when it was
+    hashed (`seen`), and only where it has not changed since."""
+    identities = {}
+    for name, entry in manifest["files"].items():
+        now = _identity(Path(folder) / name, entry)
+        if now is not None and (seen is None or seen.get(name) == now):
+            identities[name] = now
+    if not Path(folder).is_dir():
+        return  # replaced or removed meanwhile: nothing to record, and no folder to make again
     try:
         write_json(Path(folder) / IDENTITIES, identities)
     except OSError:

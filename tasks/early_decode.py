@@ -44,6 +44,14 @@ class EarlyDecode:
     def __enter__(self) -> EarlyDecode:
         if self.pool is None:
             return self
+        try:
+            self._prepare()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _prepare(self) -> None:
         self.shards_dir.mkdir(parents=True, exist_ok=True)
         for letter in LETTERS:
             final = letter_folder(self.shards_dir, letter)
@@ -55,12 +63,12 @@ class EarlyDecode:
             self.folders[letter] = temporary_sibling(final)
             self.folders[letter].mkdir()
             self.jobs[letter] = []
-        return self
 
     def __exit__(self, *exception_info) -> None:
-        for futures in self.jobs.values():
-            for future in futures:
-                future.cancel()
+        futures = [future for letter_futures in self.jobs.values() for future in letter_futures]
+        for future in futures:
+            future.cancel()
+        wait(futures)  # those already running finish writing before their folders go
         for folder in self.folders.values():
             remove(folder)
         self._locks.close()
@@ -94,11 +102,17 @@ class EarlyDecode:
                 stage_logger(__name__).warning("Letter %s was not decoded during the unpack (%s)", letter, error)
                 self._drop(letter)
                 continue
-            commit_letter(self.folders[letter], letter_folder(self.shards_dir, letter),
-                          **letter_fields(letter, packed_source(self.packed_dir, letter), results))
+            try:
+                commit_letter(self.folders[letter], letter_folder(self.shards_dir, letter),
+                              **letter_fields(letter, packed_source(self.packed_dir, letter), results))
+            except Exception as error:  # noqa: BLE001 - the packed letters are in place: their decode tasks do it
+                stage_logger(__name__).warning("Letter %s decoded during the unpack was not kept (%s)", letter, error)
+                continue
             committed.append(letter)
         return committed
 
     def _drop(self, letter: str) -> None:
-        for future in self.jobs.pop(letter, []):
+        futures = self.jobs.pop(letter, [])
+        for future in futures:
             future.cancel()
+        wait(futures)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.errors import PipelineError
+
 VALID, TRAIN, TEST, NOWHERE = 0, 1, 2, -1
 CODES = {"valid": VALID, "train": TRAIN, "test": TEST}
 
@@ -29,7 +31,7 @@ CODES = {"valid": VALID, "train": TRAIN, "test": TEST}
 MAX_SEARCH_CELLS = 200_000_000
 
 
-class SearchTooLargeError(ValueError):
+class SearchTooLargeError(PipelineError):
     """The exact search would need more memory than it is allowed."""
 
 
@@ -122,8 +124,10 @@ def _searched(split, free, large, small, rank, spare) -> np.ndarray | None:
     repeats = rest[large[rest] > 1]
 
     if (len(both) + 1) * (need_valid + 1) * (need_test + 1) > MAX_SEARCH_CELLS:
-        raise SearchTooLargeError(f"{len(both):,} groups in both archives with {need_valid:,} valid and {need_test:,} "
-                                  "test rows to find")
+        raise SearchTooLargeError(
+            f"deciding the splits of a letter with {len(both):,} groups of images in both archives, {need_valid:,} "
+            f"valid and {need_test:,} test rows still to find, would take more than {MAX_SEARCH_CELLS:,} table cells; "
+            "use smaller split sizes or a weaker dedup mode")
     tables = _both_tables(large[both], small[both], need_valid, need_train, need_test)
     reach, parent = _subset_sums(large[repeats])
     sums = np.flatnonzero(reach)

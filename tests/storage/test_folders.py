@@ -60,6 +60,15 @@ def test_a_trusting_check_hashes_only_the_files_whose_identity_changed(committed
     assert folder_problem(folder, manifest, trusting=True) is None and len(hashed) == 4
 
 
+@pytest.mark.parametrize("trusting", [True, False], ids=["trusting", "hashing"])
+def test_a_missing_file_is_missing_with_or_without_a_record(committed, trusting):
+    folder, manifest = committed
+    (folder / IDENTITIES).unlink()  # a folder committed before records existed, or whose record was lost
+    (folder / "a.bin").unlink()
+    assert folder_problem(folder, manifest, trusting=trusting) == f"{folder / 'a.bin'} is missing"
+    assert folder_problem(folder, manifest, trusting=trusting) == f"{folder / 'a.bin'} is missing"  # and stays so
+
+
 def test_a_writer_that_does_not_commit_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         with FolderWriter(tmp_path / "folder", "example", 1) as writer:

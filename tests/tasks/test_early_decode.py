@@ -54,3 +54,20 @@ def test_nothing_is_committed_from_an_archive_that_fails_at_its_end(archive, tmp
 def test_without_the_shared_pool_the_unpack_decodes_nothing(archive, tmp_path):
     unpack_archive(archive, tmp_path / "packed", shards_dir=tmp_path / "shards")
     assert not (tmp_path / "shards").exists()
+
+
+def test_the_decode_tasks_key_holds_the_packed_letter_it_reads(archive, tmp_path):
+    """The unpack commits letters the decode task has not run for: a new archive's letters must not be served the
+    old archive's record, so the packed letter's identity is in the task's cache key."""
+    from storage.layout import DataRoot
+    from tasks.decode import letter_task
+
+    root = DataRoot(tmp_path / "data")
+    parameters = {"root": root, "archive": "notMNIST_small.tar.gz", "letter": "C"}
+    keyed_on = letter_task.cache_policy.keyed_on
+    before = keyed_on(parameters)
+    unpack_archive(archive, root.packed("notMNIST_small.tar.gz"))
+    first = keyed_on(parameters)
+    other = make_archive(tmp_path / "other", "notMNIST_small", per_letter=20, seed=9, fonts=()).path
+    unpack_archive(other, root.packed("notMNIST_small.tar.gz"))
+    assert len({before, first, keyed_on(parameters)}) == 3
