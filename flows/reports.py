@@ -102,9 +102,10 @@ def _rounded(value: float | None) -> float | None:
 
 def publish_pictures(
     experiment: str, model_dir: Path, metrics: dict[str, Any], split_dir: Path, splits: dict, extra: dict[str, bytes]
-) -> list[str]:
+) -> dict[str, str]:
     """The confusion matrix, learning curves and misclassified test images as artifacts and PNGs beside the model
-    (with `extra` pictures, such as the glyph grids); returns the PNG names written."""
+    (with `extra` pictures, such as the glyph grids, published already under the key `artifact_key(name)`);
+    returns each PNG written and the key of its artifact."""
     images, _ = open_split(split_dir, splits, "test")
     wrong = metrics.get("misclassified", [])
     drawn = {
@@ -124,11 +125,13 @@ def publish_pictures(
                         if name != "learning_curves" else f"{experiment}: {title}")
     for name, png in {**drawn, **extra}.items():
         write_picture(model_dir, name, png)
-    return [picture_file(name) for name in {**drawn, **extra}]
+    return {picture_file(name): artifact_key(experiment, name) if name in drawn else artifact_key(name)
+            for name in {**drawn, **extra}}
 
 
 def publish_report(
-    experiment: str, result: dict[str, Any], metrics: dict[str, Any], splits: dict, figures: list[str]
+    experiment: str, result: dict[str, Any], metrics: dict[str, Any], splits: dict, figures: dict[str, str],
+    tensorboard: str,
 ) -> str:
     """A markdown report: accuracy against the seed's numbers, confusion matrix, pictures, where things are."""
     seed = reported(experiment)
@@ -144,9 +147,9 @@ def publish_report(
         lines += [f"| **{label}** | " + " | ".join(str(v) for v in row) + " |" for label, row in zip(labels, matrix)]
     lines += ["", f"- model: `{result['model']}` (in the data root)", f"- splits: `splits/{splits['key']}`",
               f"- dataset fingerprint: `{result.get('dataset_fingerprint')}`", f"- device: {result.get('device')}",
-              "- TensorBoard: `tensorboard --logdir data/models` (the logs are in the model's `tensorboard/`)"]
+              f"- TensorBoard: `tensorboard --logdir {tensorboard}`"]
     # The UI has its own artifact for each picture; report.md shows the PNGs written beside it.
-    keys = [artifact_key(experiment, picture_name(name)) for name in figures]
+    keys = list(figures.values())
     create_markdown_artifact(
         key=artifact_key(experiment, "report"), description=f"{experiment}: results against the seed's",
         markdown="\n".join([*lines, f"- pictures: the artifacts {', '.join(f'`{key}`' for key in keys)}"]),

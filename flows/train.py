@@ -27,6 +27,7 @@ from core.defaults import TRAIN_TIMEOUT_SECONDS
 from core.errors import PipelineError
 from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED
 from flows.reports import publish_pictures, publish_report, publish_training, run_url
+from storage.checkpoints import TENSORBOARD
 from storage.disk import writing
 from storage.layout import DataRoot
 from storage.models import MODEL_FILE, read_metrics, write_report
@@ -130,7 +131,8 @@ def train_and_report(
         metrics = read_metrics(model_dir)
         publish_training(experiment, metrics)
         figures = publish_pictures(experiment, model_dir, metrics, split_dir, splits, pictures or {})
-        report = write_report(model_dir, publish_report(experiment, result, metrics, splits, figures))
+        tensorboard = layout.url(model_dir / TENSORBOARD)
+        report = write_report(model_dir, publish_report(experiment, result, metrics, splits, figures, tensorboard))
         attach(layout, [model_dir / name for name in (report.name, *figures)])
     return result, report
 

@@ -135,6 +135,9 @@ def test_artifacts_have_stable_keys_and_the_pictures_are_pngs_in_the_ui_and_besi
     for name in ("confusion_matrix", "learning_curves", "misclassified", "notMNIST_large_glyphs"):
         assert f"]({name}.png)" in report and Image.open(model_dir / f"{name}.png").format == "PNG"
     assert list((model_dir / "tensorboard" / "train").glob("events.out.tfevents.*"))  # Keras' TensorBoard logs
+    named = re.findall(r"`([a-z0-9-]+)`", by_key["notmnist-report"].data.split("- pictures:")[1])
+    assert named and set(named) <= set(by_key), named  # the report links the pictures' real keys
+    assert f"`tensorboard --logdir {model_dir / 'tensorboard'}`" in report  # this run's own logs, wherever the root
 
 
 def test_the_pipelines_log_says_where_training_went_and_carries_its_epochs(first_run):
