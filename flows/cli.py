@@ -177,9 +177,11 @@ def _without_checks(args: argparse.Namespace, *names: str) -> None:
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     from flows.notmnist import notmnist_pipeline
+    from tasks.splits import check_parameters
 
     data_root(args, must_exist=False)
     _without_checks(args, "large_bytes", "large_sha256", "small_bytes", "small_sha256")
+    check_parameters({"train": args.train_size, "valid": args.valid_size, "test": args.test_size}, args.dedup)
     return _run_flow(notmnist_pipeline, args)
 
 

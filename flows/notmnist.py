@@ -34,7 +34,7 @@ from flows.reports import publish_letters, publish_splits
 from flows.train import cancel_training_runs, pipeline_result, train_and_report
 from storage.layout import archive_stem
 from tasks.download import download_task
-from tasks.splits import splits_task
+from tasks.splits import check_parameters, splits_task
 from tasks.stage import open_data_root
 from tasks.unpack import unpack_task
 
@@ -104,6 +104,8 @@ def notmnist_pipeline(
         scratch_dir: the local working copy of an s3:// data root: downloads, and every
             folder while it is written (default: under ~/.cache/notmnist).
     """
+    # Split sizes the splits stage would refuse fail here, before minutes of downloading and decoding.
+    check_parameters({"train": train_size, "valid": valid_size, "test": test_size}, dedup)
     root = open_data_root(data_dir, scratch_dir)  # fails here, before any download, when it cannot be written
     archives = {
         large_archive: (large_bytes, large_sha256, min_images_large),

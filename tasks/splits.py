@@ -216,7 +216,8 @@ def split_folder(root: DataRoot, parameters: dict, *, local: bool = False) -> Pa
     return root.splits(splits_key(_sizes(parameters), parameters["seed"], parameters["dedup"], fingerprint))
 
 
-def _check_parameters(sizes: dict[str, int], dedup: str) -> None:
+def check_parameters(sizes: dict[str, int], dedup: str) -> None:
+    """PipelineError for split sizes or a dedup mode the stage refuses: the pipeline asks before it downloads."""
     if dedup not in DEDUP_MODES:
         raise PipelineError(f"dedup must be one of {', '.join(DEDUP_MODES)}; got {dedup!r}")
     if min(sizes.values()) < len(LETTERS):
@@ -277,7 +278,7 @@ def build_splits(
     """
     parameters = dict(large=large, small=small, train_size=train_size, valid_size=valid_size, test_size=test_size,
                       seed=seed, dedup=dedup)
-    _check_parameters(_sizes(parameters), dedup)
+    check_parameters(_sizes(parameters), dedup)
     root, logger = DataRoot.of(root), stage_logger(__name__)
     folder = split_folder(root, parameters, local=True)  # of the letters read: those the boundary fetched
     if folder is None:

@@ -286,3 +286,10 @@ def test_the_embedded_api_gets_time_to_start_on_a_busy_machine_unless_told_other
 def test_no_checks_beside_an_explicit_sha256_is_a_contradiction_not_a_silent_choice(capsys):
     assert main(["run", "--no-checks", "--large-sha256", "a" * 64]) == 1
     assert "--no-checks turns off the check --large-sha256 asks for" in capsys.readouterr().err
+
+
+def test_run_refuses_split_sizes_the_splits_stage_would_refuse_before_anything_starts(file_server, tmp_path, capsys):
+    code = main(["run", "--data-dir", str(tmp_path / "data"), "--base-url", file_server.base_url, "--train-size", "15"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("notmnist run: error: split sizes are shared equally by the 10 classes")
+    assert file_server.state.requests == [] and not (tmp_path / "data").exists()  # nothing downloaded, nothing made
