@@ -455,7 +455,8 @@ def _version() -> str:
 
 
 def _print_human(result: dict[str, Any]) -> None:
-    """Key and value a line; a list of records (predictions, rejected files) one record a line below its key."""
+    """Key and value a line; below its key, a list of records (predictions, rejected files) one record a line, a
+    mapping (per-class accuracy) one entry a line, and a matrix (the confusion matrix) as a table with the classes."""
     width = max((len(key) for key in result), default=0)
     for key, value in result.items():
         if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
@@ -464,6 +465,22 @@ def _print_human(result: dict[str, Any]) -> None:
                 line = "  ".join(_cell(v) for k, v in item.items() if k != "top")
                 ranked = ", ".join(f"{entry['class']} {entry['probability']:.4f}" for entry in item.get("top", [])[1:])
                 print(f"  {line}" + (f"  (then {ranked})" if ranked else ""))
+        elif isinstance(value, dict) and value:
+            print(f"{key}:")
+            inner = max(len(str(name)) for name in value)
+            for name, entry in value.items():
+                print(f"  {str(name):<{inner}}  {_cell(entry)}")
+        elif isinstance(value, list) and value and all(isinstance(row, list) for row in value):
+            print(f"{key} (rows: true, columns: predicted):")
+            names = [str(name) for name in result.get("class_names") or range(len(value))]
+            cells = [[str(cell) for cell in row] for row in value]
+            column = max(len(text) for text in [*names, *(cell for row in cells for cell in row)])
+            label = max(len(name) for name in names)
+            print("  " + " " * label + "  " + " ".join(f"{name:>{column}}" for name in names))
+            for name, row in zip(names, cells):
+                print(f"  {name:<{label}}  " + " ".join(f"{cell:>{column}}" for cell in row))
+        elif isinstance(value, list) and value and all(isinstance(item, (str, int, float)) for item in value):
+            print(f"{key:<{width}}  {' '.join(_cell(item) for item in value)}")
         else:
             print(f"{key:<{width}}  {value}")
 

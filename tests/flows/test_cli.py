@@ -293,3 +293,21 @@ def test_run_refuses_split_sizes_the_splits_stage_would_refuse_before_anything_s
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("notmnist run: error: split sizes are shared equally by the 10 classes")
     assert file_server.state.requests == [] and not (tmp_path / "data").exists()  # nothing downloaded, nothing made
+
+
+def test_an_evaluation_prints_per_class_accuracy_a_line_each_and_the_confusion_matrix_as_a_table(capsys):
+    from flows.cli import _print_human
+
+    _print_human({"accuracy": 0.75, "per_class_accuracy": {"A": 1.0, "B": 0.5}, "class_names": ["A", "B"],
+                  "confusion_matrix": [[10, 0], [5, 5]]})
+    assert capsys.readouterr().out.splitlines() == [
+        "accuracy            0.75",
+        "per_class_accuracy:",
+        "  A  1.0000",
+        "  B  0.5000",
+        "class_names         A B",
+        "confusion_matrix (rows: true, columns: predicted):",
+        "      A  B",
+        "  A  10  0",
+        "  B   5  5",
+    ]
