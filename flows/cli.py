@@ -209,6 +209,9 @@ def _mnist(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _iris(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.reporting import import_keras_quietly
+
+    import_keras_quietly()
     from flows.iris import iris_pipeline
 
     data_root(args, must_exist=False)
@@ -216,12 +219,18 @@ def _iris(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _predict(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.reporting import import_keras_quietly
+
+    import_keras_quietly()
     from tasks.predict import predict_files
 
     return predict_files(args.model, args.images, top=args.top)
 
 
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.reporting import import_keras_quietly
+
+    import_keras_quietly()
     from tasks.predict import evaluate_model
 
     return evaluate_model(args.model, args.data, split=args.split)

@@ -31,7 +31,7 @@ from storage.checkpoints import TENSORBOARD
 from storage.disk import writing
 from storage.layout import DataRoot
 from storage.models import MODEL_FILE, read_metrics, write_report
-from tasks.reporting import stage_logger
+from tasks.reporting import import_keras_quietly, stage_logger
 from tasks.stage import attach, in_working_copy, open_data_root
 from tasks.trained import find_trained
 
@@ -63,7 +63,8 @@ def train_flow(
         scratch_dir: the local working copy of an s3:// data root, where the splits are fetched to and
             the model is written before it is published (default: under ~/.cache/notmnist).
     """
-    from tasks.train import train_task  # Keras (2 s and 400 MB to import) only in a process that trains
+    import_keras_quietly()  # Keras (2 s and 400 MB to import) only in a process that trains
+    from tasks.train import train_task
 
     root = open_data_root(data_dir, scratch_dir)
     result = train_task(

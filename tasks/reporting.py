@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from types import TracebackType
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -102,3 +105,29 @@ class Progress:
             update_progress_artifact(self._artifact_id, 100.0)
         if self._bar is not None:
             self._bar.stop()
+
+
+@contextlib.contextmanager
+def quiet_native_start_up() -> Iterator[None]:
+    """While the block runs (an import of TensorFlow), its C++ start-up lines ("All log messages before
+    absl::InitializeLog() ...", "Could not find cuda drivers ...") are dropped: they are written to the process's
+    stderr before TensorFlow's log settings apply, so TF_CPP_MIN_LOG_LEVEL does not silence them. Python's own
+    errors still show (after the block). Kept with TF_CPP_MIN_LOG_LEVEL=0 (`--debug`) or once TensorFlow is in."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0" or "tensorflow" in sys.modules:
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def import_keras_quietly() -> None:
+    """Import Keras (and its TensorFlow) without TensorFlow's start-up lines on the terminal."""
+    with quiet_native_start_up():
+        import keras  # noqa: F401

@@ -311,3 +311,13 @@ def test_an_evaluation_prints_per_class_accuracy_a_line_each_and_the_confusion_m
         "  A  10  0",
         "  B   5  5",
     ]
+
+
+def test_tensorflows_start_up_lines_stay_off_the_terminal():
+    """They reach the process's stderr before TensorFlow's log level applies, twice per command; Python's own
+    errors must still show."""
+    code = ("from tasks.reporting import import_keras_quietly; import_keras_quietly(); import sys; "
+            "print('after', file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0 and done.stderr.strip().splitlines() == ["after"], done.stderr
