@@ -35,7 +35,7 @@ from tasks.reporting import import_keras_quietly, stage_logger
 from tasks.stage import attach, in_working_copy, open_data_root
 from tasks.trained import find_trained
 
-RELAYED = "relayed"  # marks a log record repeated from the training run (the terminal shows it once)
+RELAYED = "relayed"  # marks a log record repeated from a training subflow (the terminal showed it already)
 POLL_SECONDS = 2.0  # how often the pipeline looks at a training run it sent to a work pool
 
 
@@ -194,9 +194,9 @@ def _wait_relaying(run, timeout_seconds: float, logger):
         while True:
             state = client.read_flow_run(run.id).state
             logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])), sort=LogSort.TIMESTAMP_ASC)
-            for log in logs[relayed:]:
-                if log.message.startswith("Epoch "):
-                    logger.info("%s: %s", run.name, log.message, extra={RELAYED: True})
+            for log in logs[relayed:]:  # not marked relayed: this terminal has not shown them (the worker's has)
+                if log.message.startswith("Epoch ") or ": test accuracy " in log.message:
+                    logger.info("%s: %s", run.name, log.message)
             finished = state is not None and state.is_final()
             # A run's last log lines reach the API after its final state: wait until they stop coming.
             if (finished and len(logs) == relayed and settled is not None) or time.monotonic() >= deadline:
