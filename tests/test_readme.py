@@ -51,3 +51,14 @@ def test_every_python_example_runs_on_a_data_root_as_the_stages_leave_it(code, t
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["image"].shape == (28, 28)
+
+
+def test_the_deploy_steps_create_every_work_pool_that_prefect_yaml_names_before_deploying():
+    """`prefect deploy --all` stops at the first deployment whose pool does not exist."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())
+    pools = {deployment["work_pool"]["name"] for deployment in config["deployments"]}
+    before_deploy = README[: README.index("prefect deploy --all")]
+    created = set(re.findall(r"^prefect work-pool create (\S+)", before_deploy, flags=re.MULTILINE))
+    assert pools and pools <= created, pools - created
