@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
 from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
@@ -91,7 +91,7 @@ def train(
         return result
     if deployment:
         # The worker keeps its own working copy: its scratch_dir is its own default.
-        train_remotely(deployment, parameters, timeout_seconds)
+        remote_training(deployment, parameters, timeout_seconds)
         if (result := find_trained(layout, splits, experiment, training)) is None:
             raise PipelineError(
                 f"The training run of {deployment!r} completed, but {layout.location} holds no model of these "
@@ -168,6 +168,14 @@ def train_remotely(deployment: str, parameters: dict[str, Any], timeout_seconds:
     if not state.is_completed():
         raise PipelineError(f"Training run {run.name!r} of {deployment!r} ended {state.name}: {state.message}")
     logger.info("Training run %s completed; reading its model from the data root", run.name)
+
+
+# The wait as a task run of the pipeline, named for what it waits on: the training run is its child in the UI's graph
+# (run_deployment links it to the task run it is called from), and nothing of the worker's is kept in its result.
+remote_training = task(
+    train_remotely, name="train-remotely", task_run_name="train {parameters[experiment]} on {deployment}",
+    persist_result=False,
+)
 
 
 def pipeline_result(layout: DataRoot, result: dict[str, Any], splits: dict, report: Path) -> dict[str, Any]:
