@@ -58,7 +58,8 @@ def load_trained_model(path: Path) -> TrainedModel:
     model_file = path / MODEL_FILE if path.is_dir() else path
     if not model_file.is_file():
         raise PipelineError(f"{path} is not a model: give a model folder (models/<key>) or its {MODEL_FILE}.")
-    verified_model(model_file.parent)  # before Keras reads a byte of it
+    folder = model_file.parent
+    manifest = verified_model(folder)  # before Keras reads a byte of it
     try:
         model = keras.saving.load_model(model_file, safe_mode=True, compile=False)
     except Exception as error:  # Keras raises ValueError, OSError, zipfile errors...: all mean "not loadable"
@@ -67,8 +68,7 @@ def load_trained_model(path: Path) -> TrainedModel:
             f"{model_file} cannot be loaded safely as a Keras model ({reason[:160]}); give a model folder this "
             "project trained (models/<key>)."
         ) from error
-    folder = model_file.parent
-    if verified_model(folder) is None:  # a bare .keras file, not in a folder training wrote: the notMNIST model
+    if manifest is None:  # a bare .keras file, not in a folder training wrote: the notMNIST model
         experiment, class_names = "notmnist", list(LETTERS)
     else:  # checked as the pipeline checks it before reusing it: every file against the manifest
         experiment = read_json(folder / RECORD_FILE).get("experiment", "notmnist")
