@@ -127,30 +127,37 @@ def record_identities(folder: Path, manifest: dict, seen: dict[str, list | None]
         now = _identity(Path(folder) / name, entry)
         if now is not None and (seen is None or seen.get(name) == now):
             identities[name] = now
-    if not Path(folder).is_dir():
-        return  # replaced or removed meanwhile: nothing to record, and no folder to make again
-    try:
-        write_json(Path(folder) / IDENTITIES, identities)
-    except OSError:
-        pass  # a folder this process may not write (or a full disk): the next check hashes again
+    _write_identities(Path(folder), identities)
 
 
-def recorded_sha256(path: Path) -> str | None:
-    """The sha256 recorded for the single file `path` (a download) when its identity is as it was then, else None."""
+def file_sha256(path: Path) -> str:
+    """The sha256 of the single file `path` (a download): as recorded when its identity is unchanged since it was
+    last hashed, else hashed now (and recorded, when the file did not change while it was read)."""
     path = Path(path)
     recorded = _identities(path.parent).get(path.name)
-    return recorded[-1] if recorded is not None and recorded == _identity(path, {"sha256": recorded[-1]}) else None
+    if recorded is not None and recorded == _identity(path, {"sha256": recorded[-1]}):
+        return recorded[-1]
+    seen = _identity(path, {})
+    digest = sha256_of(path)
+    if seen is not None and seen == _identity(path, {}):
+        record_sha256(path, digest)
+    return digest
 
 
 def record_sha256(path: Path, sha256: str) -> None:
-    """Record the single file `path`'s identity with the sha256 its caller has just computed (or checked)."""
+    """Record the single file `path`'s identity with the sha256 its caller has just computed."""
     path = Path(path)
-    identities = _identities(path.parent)
-    identities[path.name] = _identity(path, {"sha256": sha256})
+    if (identity := _identity(path, {"sha256": sha256})) is not None:
+        _write_identities(path.parent, {**_identities(path.parent), path.name: identity})
+
+
+def _write_identities(folder: Path, identities: dict) -> None:
+    if not folder.is_dir():
+        return  # replaced or removed meanwhile: nothing to record, and no folder to make again
     try:
-        write_json(path.parent / IDENTITIES, identities)
+        write_json(folder / IDENTITIES, identities)
     except OSError:
-        pass  # as in record_identities
+        pass  # a folder this process may not write (or a full disk): the next check hashes again
 
 
 def _identities(folder: Path) -> dict:

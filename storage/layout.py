@@ -33,8 +33,7 @@ from filelock import FileLock
 
 from core.errors import CorruptDataError, PipelineError
 from storage.atomic import read_json
-from storage.digests import sha256_of
-from storage.folders import MANIFEST, describe_files, files_under, folder_problem
+from storage.folders import MANIFEST, describe_files, file_sha256, files_under, folder_problem
 from storage.objects import DamagedObjectError, ObjectStore, is_object_store
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -248,7 +247,7 @@ class DataRoot:
         """True when the working copy at `path` already holds exactly what `published` describes, intact."""
         if single:
             entry = file_entry(published)
-            return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_of(path) == entry["sha256"]
+            return path.is_file() and path.stat().st_size == entry["bytes"] and file_sha256(path) == entry["sha256"]
         try:
             local = read_json(path / MANIFEST)
         except (OSError, ValueError):

@@ -138,9 +138,10 @@ def find_unpacked(archive: Path, packed_dir: Path) -> dict[str, dict] | None:
     return manifests if intact else None
 
 
-def checked_groups(folder: Path, manifest: dict, remedy: str) -> tuple[tuple[str, int, int], list[int]]:
+def checked_groups(folder: Path, manifest: dict, remedy: str) -> tuple[tuple[str, int, int, str], list[int]]:
     """The letter's file, checked against the manifest (CorruptDataError, saying `remedy`, when it differs):
-    what `read_group` needs to find it unchanged (path, inode, mtime), and the rows of each row group."""
+    what `read_group` needs to find it unchanged and its rows this letter's (path, inode, mtime, name prefix), and
+    the rows of each row group."""
     if not is_bound(manifest, Path(folder).name):
         raise CorruptDataError(f"{Path(folder) / MANIFEST} is not bound to letter {Path(folder).name} of the archive "
                                f"it names: {remedy}")
@@ -152,7 +153,7 @@ def checked_groups(folder: Path, manifest: dict, remedy: str) -> tuple[tuple[str
     return (str(path), status.st_ino, status.st_mtime_ns, prefix), rows
 
 
-def read_group(checked: tuple[str, int, int], group: int) -> tuple[list[str], list[bytes]]:
+def read_group(checked: tuple[str, int, int, str], group: int) -> tuple[list[str], list[bytes]]:
     """One row group of a letter's file that `checked_groups` checked: names and PNG bytes, in archive order.
 
     A file replaced since (a new unpack renamed into place) is an error, not other rows.

@@ -84,7 +84,8 @@ class SplitWriter(FolderWriter):
 
 
 def find_splits(folder: Path) -> dict | None:
-    """The manifest of a finished split folder whose every file matches its digest, else None."""
+    """The manifest of a finished split folder whose every file matches its digest (or is as this machine recorded it
+    when it last hashed it: storage/folders.py), else None."""
     manifest = read_manifest(folder, KIND, FORMAT)
     if manifest is None or folder_problem(folder, manifest, trusting=True) is not None:
         return None

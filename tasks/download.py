@@ -30,8 +30,7 @@ from prefect.utilities.math import clamped_poisson_interval
 from core.defaults import READ_TIMEOUT_SECONDS
 from core.errors import DownloadError, PermanentDownloadError, VerificationError
 from storage.atomic import remove, remove_temporaries_of, write_json
-from storage.digests import sha256_of
-from storage.folders import record_sha256, recorded_sha256
+from storage.folders import file_sha256, record_sha256
 from storage.layout import DataRoot, file_entry, lock_file, partial_download, partial_download_state
 from tasks.reporting import Progress, artifact_key, stage_logger
 from tasks.stage import Stage, stage_task
@@ -88,11 +87,9 @@ def verify(path: Path, *, expected_bytes: int | None, sha256: str | None, digest
     if expected_bytes is not None and size != expected_bytes:
         return f"expected {expected_bytes:,} bytes, got {size:,}"
     if sha256 is not None:
-        actual = digest or recorded_sha256(path) or sha256_of(path)  # recorded: as this machine last hashed it
+        actual = digest or file_sha256(path)  # as this machine last hashed it, while the file is as it was then
         if actual.lower() != sha256.lower():
             return f"expected sha256 {sha256.lower()}, got {actual}"
-        if digest is None:
-            record_sha256(path, actual)
     return None
 
 

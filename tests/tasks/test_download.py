@@ -41,12 +41,12 @@ def test_downloads_verifies_and_leaves_no_partial_file(file_server, tmp_path):
 def test_a_file_in_place_is_not_hashed_again_until_it_is_written_to(file_server, tmp_path, monkeypatch):
     """The rerun's check trusts the sha256 recorded with the file's size, times and inode; a same-size rewrite moves
     its change time, so it is hashed, found wrong and downloaded again."""
-    import tasks.download as download
+    import storage.folders as folders
 
     file_server.put(NAME, CONTENT)
     path = fetch(file_server, tmp_path, sha256=SHA256)
     hashed = []
-    monkeypatch.setattr(download, "sha256_of", lambda file: hashed.append(file) or sha256_of(file))
+    monkeypatch.setattr(folders, "sha256_of", lambda file: hashed.append(file) or sha256_of(file))
     assert fetch(file_server, tmp_path, sha256=SHA256) == path and hashed == []
     path.write_bytes(b"x" * len(CONTENT))
     assert fetch(file_server, tmp_path, sha256=SHA256).read_bytes() == CONTENT and hashed == [path]
