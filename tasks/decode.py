@@ -396,13 +396,14 @@ def _letter_shards(root: DataRoot, parameters: dict) -> list[Path]:
 def _letter_current(root: DataRoot, parameters: dict, manifests: dict[Path, dict]) -> bool:
     """The letter was decoded from the packed letter the data root holds now (a worker's copy may be older)."""
     (manifest,) = manifests.values()
-    packed = root.committed(_packed_letter(root, parameters)[0], verify=False)
-    return packed is not None and manifest.get("source", {}).get("fingerprint") == manifest_identity(packed)
+    packed = _packed_identity(root, parameters)
+    return packed is not None and manifest.get("source", {}).get("fingerprint") == packed
 
 
-def _packed_identity(root: DataRoot, parameters: dict) -> str:
+def _packed_identity(root: DataRoot, parameters: dict) -> str | None:
+    """The identity of the packed letter the data root holds now (None: it holds none)."""
     packed = root.committed(_packed_letter(root, parameters)[0], verify=False)
-    return "" if packed is None else manifest_identity(packed)
+    return None if packed is None else manifest_identity(packed)
 
 
 LETTER_STAGE = Stage(outputs=_letter_shards, reads=_packed_letter, current=_letter_current)
@@ -413,7 +414,7 @@ letter_task = stage_task(
     task_run_name=lambda parameters: f"decode {archive_stem(parameters['archive'])} {parameters['letter']}",
     # The packed letter it reads, as the data root holds it, is in the key: the unpack may have decoded the letter
     # already (tasks/early_decode.py), so a new archive's letters must not find the old archive's record.
-    keyed_on=lambda parameters: _packed_identity(parameters["root"], parameters),
+    keyed_on=lambda parameters: str(_packed_identity(parameters["root"], parameters)),
     retries=1,
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless_pipeline_error,
