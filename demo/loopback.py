@@ -44,6 +44,7 @@ class Request:
     headers: dict[str, str]
     status: int
     body_bytes: int = 0
+    answered: threading.Event = field(default_factory=threading.Event, repr=False)
 
 
 @dataclass
@@ -90,8 +91,16 @@ class FileServer:
     def requests_for(self, name: str) -> list[Request]:
         return [request for request in self.state.requests if request.path == name]
 
-    def body_bytes_sent(self, name: str) -> int:
-        return sum(request.body_bytes for request in self.requests_for(name))
+    def body_bytes_sent(self, name: str, wait: float = 10.0) -> int:
+        """Body bytes sent for `name`, once each request has been answered in full.
+
+        A client can hold every byte before the server's thread has counted them, so this waits
+        (up to `wait` seconds per request) for each answer to end.
+        """
+        requests = self.requests_for(name)
+        for request in requests:
+            request.answered.wait(wait)
+        return sum(request.body_bytes for request in requests)
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -127,7 +136,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.state.versions[name] = self.state.versions.get(name, 0) + 1
         record = Request(name, dict(self.headers.items()), 0)
         self.state.requests.append(record)
+        try:
+            self._answer_with(record, name, fault, send_body)
+        finally:
+            record.answered.set()
 
+    def _answer_with(self, record: Request, name: str, fault: Fault, send_body: bool) -> None:
         path = self.server_root / name
         if fault.redirect_to is not None:
             record.status = 302
@@ -185,6 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
             count = min(count, fault.stall_after)
         record.body_bytes = self._send_file(path, start, count)
         if fault.stall_after is not None:
+            record.answered.set()  # all it will send is counted; the stall that follows sends nothing
             time.sleep(fault.stall_seconds)  # the client's read timeout is what ends this
             self.close_connection = True
             return
