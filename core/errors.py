@@ -31,3 +31,7 @@ class CorruptDataError(PipelineError):
 
 class DiskFullError(PipelineError):
     """No room left on a file system for what a stage writes."""
+
+
+class RunCancelledError(PipelineError):
+    """A run stopped by Ctrl-C, the UI or `prefect flow-run cancel`; it published nothing after the cancel."""

@@ -75,9 +75,12 @@ def _flow_arguments(flow, args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_flow(flow, args: argparse.Namespace) -> dict[str, Any]:
     """Run `flow` with every parameter from the options; a failure names the run's page when a server keeps it."""
+    from core.errors import RunCancelledError
     from flows.reports import run_url
 
     state = flow(**_flow_arguments(flow, args), return_state=True)
+    if state.is_cancelled():
+        raise RunCancelledError(state.message)
     try:
         return state.result()
     except Exception as error:
@@ -538,6 +541,15 @@ def prefect_api_problem(error: BaseException) -> str | None:
     return None
 
 
+def cancelled(error: BaseException) -> bool:
+    """Whether `error` says a run was cancelled: the pipeline's own, or a training run's state read directly."""
+    from prefect.exceptions import CancelledRun
+
+    from core.errors import RunCancelledError
+
+    return isinstance(error, (RunCancelledError, CancelledRun))
+
+
 def _working_folder(args: argparse.Namespace) -> Path:
     """The local folder a command writes in: its scratch folder, its local data root, or the current folder."""
     from storage.objects import is_object_store
@@ -571,6 +583,11 @@ def main(argv: list[str] | None = None) -> int:
         print("notmnist: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
     except Exception as error:  # one line for the user; the traceback only on request
+        if cancelled(error):
+            from tasks.cancellation import INTERRUPT, stop_cause
+
+            print(f"notmnist {args.command}: cancelled: {error}", file=sys.stderr)
+            return 130 if stop_cause() == INTERRUPT else 1
         if args.debug:
             traceback.print_exc()
         elif not isinstance(error, PipelineError) and out_of_space(error):  # met outside a stage and the flows

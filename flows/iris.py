@@ -8,11 +8,13 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from core.seed import IRIS_BATCH_SIZE, IRIS_EPOCHS, IRIS_LEARNING_RATE, SEED, reported
+from tasks.cancellation import cancellable
 from tasks.iris import VARIANTS, iris_task
 from tasks.stage import open_data_root
 
 
 @flow(name="iris-pipeline")
+@cancellable
 def iris_pipeline(
     data_dir: str = "data",
     epochs: int = IRIS_EPOCHS,

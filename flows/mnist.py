@@ -10,12 +10,14 @@ from prefect import flow
 from core.defaults import READ_TIMEOUT_SECONDS, TRAIN_TIMEOUT_SECONDS
 from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, MNIST_BYTES, MNIST_SHA256, MNIST_URL, SEED
 from flows.train import cancel_training_runs, pipeline_result, train_and_report
+from tasks.cancellation import cancellable
 from tasks.download import download_task
 from tasks.mnist import mnist_splits_task
 from tasks.stage import open_data_root
 
 
 @flow(name="mnist-pipeline", on_cancellation=[cancel_training_runs], on_crashed=[cancel_training_runs])
+@cancellable
 def mnist_pipeline(
     data_dir: str = "data",
     url: str = MNIST_URL,

@@ -33,6 +33,7 @@ from flows.letters import decode_archives, letter_runner
 from flows.reports import publish_letters, publish_splits
 from flows.train import cancel_training_runs, pipeline_result, train_and_report
 from storage.layout import archive_stem
+from tasks.cancellation import cancellable
 from tasks.download import download_task
 from tasks.splits import check_parameters, splits_task
 from tasks.stage import open_data_root
@@ -45,6 +46,7 @@ def archive_url(base_url: str, name: str) -> str:
 
 
 @flow(name="notmnist-pipeline", on_cancellation=[cancel_training_runs], on_crashed=[cancel_training_runs])
+@cancellable
 def notmnist_pipeline(
     base_url: str = NOTMNIST_BASE_URL,
     data_dir: str = "data",

@@ -21,7 +21,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import CancelledRun, ObjectNotFound
 
 from core.defaults import TRAIN_TIMEOUT_SECONDS
 from core.errors import PipelineError
@@ -31,6 +31,7 @@ from storage.checkpoints import TENSORBOARD
 from storage.disk import writing
 from storage.layout import DataRoot
 from storage.models import MODEL_FILE, read_metrics, write_report
+from tasks.cancellation import cancellable, unless_cancelled
 from tasks.reporting import import_keras_quietly, stage_logger
 from tasks.stage import attach, in_working_copy, open_data_root
 from tasks.trained import find_trained
@@ -40,6 +41,7 @@ POLL_SECONDS = 2.0  # how often the pipeline looks at a training run it sent to 
 
 
 @flow(name="train", persist_result=True)
+@cancellable
 def train_flow(
     data_dir: str = "data",
     splits: str = "",
@@ -67,10 +69,10 @@ def train_flow(
     from tasks.train import train_task
 
     root = open_data_root(data_dir, scratch_dir)
-    result = train_task(
+    result = unless_cancelled(train_task(
         root, splits, experiment=experiment, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
         seed=seed,
-    )
+    ))
     if FlowRunContext.get().flow_run.parent_task_run_id is None:  # on its own (e.g. the GPU pool); a parent publishes
         publish_training(experiment, read_metrics(root.root / result["model"]))
     return result
@@ -91,7 +93,7 @@ def train(
         return result
     if deployment:
         # The worker keeps its own working copy: its scratch_dir is its own default.
-        remote_training(deployment, parameters, timeout_seconds)
+        unless_cancelled(remote_training(deployment, parameters, timeout_seconds))
         if (result := find_trained(layout, splits, experiment, training)) is None:
             raise PipelineError(
                 f"The training run of {deployment!r} completed, but {layout.location} holds no model of these "
@@ -100,7 +102,7 @@ def train(
         return result
     logger.info("Training %s in this process, as a subflow of this run", experiment)
     with _relayed_epochs(logger):
-        return train_flow(**parameters, scratch_dir=layout.scratch)
+        return unless_cancelled(train_flow(**parameters, scratch_dir=layout.scratch))
 
 
 @contextlib.contextmanager
@@ -156,7 +158,10 @@ def train_remotely(deployment: str, parameters: dict[str, Any], timeout_seconds:
     logger.info("Training sent to %s as run %s: %s", deployment, run.name, run_url(run.id) or run.id)
     try:
         state = _wait_relaying(run, timeout_seconds, logger)
-    except BaseException:  # this run failed, was interrupted or is being cancelled: so is the child
+    except KeyboardInterrupt:  # Ctrl-C, or this run cancelled through the API (tasks/cancellation.py)
+        _cancel(run.id)
+        raise CancelledRun(f"training run {run.name} cancelled") from None
+    except BaseException:  # this run failed or its process is being stopped: so is the child
         _cancel(run.id)
         raise
     if state is None or not state.is_final():
@@ -173,7 +178,7 @@ def train_remotely(deployment: str, parameters: dict[str, Any], timeout_seconds:
 # The wait as a task run of the pipeline, named for what it waits on: the training run is its child in the UI's graph
 # (run_deployment links it to the task run it is called from), and nothing of the worker's is kept in its result.
 remote_training = task(
-    train_remotely, name="train-remotely", task_run_name="train {parameters[experiment]} on {deployment}",
+    cancellable(train_remotely), name="train-remotely", task_run_name="train {parameters[experiment]} on {deployment}",
     persist_result=False,
 )
 

@@ -40,6 +40,7 @@ from storage.folders import manifest_identity
 from storage.layout import DataRoot
 from storage.objects import is_object_store
 from storage.records import delete_record, read_record, write_record
+from tasks.cancellation import cancellable
 from tasks.reporting import stage_logger
 
 Parameters = dict[str, Any]
@@ -203,10 +204,12 @@ class StageCache(CachePolicy):
 
 def stage_task(
     function: Callable[..., Any], *, stage: Stage, name: str, task_run_name: Any, cached: bool = True,
-    ignore: Iterable[str] = (), keyed_on: Callable[[Parameters], str] | None = None, **options: Any,
+    ignore: Iterable[str] = (), keyed_on: Callable[[Parameters], str] | None = None, stops: bool = False,
+    **options: Any,
 ):
     """`function(root, ...)` as a Prefect task that reads and writes the data root through `stage` (see the
-    module docstring); with `cached`, its result is cached in the data root while its outputs are there."""
+    module docstring); with `cached`, its result is cached in the data root while its outputs are there; with
+    `stops`, a run interrupted or cancelled while in it ends Cancelled (tasks/cancellation.py)."""
     signature = inspect.signature(function)
 
     @functools.wraps(function)
@@ -228,6 +231,8 @@ def stage_task(
                 stage.after_publish(root, values)
         return result
 
+    if stops:
+        run = cancellable(run)
     if not cached:
         return task(name=name, task_run_name=task_run_name, **options)(run)
     stage_run = task(

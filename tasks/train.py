@@ -258,6 +258,6 @@ def _evaluate(
 
 
 train_task = stage_task(
-    train_model, stage=TRAIN_STAGE, name="train", task_run_name="train {experiment}", cached=False, retries=1,
+    train_model, stage=TRAIN_STAGE, name="train", task_run_name="train {experiment}", cached=False, stops=True, retries=1,
     retry_delay_seconds=10, retry_condition_fn=retry_unless_pipeline_error,
 )

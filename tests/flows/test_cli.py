@@ -128,7 +128,7 @@ def test_run_passes_every_option_to_the_flow_and_no_checks_turns_the_checks_off(
 
     received = {}
     real = flows.notmnist.notmnist_pipeline
-    finished = SimpleNamespace(result=dict)  # what a completed run's state gives back: its result
+    finished = SimpleNamespace(result=dict, is_cancelled=lambda: False)  # a completed run's state: its result
 
     def call(self, return_state=False, **kwargs):
         received.update(kwargs)

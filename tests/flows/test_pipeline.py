@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import glob
 import io
 import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import TaskRunSort
+from prefect.states import Cancelling
 
 from core.errors import PipelineError
 from demo.loopback import Fault, FileServer
@@ -174,6 +186,45 @@ def test_the_same_archives_from_another_address_come_from_the_cache(first_run, s
         assert again.is_completed(), again.message
         assert set(task_states(again.state_details.flow_run_id)["download"]) == {"Cached"}
         assert not mirror.state.requests  # nothing was fetched
+
+
+def test_a_pipeline_cancelled_mid_training_stops_there_and_its_training_subflow_ends_cancelled(first_run):
+    """Cancelled through the API, as the UI and `prefect flow-run cancel` do, while its subflow trains in this
+    process: the pipeline stops within seconds, publishes nothing more, and both runs end Cancelled."""
+    parameters, _ = first_run
+    parameters = {**parameters, "epochs": 1000}  # another model: training starts at once, every data stage Cached
+    seen: dict[str, object] = {}
+
+    def cancel_once_training() -> None:
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and "pipeline" not in seen:
+                running = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
+                training = [run for run in running if run.parameters.get("epochs") == 1000
+                            and run.parameters.get("data_dir") == parameters["data_dir"]]
+                if len(training) == 2:  # the pipeline and its training subflow
+                    seen["training"], seen["pipeline"] = sorted(training, key=lambda run: run.parent_task_run_id is None)
+                time.sleep(0.5)
+            time.sleep(2)  # a few epochs in
+            seen["cancelled at"] = time.monotonic()
+            client.set_flow_run_state(seen["pipeline"].id, Cancelling(message="cancelled from the test"))
+
+    canceller = threading.Thread(target=contextvars.copy_context().run, args=(cancel_once_training,), daemon=True)
+    canceller.start()
+    state = notmnist_pipeline(**parameters, return_state=True)
+    stopped_after = time.monotonic() - seen["cancelled at"]
+    canceller.join(timeout=10)
+
+    assert state.is_cancelled(), state
+    assert state.message == f"training run {seen['training'].name} cancelled"
+    assert stopped_after < 15
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(seen["training"].id).state.name == "Cancelled"
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert not [artifact.key for artifact in artifacts if artifact.key and "report" in artifact.key]
+    assert task_states(seen["training"].id)["train"] == ["Cancelled"]
 
 
 def test_downloads_without_checks_are_cached_per_file_and_a_base_url_needs_no_last_slash(prefect_api, tmp_path):
