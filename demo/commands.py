@@ -33,6 +33,14 @@ def _make_archives(args: argparse.Namespace) -> dict[str, Any]:
                          system_fonts=args.system_fonts)
 
 
+def _stack(args: argparse.Namespace) -> dict[str, Any]:
+    from demo.stack import stack_down, stack_up
+
+    if args.action == "up":
+        return stack_up(args.folder, args.checkout, args.port, args.repository)
+    return stack_down(args.folder)
+
+
 def register(commands) -> None:
     """Add `demo` and `make-archives` through the command line's `commands(name, handler, help)`."""
     demo = commands("demo", _demo, "Run the pipeline offline on generated archives served from 127.0.0.1.")
@@ -55,3 +63,17 @@ def register(commands) -> None:
                           help="images per letter in the small archive (default: a sixth of --per-letter)")
     archives.add_argument("--seed", type=SEED_VALUE, default=2024, help="same seed, same bytes")
     archives.add_argument("--system-fonts", action="store_true", help=SYSTEM_FONTS_HELP)
+
+    stack = commands(
+        "stack", _stack,
+        "Start (up) or stop (down) the multi-machine topology on this one: a Prefect server, SeaweedFS with the "
+        "bucket, the work pools, the deployments, and a cpu and a gpu worker that clone this checkout's commit.",
+    )
+    stack.add_argument("action", choices=("up", "down"), help="up starts everything; down stops what up started")
+    stack.add_argument("--folder", type=Path, default=Path(".stack"),
+                       help="where the stack keeps its databases, bucket, workers' folders, logs and stack.json")
+    stack.add_argument("--port", type=POSITIVE, default=4200, help="the Prefect server's port (its UI and API)")
+    stack.add_argument("--checkout", type=Path, default=Path(__file__).resolve().parents[1],
+                       help="the git checkout to deploy from: workers clone its current commit")
+    stack.add_argument("--repository", default=None,
+                       help="where workers clone that commit from (default: the checkout itself, as a file:// URL)")

@@ -38,6 +38,17 @@ def _free_ports(count: int) -> list[int]:
 @contextmanager
 def seaweed_s3(folder: Path, *, startup_seconds: float = 60) -> Iterator[dict[str, str]]:
     """Run `weed server -s3` under `folder`; yields the AWS_* variables that reach it."""
+    server, environment = start_seaweed(folder, startup_seconds=startup_seconds)
+    try:
+        yield environment
+    finally:
+        stop_seaweed(server.pid)
+        server.wait()
+
+
+def start_seaweed(folder: Path, *, startup_seconds: float = 60) -> tuple[subprocess.Popen, dict[str, str]]:
+    """Start `weed server -s3` under `folder`, in a process group of its own; returns it and the AWS_* variables
+    that reach it, once it answers. `stop_seaweed(process.pid)` ends it."""
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "s3.json"
     config.write_text(json.dumps({"identities": [{
@@ -55,28 +66,40 @@ def seaweed_s3(folder: Path, *, startup_seconds: float = 60) -> Iterator[dict[st
         "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
     ]
     (folder / "data").mkdir(exist_ok=True)
-    log = open(folder / "weed.log", "wb")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(folder / "weed.log", "wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{s3}"
+    deadline = time.monotonic() + startup_seconds
+    while True:
+        try:
+            requests.get(endpoint, timeout=1)  # any answer (403 unsigned) means it serves
+            break
+        except requests.ConnectionError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop_seaweed(server.pid)
+            raise RuntimeError(f"weed did not start: {(folder / 'weed.log').read_text()[-2000:]}")
+        time.sleep(0.1)
+    return server, {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                    "AWS_REGION": "us-east-1"}
+
+
+def stop_seaweed(pid: int) -> None:
+    """Kill the server started as `pid` and its process group (its data is throwaway), and the sockets it leaves."""
+    ports = [argument.split("=", 1)[1] for argument in _command_line(pid) if ".grpc=" in argument]
     try:
-        deadline = time.monotonic() + startup_seconds
-        while True:
-            try:
-                requests.get(endpoint, timeout=1)  # any answer (403 unsigned) means it serves
-                break
-            except requests.ConnectionError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"weed did not start: {(folder / 'weed.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-               "AWS_REGION": "us-east-1"}
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-        log.close()
-        for grpc, service in ((master_grpc, "master"), (volume_grpc, "volume"), (filer_grpc, "filer"), (s3_grpc, "s3")):
-            Path(f"/tmp/seaweedfs-{service}-grpc-{grpc}.sock").unlink(missing_ok=True)
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for service, port in zip(("master", "volume", "filer", "s3"), ports):
+        Path(f"/tmp/seaweedfs-{service}-grpc-{port}.sock").unlink(missing_ok=True)
+
+
+def _command_line(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
 
 
 def create_bucket(environment: dict[str, str], bucket: str) -> None:

@@ -1,8 +1,10 @@
-"""Deployments against a real `prefect server` on 127.0.0.1, with a real process worker for the gpu pool.
+"""The multi-machine topology on one machine (`notmnist stack up`): a real `prefect server`, SeaweedFS, the work
+pools and deployments made by the commands README gives an operator, and a `cpu` and a `gpu` process worker.
 
-The worker shares nothing with the pipeline but the Prefect API and an S3 server (SeaweedFS, on
-127.0.0.1): it runs in a folder of its own with its own HOME, and gets the code by cloning the
-deployed commit from a bare repository (file://) that holds this checkout's working tree.
+Each worker shares nothing with the pipeline but the Prefect API and the S3 server: it runs in a folder
+of its own with its own HOME, and gets the code by cloning the deployed commit from a bare repository
+(file://) that holds this checkout's working tree. The module ends with `notmnist stack down`, which
+must leave no process of the stack behind.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,31 +28,27 @@ from prefect.client.schemas.filters import (
     DeploymentFilter,
     FlowRunFilter,
     FlowRunFilterId,
+    FlowRunFilterName,
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.exceptions import CancelledRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Cancelling
 
 import flows.train
 from core.errors import PipelineError
+from demo.stack import DEPLOY_COMMAND, POOL_COMMANDS
 from flows.notmnist import notmnist_pipeline
 from flows.train import train_remotely
 from storage.layout import DataRoot
 from storage.letters import letter_folder
 from storage.models import read_metrics
-from tests.flows.conftest import overwrite_in_place, pipeline_parameters
+from tests.flows.conftest import free_port, objects_under, overwrite_in_place, pipeline_parameters
 from tests.flows.test_pipeline import task_runs
 
 ROOT = Path(__file__).resolve().parents[2]
-PREFECT = str(Path(sys.executable).with_name("prefect"))
-
-
-@pytest.fixture(scope="module")
-def pools(prefect_server) -> None:
-    """The work pools prefect.yaml deploys to, on the session's server."""
-    for pool in ("cpu", "gpu", "gpu-checkout"):
-        subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=prefect_server, check=True,
-                       capture_output=True, cwd=ROOT)
+NOTMNIST = str(Path(sys.executable).with_name("notmnist"))
 
 
 def git(*arguments: str, cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -72,11 +74,43 @@ def repository(tmp_path_factory) -> dict[str, str]:
     return {"url": bare.as_uri(), "commit": commit, "deployer": str(folder / "deployer")}
 
 
+@dataclass
+class Stack:
+    folder: Path
+    env: dict[str, str]  # what `stack up` says to export: PREFECT_API_URL and the AWS_* variables
+    up: subprocess.CompletedProcess
+
+    def processes(self) -> dict[str, dict]:
+        return json.loads((self.folder / "stack.json").read_text())["processes"]
+
+
 @pytest.fixture(scope="module")
-def deployed(prefect_server, pools, repository) -> subprocess.CompletedProcess:
-    return subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], cwd=repository["deployer"],
-                          env={**prefect_server, "NOTMNIST_REPOSITORY": repository["url"]},
-                          capture_output=True, text=True, timeout=300)
+def stack(tmp_path_factory, repository) -> Iterator[Stack]:
+    """`notmnist stack up`, deploying the working tree under test; `stack down` at the end if a test did not."""
+    folder = tmp_path_factory.mktemp("stack")
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith(("PREFECT_", "AWS_"))}  # nothing of this test session's servers
+    up = subprocess.run(
+        [NOTMNIST, "stack", "up", "--folder", str(folder), "--port", str(free_port()), "--checkout",
+         repository["deployer"], "--repository", repository["url"], "--json"],
+        env=environment, capture_output=True, text=True, timeout=300,
+    )
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    exported = dict(pair.split("=", 1) for pair in json.loads(up.stdout)["export"].split())
+    try:
+        yield Stack(folder, exported, up)
+    finally:
+        if (folder / "stack.json").exists():
+            subprocess.run([NOTMNIST, "stack", "down", "--folder", str(folder)], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def on_stack(stack, monkeypatch) -> Iterator[Stack]:
+    """This process talks to the stack's API and S3 server, as a user who exported what `stack up` printed."""
+    for name, value in stack.env.items():
+        monkeypatch.setenv(name, value)
+    with temporary_settings({PREFECT_API_URL: stack.env["PREFECT_API_URL"]}):
+        yield stack
 
 
 def read(env: dict[str, str], coroutine_factory):
@@ -84,26 +118,34 @@ def read(env: dict[str, str], coroutine_factory):
         return asyncio.run(coroutine_factory())
 
 
-def training_run_states(env: dict[str, str], splits: str) -> list[str]:
-    """The states of the runs of train/gpu that were given the split folder `splits`."""
+def training_run_states(env: dict[str, str], splits: str, deployment: str = "train/gpu") -> list[str]:
+    """The states of the runs of `deployment` that were given the split folder `splits`."""
 
     async def states():
         async with get_client() as client:
-            deployment = await client.read_deployment_by_name("train/gpu")
-            runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [deployment.id]}))
+            found = await client.read_deployment_by_name(deployment)
+            runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [found.id]}))
         return [run.state.name for run in runs if run.parameters.get("splits") == splits]
 
     return read(env, states)
 
 
-def test_deploy_all_registers_every_deployment_and_the_weekly_schedule(prefect_server, deployed, repository):
-    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+def test_the_readmes_deploy_commands_are_the_ones_the_stack_runs():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Training on another machine"):]
+    section = section[:section.index("\n## ")]
+    lines = [line.split("  #", 1)[0].strip() for line in section.splitlines()]
+    assert [line for line in lines if line.startswith("prefect work-pool create")] == list(POOL_COMMANDS)
+    assert any(line.startswith("NOTMNIST_REPOSITORY=") and line.endswith(" " + DEPLOY_COMMAND) for line in lines)
+    assert "notmnist stack up" in lines and "notmnist stack down" in lines
 
+
+def test_deploy_all_registers_every_deployment_and_the_weekly_schedule(stack, repository):
     async def deployments():
         async with get_client() as client:
             return await client.read_deployments()
 
-    found = {d.name: d for d in read(prefect_server, deployments)}
+    found = {d.name: d for d in read(stack.env, deployments)}
     assert set(found) == {"weekly", "gpu", "gpu-checkout", "mnist", "iris"}
     assert found["gpu"].work_pool_name == "gpu" and found["weekly"].work_pool_name == "cpu"
     assert [s.schedule.cron for s in found["weekly"].schedules] == ["0 3 * * 1"]
@@ -118,61 +160,51 @@ def test_deploy_all_registers_every_deployment_and_the_weekly_schedule(prefect_s
 
 
 def test_training_on_a_worker_that_shares_nothing_but_the_api_and_the_object_store(
-    prefect_server, deployed, repository, served_archives, s3_server, s3_root, tmp_path, caplog
+    on_stack, repository, served_archives, tmp_path, caplog
 ):
-    """The worker runs in a folder of its own, with its own HOME, and gets the code by cloning the deployed
-    commit; the pipeline and the worker exchange data only through S3."""
-    assert deployed.returncode == 0
-    machine = tmp_path / "gpu-machine"
-    machine.mkdir()
-    worker_env = {**prefect_server, **s3_server, "HOME": str(machine), "PREFECT_HOME": str(machine / ".prefect"),
-                  "PREFECT_LOGGING_LEVEL": "INFO"}  # the training run's epoch lines reach the API
-    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "gpu", "--limit", "1"], env=worker_env,
-                              cwd=machine, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        parameters = pipeline_parameters(served_archives, tmp_path / "unused", train_deployment="train/gpu",
-                                         train_timeout_seconds=300)
-        parameters.update(data_dir=s3_root, scratch_dir=str(tmp_path / "pipeline-machine"))
-        with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
-            # A first run trains here (one epoch), so the bucket holds every stage; then same-size damage in the
-            # bucket. The run that sends training to the worker repairs the data root first, so the worker's
-            # copy of the splits, fetched from the bucket, passes its sha256 checks.
-            first = notmnist_pipeline(**{**parameters, "train_deployment": None, "epochs": 1}, return_state=True)
-            assert first.is_completed(), first.message
-            pipeline = DataRoot(s3_root, parameters["scratch_dir"])
-            model_dir = first.result()["model_path"].removeprefix(s3_root + "/").removesuffix("/model.keras")
-            split_dir = json.loads((pipeline.root / model_dir / "record.json").read_text())["dataset"]["splits"]
-            time.sleep(1.1)  # the store's listing times have whole seconds: a rewrite must be seen as one
-            damaged = [overwrite_in_place(pipeline, pipeline.root / split_dir),
-                       overwrite_in_place(pipeline, letter_folder(pipeline.shards("notMNIST_large"), "A"))]
-            with caplog.at_level("INFO"):
-                state = notmnist_pipeline(**parameters, return_state=True)
-            # The first run's epochs were its training subflow's, repeated (marked) in its own log; the worker's two
-            # reach this process only through the API, and the terminal prints them.
-            remote = [record for record in caplog.records
-                      if ": Epoch " in record.getMessage() and not getattr(record, "relayed", False)]
-            assert len(remote) == 2, [record.getMessage() for record in caplog.records if "Epoch" in record.getMessage()]
-            assert state.is_completed(), state.message
-            result = state.result()
-            states = {run.name: run.state.name for run in task_runs(state.state_details.flow_run_id)}
-            assert states["train notmnist on train/gpu"] == "Completed"  # the wait, named for what it waits on
-            # Prefect's run_deployment links the child through a task run of its own, randomly named; it now hangs
-            # under the named wait. Every other task run is named for what it does.
-            assert len([name for name in states if " " not in name]) == 1, states
-            assert states["decode notMNIST_large A"] == "Completed" and states["decode notMNIST_large B"] == "Cached"
-            warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
-            for url in damaged:  # one warning line names each damaged object
-                assert [line for line in warnings if url in line] == [f"Damaged in the data root: {url} was written "
-                                                                      "again after its folder was committed; this "
-                                                                      "stage runs again to replace it"], warnings
-            # Every committed folder of the data root is whole again: a fresh working copy fetches each, verified.
-            reader = DataRoot(s3_root, tmp_path / "reader")
-            for folder in [reader.root / split_dir, *(letter_folder(reader.shards(archive), letter) for letter in
-                                                      "ABCDEFGHIJ" for archive in ("notMNIST_large", "notMNIST_small"))]:
-                assert reader.fetch(folder)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+    """The stack's gpu worker runs in a folder of its own, with its own HOME, and gets the code by cloning the
+    deployed commit; the pipeline and the worker exchange data only through S3."""
+    machine = on_stack.folder / "workers" / "gpu"
+    s3_root = "s3://notmnist/worker-training"
+    parameters = pipeline_parameters(served_archives, tmp_path / "unused", train_deployment="train/gpu",
+                                     train_timeout_seconds=300)
+    parameters.update(data_dir=s3_root, scratch_dir=str(tmp_path / "pipeline-machine"))
+    # A first run trains here (one epoch), so the bucket holds every stage; then same-size damage in the
+    # bucket. The run that sends training to the worker repairs the data root first, so the worker's
+    # copy of the splits, fetched from the bucket, passes its sha256 checks.
+    first = notmnist_pipeline(**{**parameters, "train_deployment": None, "epochs": 1}, return_state=True)
+    assert first.is_completed(), first.message
+    pipeline = DataRoot(s3_root, parameters["scratch_dir"])
+    model_dir = first.result()["model_path"].removeprefix(s3_root + "/").removesuffix("/model.keras")
+    split_dir = json.loads((pipeline.root / model_dir / "record.json").read_text())["dataset"]["splits"]
+    time.sleep(1.1)  # the store's listing times have whole seconds: a rewrite must be seen as one
+    damaged = [overwrite_in_place(pipeline, pipeline.root / split_dir),
+               overwrite_in_place(pipeline, letter_folder(pipeline.shards("notMNIST_large"), "A"))]
+    with caplog.at_level("INFO"):
+        state = notmnist_pipeline(**parameters, return_state=True)
+    # The first run's epochs were its training subflow's, repeated (marked) in its own log; the worker's two
+    # reach this process only through the API, and the terminal prints them.
+    remote = [record for record in caplog.records
+              if ": Epoch " in record.getMessage() and not getattr(record, "relayed", False)]
+    assert len(remote) == 2, [record.getMessage() for record in caplog.records if "Epoch" in record.getMessage()]
+    assert state.is_completed(), state.message
+    result = state.result()
+    states = {run.name: run.state.name for run in task_runs(state.state_details.flow_run_id)}
+    assert states["train notmnist on train/gpu"] == "Completed"  # the wait, named for what it waits on
+    # Prefect's run_deployment links the child through a task run of its own, randomly named; it now hangs
+    # under the named wait. Every other task run is named for what it does.
+    assert len([name for name in states if " " not in name]) == 1, states
+    assert states["decode notMNIST_large A"] == "Completed" and states["decode notMNIST_large B"] == "Cached"
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    for url in damaged:  # one warning line names each damaged object
+        assert [line for line in warnings if url in line] == [f"Damaged in the data root: {url} was written "
+                                                              "again after its folder was committed; this "
+                                                              "stage runs again to replace it"], warnings
+    # Every committed folder of the data root is whole again: a fresh working copy fetches each, verified.
+    reader = DataRoot(s3_root, tmp_path / "reader")
+    for folder in [reader.root / split_dir, *(letter_folder(reader.shards(archive), letter) for letter in
+                                              "ABCDEFGHIJ" for archive in ("notMNIST_large", "notMNIST_small"))]:
+        assert reader.fetch(folder)
 
     # The model, its metrics and the report, read back from the object store.
     layout = DataRoot(s3_root, tmp_path / "reader")
@@ -197,7 +229,7 @@ def test_training_on_a_worker_that_shares_nothing_but_the_api_and_the_object_sto
             )
             return runs, artifacts
 
-    runs, artifacts = read(prefect_server, child_runs)
+    runs, artifacts = read(on_stack.env, child_runs)
     runs = [run for run in runs if run.parameters.get("data_dir") == s3_root]
     assert [(run.work_pool_name, run.state.name) for run in runs] == [("gpu", "Completed")]
     assert {"notmnist-splits", "notmnist-report", "notmnist-confusion-matrix"} <= {a.key for a in artifacts}
@@ -207,34 +239,170 @@ def test_training_on_a_worker_that_shares_nothing_but_the_api_and_the_object_sto
             logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
         return [log.message for log in logs]
 
-    lines = read(prefect_server, parent_log)
+    lines = read(on_stack.env, parent_log)
     sent = f"Training sent to train/gpu as run {runs[0].name}: http://127.0.0.1:"
     assert any(line.startswith(sent) and line.endswith(f"/runs/flow-run/{runs[0].id}") for line in lines), lines
     assert [line.split(": ", 1)[0] for line in lines if ": Epoch " in line] == [runs[0].name] * 2
     assert any(line.startswith(f"{runs[0].name}: notmnist: test accuracy ") for line in lines), lines  # its scores
 
 
-def test_a_parent_that_stops_waiting_cancels_its_training_run(prefect_server, deployed, tmp_path, monkeypatch):
-    assert deployed.returncode == 0
-
+def test_a_parent_that_stops_waiting_cancels_its_training_run(on_stack, tmp_path, monkeypatch):
     def interrupted(*arguments):
-        raise KeyboardInterrupt  # what stopping the parent's process looks like from inside it
+        raise KeyboardInterrupt  # what Ctrl-C, or a cancel the pipeline's watcher saw, looks like inside the wait
 
     monkeypatch.setattr(flows.train, "_wait_relaying", interrupted)
     parameters = {"data_dir": str(tmp_path), "splits": "interrupted-parent"}
-    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
-        with pytest.raises(KeyboardInterrupt):
-            train_remotely("train/gpu", parameters, timeout_seconds=60)
+    # train/gpu-checkout: no worker of the stack polls its pool, so the run is still waiting when it is cancelled
+    with pytest.raises(CancelledRun, match=r"^training run [a-z-]+ cancelled$"):
+        train_remotely("train/gpu-checkout", parameters, timeout_seconds=60)
 
-    assert training_run_states(prefect_server, "interrupted-parent") == ["Cancelled"]
+    assert training_run_states(on_stack.env, "interrupted-parent", "train/gpu-checkout") == ["Cancelled"]
 
 
-def test_a_training_run_nobody_picks_up_times_out_with_a_clear_error(prefect_server, deployed, tmp_path):
-    assert deployed.returncode == 0
+def test_a_training_run_nobody_picks_up_times_out_with_a_clear_error(on_stack, tmp_path):
     parameters = {"data_dir": str(tmp_path), "splits": "nothing-here"}
-    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
-        with pytest.raises(PipelineError, match=r"did not finish within 3 s .*it was cancelled\. Is a worker polling"):
-            train_remotely("train/gpu", parameters, timeout_seconds=3)
+    with pytest.raises(PipelineError, match=r"did not finish within 3 s .*it was cancelled\. Is a worker polling"):
+        train_remotely("train/gpu-checkout", parameters, timeout_seconds=3)
 
     # Nothing left Late in the queue for the next worker.
-    assert training_run_states(prefect_server, "nothing-here") == ["Cancelled"]
+    assert training_run_states(on_stack.env, "nothing-here", "train/gpu-checkout") == ["Cancelled"]
+
+
+class Terminal:
+    """`notmnist run` in a process of its own, training sent to the stack's gpu worker; its stderr read as it comes."""
+
+    def __init__(self, stack: Stack, served, data_root: str, scratch: Path):
+        sizes = served.sizes
+        command = [
+            NOTMNIST, "run", "--data-dir", data_root, "--scratch-dir", str(scratch), "--base-url", served.server.base_url,
+            "--large-bytes", str(sizes["notMNIST_large.tar.gz"]), "--small-bytes", str(sizes["notMNIST_small.tar.gz"]),
+            "--min-images-large", "30", "--min-images-small", "10", "--train-size", "250", "--valid-size", "50",
+            "--test-size", "50", "--workers", "1", "--task-runner", "threads", "--epochs", "2000",
+            "--train-deployment", "train/gpu",
+        ]
+        environment = {**os.environ, **stack.env, "PREFECT_HOME": str(scratch / "prefect-home")}
+        self.process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stderr), daemon=True)
+        self.reader.start()
+
+    def wait_for(self, text: str, seconds: float = 180, count: int = 1) -> str:
+        """The first line holding `text`, once `count` lines hold it."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if len(found := [line for line in list(self.lines) if text in line]) >= count:
+                return found[0]
+            assert self.process.poll() is None, "".join(self.lines)[-3000:]
+            time.sleep(0.2)
+        pytest.fail(f"no line with {text!r} within {seconds:.0f} s: {''.join(self.lines)[-3000:]}")
+
+    def training_run(self) -> str:
+        """The name of the training run the pipeline sent to train/gpu, once the terminal shows two of its epochs
+        (which they are depends on the checkpoint a run before left)."""
+        self.wait_for(": Epoch ", count=2)
+        return self.wait_for("Training sent to train/gpu as run ").split(" as run ", 1)[1].split(":", 1)[0]
+
+    def finish(self, seconds: float = 60) -> int:
+        code = self.process.wait(timeout=seconds)
+        self.reader.join(timeout=10)
+        return code
+
+
+def flow_run_named(env: dict[str, str], name: str):
+    async def find():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+            return runs[0]
+
+    return read(env, find)
+
+
+def parent_of(env: dict[str, str], child) -> object:
+    async def find():
+        async with get_client() as client:
+            link = await client.read_task_run(child.parent_task_run_id)
+            return await client.read_flow_run(link.flow_run_id)
+
+    return read(env, find)
+
+
+def state_within(env: dict[str, str], name: str, wanted: str, seconds: float = 60) -> str:
+    deadline = time.monotonic() + seconds
+    while (state := flow_run_named(env, name).state.name) != wanted and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return state
+
+
+def report_artifacts(env: dict[str, str], flow_run_id) -> list[str]:
+    async def keys():
+        async with get_client() as client:
+            found = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return [artifact.key for artifact in found if artifact.key and "report" in artifact.key]
+
+    return read(env, keys)
+
+
+STOPPED_ROOT = "s3://notmnist/stopped"
+
+
+@pytest.mark.parametrize("how, exit_code", [("cancel", 1), ("ctrl-c", 130)], ids=["prefect flow-run cancel", "ctrl-c"])
+def test_stopping_a_pipeline_in_the_terminal_cancels_its_training_on_the_worker(
+    on_stack, served_archives, tmp_path, how, exit_code
+):
+    """Cancelled through the API (as the UI and `prefect flow-run cancel` do) or with Ctrl-C, mid-training: the
+    training run on the worker ends Cancelled, the pipeline publishes nothing more, and the terminal says so.
+    Both runs share a data root: the second finds every data stage done and goes straight to training."""
+    stack = on_stack
+    terminal = Terminal(stack, served_archives, STOPPED_ROOT, tmp_path)
+    child = flow_run_named(stack.env, terminal.training_run())
+    parent = parent_of(stack.env, child)
+    if how == "cancel":
+        async def cancel():
+            async with get_client() as client:
+                await client.set_flow_run_state(parent.id, Cancelling(message="cancelled from the test"))
+
+        read(stack.env, cancel)
+    else:
+        terminal.process.send_signal(signal.SIGINT)
+
+    assert terminal.finish() == exit_code
+    said = [line.rstrip() for line in terminal.lines if line.startswith("notmnist run:")]
+    assert said == [f"notmnist run: cancelled: training run {child.name} cancelled"], "".join(terminal.lines)[-3000:]
+    assert state_within(stack.env, child.name, "Cancelled") == "Cancelled"
+    assert flow_run_named(stack.env, parent.name).state.name == "Cancelled"
+    assert report_artifacts(stack.env, parent.id) == []  # nothing published after the cancel
+    layout = DataRoot(STOPPED_ROOT, tmp_path / "reader")
+    assert not [key for key in objects_under(layout) if key.endswith("report.md")]
+
+
+def group_members(group: int) -> list[str]:
+    """The processes of process group `group` that still run (a zombie waiting for its reaper does not)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            name, fields = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        state, _, process_group = fields.split()[:3]
+        if int(process_group) == group and state != "Z":
+            members.append(name.split("(", 1)[1])
+    return members
+
+
+def test_stack_down_stops_every_process_it_started_and_only_those(stack):
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        started = stack.processes()
+        assert set(started) == {"prefect server", "seaweedfs", "cpu worker", "gpu worker"}
+        down = subprocess.run([NOTMNIST, "stack", "down", "--folder", str(stack.folder), "--json"],
+                              capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stderr
+        left = {name: members for name, process in started.items()  # each ran in a process group of its own
+                if (members := group_members(process["pid"]))}
+        assert left == {}
+        assert bystander.poll() is None
+        assert not (stack.folder / "stack.json").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
