@@ -12,10 +12,5 @@ EPHEMERAL_API_STARTUP_SECONDS = 180
 # A download attempt that receives nothing for this long ends; the next attempt resumes the `.part`.
 READ_TIMEOUT_SECONDS = 30.0
 
-# What the splits stage's duplicate control may let repeat (tasks/splits.py), and what it does by default.
-DEDUP_MODES = ("none", "cross-split", "all")
+# What the splits stage's duplicate control lets repeat by default (the choices: core/parameters.py).
 DEDUP = "cross-split"
-
-# Where the pipeline's per-letter decode tasks may run (flows/letters.py): this machine's processes,
-# threads of the flow's process, or a Dask cluster.
-TASK_RUNNERS = ("processes", "threads", "dask")

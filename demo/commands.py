@@ -10,7 +10,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from flows.cli import POSITIVE, SEED_VALUE, data_dir_options, data_root, letter_task_options
+from core.parameters import Seed
+from flows.cli import LOCATION, POSITIVE, data_root, pipeline_options
+from flows.options import option_type
 
 SYSTEM_FONTS_HELP = ("draw from this machine's font folders too (by default only from the fonts matplotlib ships, "
                      "so a seed gives the same archives everywhere)")
@@ -41,34 +43,25 @@ def _stack(args: argparse.Namespace) -> dict[str, Any]:
     return stack_down(args.folder)
 
 
-def register(commands) -> None:
-    """Add `demo` and `make-archives` through the command line's `commands(name, handler, help)`."""
-    demo = commands("demo", _demo, "Run the pipeline offline on generated archives served from 127.0.0.1.")
-    data_dir_options(demo, "data/demo")
+def _demo_options(demo: argparse.ArgumentParser) -> None:
+    pipeline_options(demo, *LOCATION, data_dir="data/demo")
     demo.add_argument("--per-letter", type=POSITIVE, default=5000, help="images per letter in the generated large archive")
     demo.add_argument("--epochs", type=POSITIVE, default=5,
                       help="training epochs (the seed trains 2 on 200,000 images; the demo has 40,000)")
-    letter_task_options(demo)
-    demo.add_argument("--train-deployment", default=None,
-                      help="send training to this deployment (e.g. train/gpu) instead of training here")
+    pipeline_options(demo, "workers", "task_runner", "dask_address", "train_deployment")
     demo.add_argument("--system-fonts", action="store_true", help=SYSTEM_FONTS_HELP)
 
-    archives = commands(
-        "make-archives", _make_archives,
-        "Write notMNIST_large.tar.gz and notMNIST_small.tar.gz in the real layout, from the fonts matplotlib ships.",
-    )
+
+def _make_archives_options(archives: argparse.ArgumentParser) -> None:
     archives.add_argument("dest", type=Path, metavar="DIR", help="folder to write the two archives to")
     archives.add_argument("--per-letter", type=POSITIVE, required=True, help="images per letter in the large archive")
     archives.add_argument("--small-per-letter", type=POSITIVE, default=None,
                           help="images per letter in the small archive (default: a sixth of --per-letter)")
-    archives.add_argument("--seed", type=SEED_VALUE, default=2024, help="same seed, same bytes")
+    archives.add_argument("--seed", type=option_type(Seed), default=2024, help="same seed, same bytes")
     archives.add_argument("--system-fonts", action="store_true", help=SYSTEM_FONTS_HELP)
 
-    stack = commands(
-        "stack", _stack,
-        "Start (up) or stop (down) the multi-machine topology on this one: a Prefect server, SeaweedFS with the "
-        "bucket, the work pools, the deployments, and a cpu and a gpu worker that clone this checkout's commit.",
-    )
+
+def _stack_options(stack: argparse.ArgumentParser) -> None:
     stack.add_argument("action", choices=("up", "down"), help="up starts everything; down stops what up started")
     stack.add_argument("--folder", type=Path, default=Path(".stack"),
                        help="where the stack keeps its databases, bucket, workers' folders, logs and stack.json")
@@ -77,3 +70,15 @@ def register(commands) -> None:
                        help="the git checkout to deploy from: workers clone its current commit")
     stack.add_argument("--repository", default=None,
                        help="where workers clone that commit from (default: the checkout itself, as a file:// URL)")
+
+
+def register(commands) -> None:
+    """Add `demo`, `make-archives` and `stack` through the command line's `commands(name, handler, help, options)`."""
+    commands("demo", _demo, "Run the pipeline offline on generated archives served from 127.0.0.1.", _demo_options)
+    commands("make-archives", _make_archives,
+             "Write notMNIST_large.tar.gz and notMNIST_small.tar.gz in the real layout, from the fonts matplotlib ships.",
+             _make_archives_options)
+    commands("stack", _stack,
+             "Start (up) or stop (down) the multi-machine topology on this one: a Prefect server, SeaweedFS with the "
+             "bucket, the work pools, the deployments, and a cpu and a gpu worker that clone this checkout's commit.",
+             _stack_options)

@@ -1,9 +1,9 @@
 """The `notmnist` command line: one subcommand per stage or pipeline.
 
-The pipeline commands (run, train, mnist, iris) have one option per parameter of their flow, named
-alike (`--min-images-large` is `min_images_large`) with the same default, and pass all of them on
-(`_flow_arguments`): a parameter added to a flow without its option fails the tests, not a user.
-Heavy imports (TensorFlow, Prefect) happen inside the subcommands so `--help` answers at once.
+The pipeline commands (run, train, mnist, iris) have one option per parameter of their flow, made from
+its signature and docstring (flows/options.py): same name (`--min-images-large` is `min_images_large`),
+default, range and help, and every option is passed on (`_flow_arguments`). A command's options are
+built only when it runs (or asks for --help), so importing a flow costs `notmnist --help` nothing.
 """
 
 from __future__ import annotations
@@ -12,57 +12,23 @@ import argparse
 import inspect
 import json
 import logging
-import math
 import os
-import re
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from core import seed as SEED_FACTS
-from core.defaults import (
-    DEDUP,
-    DEDUP_MODES,
-    EPHEMERAL_API_STARTUP_SECONDS,
-    READ_TIMEOUT_SECONDS,
-    TASK_RUNNERS,
-    TRAIN_TIMEOUT_SECONDS,
-)
+from core.defaults import EPHEMERAL_API_STARTUP_SECONDS
+from core.parameters import Count, Positive, Sha256
+from flows.options import add_flow_options, option_type
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
-SEED_LIMIT = 2**32  # NumPy's RandomState and Keras take seeds in [0, 2**32)
-
-
-def _number(kind: type, *, low: float, high: float | None = None, what: str) -> Callable[[str], Any]:
-    """An argparse type: `kind` within [low, high), or a usage error that says the range."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if value < low or (high is not None and value >= high) or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text} is not {what}")
-        return value
-
-    return parse
-
-
-def SHA256(text: str) -> str:  # noqa: N802 (an argparse type, named like the others)
-    """An argparse type: a sha256 as 64 hexadecimal digits, lower-cased."""
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a sha256 (64 hexadecimal digits)")
-    return text.lower()
-
-
-COUNT = _number(int, low=0, what="a count (0 or more)")
-POSITIVE = _number(int, low=1, what="a positive integer")
-SEED_VALUE = _number(int, low=0, high=SEED_LIMIT, what=f"a seed (0 to {SEED_LIMIT - 1})")
-SECONDS = _number(float, low=1e-9, what="a positive number of seconds")
-RATE = _number(float, low=1e-12, what="a positive learning rate")
+Options = Callable[[argparse.ArgumentParser], None]
+COUNT, POSITIVE, SHA256 = option_type(Count), option_type(Positive), option_type(Sha256)
+LOCATION = ("data_dir", "scratch_dir")  # where a command reads and writes: a data root and its working copy
 
 
 def _flow_arguments(flow, args: argparse.Namespace) -> dict[str, Any]:
@@ -243,7 +209,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, except where there is none to show (None, or an off flag)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
+        if action.default is None or action.default is False or action.default == "":
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -255,75 +221,27 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
-def data_dir_options(sub: argparse.ArgumentParser, default: str = "data") -> None:
-    sub.add_argument("--data-dir", default=default,
-                     help="data root: a folder, or s3://BUCKET/PREFIX (endpoint and keys from the AWS_* variables)")
-    sub.add_argument("--scratch-dir", default=None,
-                     help="local working copy of an s3:// data root: downloads, files being written "
-                          "(default: ~/.cache/notmnist/s3/BUCKET/PREFIX; not used with a local --data-dir)")
+def pipeline_options(sub: argparse.ArgumentParser, *names: str, **defaults: Any) -> None:
+    """The options of `notmnist_pipeline`'s parameters `names`, for the commands that take some of them."""
+    from flows.notmnist import notmnist_pipeline
 
-
-def _split_options(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--train-size", type=POSITIVE, default=SEED_FACTS.TRAIN_SIZE, help="training rows, a multiple of 10 (a tenth per class)")
-    sub.add_argument("--valid-size", type=POSITIVE, default=SEED_FACTS.VALID_SIZE, help="validation rows, a multiple of 10")
-    sub.add_argument("--test-size", type=POSITIVE, default=SEED_FACTS.TEST_SIZE, help="test rows, a multiple of 10")
-    sub.add_argument(
-        "--dedup", choices=DEDUP_MODES, default=DEDUP,
-        help="none: the seed's sampling; cross-split: no valid/test image in train, no test image in valid; "
-        "all: also no repeats within a split",
-    )
-
-
-def _training_options(
-    sub: argparse.ArgumentParser, *, epochs: int = SEED_FACTS.EPOCHS, batch_size: int = SEED_FACTS.BATCH_SIZE,
-    learning_rate: float = SEED_FACTS.LEARNING_RATE, optimizer: str = "Adadelta",
-) -> None:
-    sub.add_argument("--seed", type=SEED_VALUE, default=SEED_FACTS.SEED, help="seed of the shuffles and the weights")
-    sub.add_argument("--epochs", type=POSITIVE, default=epochs, help="training epochs (the seed's value)")
-    sub.add_argument("--batch-size", type=POSITIVE, default=batch_size, help="training batch size (the seed's value)")
-    sub.add_argument("--learning-rate", type=RATE, default=learning_rate,
-                     help=f"{optimizer}'s learning rate (the seed's value)")
-
-
-def letter_task_options(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--workers", type=POSITIVE, default=None,
-                     help="decode processes (threads with --task-runner threads; the local Dask cluster's workers "
-                          "with dask and no address); default: one per core")
-    sub.add_argument("--task-runner", choices=TASK_RUNNERS, default=TASK_RUNNERS[0],
-                     help="where the per-letter decode tasks run: this machine's processes, threads, or a Dask cluster")
-    sub.add_argument("--dask-address", default=None,
-                     help="scheduler of an existing Dask cluster (tcp://HOST:8786) for --task-runner dask "
-                          "(default: a local cluster started for the run)")
-
-
-def _dispatch_options(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--train-deployment", default=None,
-                     help="send training to this deployment (e.g. train/gpu) instead of training here")
-    sub.add_argument("--train-timeout-seconds", type=SECONDS, default=TRAIN_TIMEOUT_SECONDS,
-                     help="how long to wait for a training sent to a deployment")
-
-
-def _read_timeout_option(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--read-timeout-seconds", type=SECONDS, default=READ_TIMEOUT_SECONDS,
-                     help="a download attempt ends after this long without data; the next one resumes")
+    add_flow_options(sub, notmnist_pipeline, only=names, defaults=defaults)
 
 
 def _no_checks_option(sub: argparse.ArgumentParser, what: str) -> None:
     sub.add_argument("--no-checks", action="store_true", help=f"check neither {what} (for a mirror with other files)")
 
 
-def _add_fetch(commands) -> None:
-    fetch = commands("fetch", _fetch, "Download a file with size/sha256 checks, resuming any partial download.")
+def _fetch_options(fetch: argparse.ArgumentParser) -> None:
     fetch.add_argument("url", help="http(s) or file:// URL, or a local path")
     fetch.add_argument("--dest", type=Path, default=Path("."), help="folder to put the file in")
     fetch.add_argument("--expected-bytes", type=COUNT, default=None, help="exact size the file must have")
     fetch.add_argument("--sha256", type=SHA256, default=None, help="hex sha256 the file must have")
     fetch.add_argument("--retries", type=COUNT, default=5, help="further attempts after a network or 5xx error")
-    _read_timeout_option(fetch)
+    pipeline_options(fetch, "read_timeout_seconds")
 
 
-def _add_extract(commands) -> None:
-    extract = commands("extract", _extract, "Safely extract a notMNIST .tar.gz (refuses hostile members).")
+def _extract_options(extract: argparse.ArgumentParser) -> None:
     extract.add_argument("archive", type=Path, help="the .tar.gz to extract")
     extract.add_argument("--dest", type=Path, default=Path("."), help="folder to extract into")
     extract.add_argument(
@@ -331,12 +249,11 @@ def _add_extract(commands) -> None:
     )
 
 
-def _add_shards(commands) -> None:
-    shards = commands("shards", _shards, "Decode a notMNIST archive or extracted folder into Parquet shards.")
+def _shards_options(shards: argparse.ArgumentParser) -> None:
     shards.add_argument("source", type=Path, metavar="ARCHIVE_OR_FOLDER",
                         help="a .tar.gz (unpacked first, into the data root's packed/, as the pipeline does), "
                              "its extracted top folder, or its packed folder")
-    data_dir_options(shards)
+    pipeline_options(shards, *LOCATION)
     shards.add_argument("--min-images", type=COUNT, default=0, help="fail when a letter has fewer usable images")
     shards.add_argument("--workers", type=POSITIVE, default=None, help="decode processes (default: one per core)")
     shards.add_argument(
@@ -345,78 +262,36 @@ def _add_shards(commands) -> None:
     )
 
 
-def _add_splits(commands) -> None:
-    splits = commands(
-        "splits", _splits,
-        "Build class-balanced train/valid (from notMNIST_large) and test (from notMNIST_small) splits.",
-    )
-    data_dir_options(splits)
-    _split_options(splits)
-    splits.add_argument("--seed", type=SEED_VALUE, default=SEED_FACTS.SEED, help="seed of the shuffles (the seed's value)")
+def _splits_options(splits: argparse.ArgumentParser) -> None:
+    pipeline_options(splits, *LOCATION, "train_size", "valid_size", "test_size", "dedup", "seed")
 
 
-def _add_run(commands) -> None:
-    run = commands("run", _run, "Run the whole notMNIST pipeline as a Prefect flow (download to trained model).")
-    data_dir_options(run)
-    run.add_argument("--base-url", default=SEED_FACTS.NOTMNIST_BASE_URL, help="where both archives are published")
-    for size, name, archive, default_bytes, minimum in (
-        ("large", "valid and train are drawn from", SEED_FACTS.LARGE_ARCHIVE, SEED_FACTS.LARGE_BYTES,
-         SEED_FACTS.MIN_IMAGES_LARGE),
-        ("small", "test is drawn from", SEED_FACTS.SMALL_ARCHIVE, SEED_FACTS.SMALL_BYTES, SEED_FACTS.MIN_IMAGES_SMALL),
-    ):
-        run.add_argument(f"--{size}-archive", default=archive, help=f"file name under --base-url that {name}")
-        run.add_argument(f"--{size}-bytes", type=COUNT, default=default_bytes, help=f"size the {size} archive must have")
-        run.add_argument(f"--{size}-sha256", type=SHA256, default=None, help=f"sha256 the {size} archive must have")
-        run.add_argument(f"--min-images-{size}", type=COUNT, default=minimum,
-                         help=f"fewest usable images per letter of the {size} archive")
+def _run_options(run: argparse.ArgumentParser) -> None:
+    add_flow_options(run, _flow("run"))
     _no_checks_option(run, "the archives' sizes nor their sha256")
-    _read_timeout_option(run)
-    letter_task_options(run)
-    _split_options(run)
-    _training_options(run)
-    _dispatch_options(run)
 
 
-def _add_train(commands) -> None:
-    train = commands("train", _train, "Train the seed's CNN on a split folder (the newest under --data-dir by default).")
-    data_dir_options(train)
-    train.add_argument("--splits", default="", help="a split folder's name under <data-dir>/splits (default: the newest)")
-    train.add_argument("--experiment", choices=("notmnist", "mnist"), default="notmnist",
-                       help="which dataset the splits hold (its normalisation)")
-    _training_options(train)
-    _dispatch_options(train)
+def _train_options(train: argparse.ArgumentParser) -> None:
+    add_flow_options(train, _flow("train"))
+    pipeline_options(train, "train_deployment", "train_timeout_seconds")
 
 
-def _add_mnist(commands) -> None:
-    mnist = commands("mnist", _mnist, "The seed's MNIST CNN: fetch mnist.npz (verified), convert, train.")
-    data_dir_options(mnist)
-    mnist.add_argument("--url", default=SEED_FACTS.MNIST_URL, help="where mnist.npz is (http(s), file:// or a path)")
-    mnist.add_argument("--expected-bytes", type=COUNT, default=SEED_FACTS.MNIST_BYTES, help="size the file must have")
-    mnist.add_argument("--sha256", type=SHA256, default=SEED_FACTS.MNIST_SHA256, help="sha256 the file must have")
+def _mnist_options(mnist: argparse.ArgumentParser) -> None:
+    add_flow_options(mnist, _flow("mnist"))
     _no_checks_option(mnist, "the file's size nor its sha256")
-    _read_timeout_option(mnist)
-    _training_options(mnist)
-    _dispatch_options(mnist)
 
 
-def _add_iris(commands) -> None:
-    iris = commands("iris", _iris, "The seed's softmax regression on iris, sparse and one-hot labels.")
-    data_dir_options(iris)
-    _training_options(
-        iris, epochs=SEED_FACTS.IRIS_EPOCHS, batch_size=SEED_FACTS.IRIS_BATCH_SIZE,
-        learning_rate=SEED_FACTS.IRIS_LEARNING_RATE, optimizer="SGD",
-    )
+def _iris_options(iris: argparse.ArgumentParser) -> None:
+    add_flow_options(iris, _flow("iris"))
 
 
-def _add_predict(commands) -> None:
-    predict = commands("predict", _predict, "Print the letter (and its probability) of each PNG: files, folders or an archive.")
+def _predict_options(predict: argparse.ArgumentParser) -> None:
     predict.add_argument("model", type=Path, metavar="MODEL", help="a model folder (models/<key>) or its model.keras")
     predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="PNG files, folders of them, or a .tar.gz")
     predict.add_argument("--top", type=POSITIVE, default=1, help="how many of the most likely classes to list")
 
 
-def _add_evaluate(commands) -> None:
-    evaluate = commands("evaluate", _evaluate, "Score a model on a split folder, or on a folder of letter folders.")
+def _evaluate_options(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("model", type=Path, metavar="MODEL", help="a model folder (models/<key>) or its model.keras")
     evaluate.add_argument("data", type=Path, metavar="DATA",
                           help="a split folder (splits/<key>) or a folder with one folder of PNGs per class (A ... J)")
@@ -424,17 +299,39 @@ def _add_evaluate(commands) -> None:
                           help="which split of a split folder to score")
 
 
-COMMANDS = (
-    _add_fetch, _add_extract, _add_shards, _add_splits, _add_run, _add_train, _add_mnist, _add_iris, _add_predict,
-    _add_evaluate,
+def _flow(command: str):
+    """The flow behind a pipeline command (imported on demand: the others never pay for it)."""
+    import importlib
+
+    module, name = FLOWS[command]
+    return getattr(importlib.import_module(module), name)
+
+
+FLOWS = {"run": ("flows.notmnist", "notmnist_pipeline"), "train": ("flows.train", "train_flow"),
+         "mnist": ("flows.mnist", "mnist_pipeline"), "iris": ("flows.iris", "iris_pipeline")}
+COMMANDS: tuple[tuple[str, Handler, str, Options], ...] = (
+    ("fetch", _fetch, "Download a file with size/sha256 checks, resuming any partial download.", _fetch_options),
+    ("extract", _extract, "Safely extract a notMNIST .tar.gz (refuses hostile members).", _extract_options),
+    ("shards", _shards, "Decode a notMNIST archive or extracted folder into Parquet shards.", _shards_options),
+    ("splits", _splits, "Build class-balanced train/valid (from notMNIST_large) and test (from notMNIST_small) splits.",
+     _splits_options),
+    ("run", _run, "Run the whole notMNIST pipeline as a Prefect flow (download to trained model).", _run_options),
+    ("train", _train, "Train the seed's CNN on a split folder (the newest under --data-dir by default).",
+     _train_options),
+    ("mnist", _mnist, "The seed's MNIST CNN: fetch mnist.npz (verified), convert, train.", _mnist_options),
+    ("iris", _iris, "The seed's softmax regression on iris, sparse and one-hot labels.", _iris_options),
+    ("predict", _predict, "Print the letter (and its probability) of each PNG: files, folders or an archive.",
+     _predict_options),
+    ("evaluate", _evaluate, "Score a model on a split folder, or on a folder of letter folders.", _evaluate_options),
 )
 # More commands come from installed packages that declare them (the offline demo's `demo` and `make-archives`,
 # demo/commands.py): the product's layers never import the demo.
 COMMAND_PLUGINS = "notmnist.commands"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand, each option documented with its default."""
+def build_parser(building: Collection[str | None] | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every subcommand, each option documented with its default; only the commands in
+    `building` (all when None) get their options, which for a pipeline command means importing its flow."""
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="notmnist",
@@ -445,15 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, handler: Handler, help_text: str, options: Options | None = None) -> argparse.ArgumentParser:
         sub = subparsers.add_parser(
             name, help=help_text, description=help_text, parents=[common], formatter_class=_HelpFormatter
         )
         sub.set_defaults(handler=handler)
+        if options is not None and (building is None or name in building):
+            options(sub)
         return sub
 
-    for add in COMMANDS:
-        add(command)
+    for name, handler, help_text, options in COMMANDS:
+        command(name, handler, help_text, options)
     for plugin in sorted(metadata.entry_points(group=COMMAND_PLUGINS), key=lambda point: point.name):
         plugin.load()(command)
     return parser
@@ -562,7 +461,8 @@ def _working_folder(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `notmnist` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser({next((word for word in argv if not word.startswith("-")), None)}).parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.debug else "3")  # TensorFlow's C++ start-up chatter
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the embedded server would phone home
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_API_STARTUP_SECONDS))

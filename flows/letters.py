@@ -25,7 +25,7 @@ from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.settings import get_current_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from core.defaults import TASK_RUNNERS
+from core.parameters import TASK_RUNNERS
 from core.errors import PipelineError
 from core.seed import LETTERS
 from storage.layout import DataRoot

@@ -8,6 +8,7 @@ from typing import Any
 from prefect import flow
 
 from core.defaults import READ_TIMEOUT_SECONDS, TRAIN_TIMEOUT_SECONDS
+from core.parameters import Count, Positive, Rate, Seconds, Seed, Sha256
 from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, MNIST_BYTES, MNIST_SHA256, MNIST_URL, SEED
 from flows.train import cancel_training_runs, pipeline_result, train_and_report
 from tasks.cancellation import cancellable
@@ -21,24 +22,24 @@ from tasks.stage import open_data_root
 def mnist_pipeline(
     data_dir: str = "data",
     url: str = MNIST_URL,
-    expected_bytes: int | None = MNIST_BYTES,
-    sha256: str | None = MNIST_SHA256,
-    epochs: int = EPOCHS,
-    batch_size: int = BATCH_SIZE,
-    learning_rate: float = LEARNING_RATE,
-    seed: int = SEED,
+    expected_bytes: Count | None = MNIST_BYTES,
+    sha256: Sha256 | None = MNIST_SHA256,
+    epochs: Positive = EPOCHS,
+    batch_size: Positive = BATCH_SIZE,
+    learning_rate: Rate = LEARNING_RATE,
+    seed: Seed = SEED,
     train_deployment: str | None = None,
-    train_timeout_seconds: float = TRAIN_TIMEOUT_SECONDS,
-    read_timeout_seconds: float = READ_TIMEOUT_SECONDS,
+    train_timeout_seconds: Seconds = TRAIN_TIMEOUT_SECONDS,
+    read_timeout_seconds: Seconds = READ_TIMEOUT_SECONDS,
     scratch_dir: str | None = None,
 ) -> dict[str, Any]:
     """MNIST with the seed's CNN (Adadelta lr 1.0, batch 128, 2 epochs); returns test accuracy, paths, report.
 
     Args:
-        data_dir: the data root: a folder, or s3://bucket/prefix.
+        data_dir: the data root: a folder, or s3://bucket/prefix (endpoint and keys from the AWS_* variables).
         url: where mnist.npz is (http(s), file:// or a path).
-        expected_bytes: the size it must have (None: not checked).
-        sha256: the sha256 it must have (None: not checked).
+        expected_bytes: the size it must have (unset: not checked).
+        sha256: the sha256 it must have (unset: not checked).
         epochs: training epochs.
         batch_size: training batch size.
         learning_rate: Adadelta's learning rate.

@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow
 
 from core.defaults import DEDUP, READ_TIMEOUT_SECONDS, TRAIN_TIMEOUT_SECONDS
+from core.parameters import Count, Dedup, Positive, Rate, Seconds, Seed, Sha256, TaskRunner
 from core.seed import (
     BATCH_SIZE,
     EPOCHS,
@@ -51,40 +52,40 @@ def notmnist_pipeline(
     base_url: str = NOTMNIST_BASE_URL,
     data_dir: str = "data",
     large_archive: str = LARGE_ARCHIVE,
-    large_bytes: int | None = LARGE_BYTES,
-    large_sha256: str | None = None,
+    large_bytes: Count | None = LARGE_BYTES,
+    large_sha256: Sha256 | None = None,
     small_archive: str = SMALL_ARCHIVE,
-    small_bytes: int | None = SMALL_BYTES,
-    small_sha256: str | None = None,
-    min_images_large: int = MIN_IMAGES_LARGE,
-    min_images_small: int = MIN_IMAGES_SMALL,
-    train_size: int = TRAIN_SIZE,
-    valid_size: int = VALID_SIZE,
-    test_size: int = TEST_SIZE,
-    dedup: str = DEDUP,
-    seed: int = SEED,
-    epochs: int = EPOCHS,
-    batch_size: int = BATCH_SIZE,
-    learning_rate: float = LEARNING_RATE,
-    workers: int | None = None,
-    task_runner: str = "processes",
+    small_bytes: Count | None = SMALL_BYTES,
+    small_sha256: Sha256 | None = None,
+    min_images_large: Count = MIN_IMAGES_LARGE,
+    min_images_small: Count = MIN_IMAGES_SMALL,
+    train_size: Positive = TRAIN_SIZE,
+    valid_size: Positive = VALID_SIZE,
+    test_size: Positive = TEST_SIZE,
+    dedup: Dedup = DEDUP,
+    seed: Seed = SEED,
+    epochs: Positive = EPOCHS,
+    batch_size: Positive = BATCH_SIZE,
+    learning_rate: Rate = LEARNING_RATE,
+    workers: Positive | None = None,
+    task_runner: TaskRunner = "processes",
     dask_address: str | None = None,
     train_deployment: str | None = None,
-    train_timeout_seconds: float = TRAIN_TIMEOUT_SECONDS,
-    read_timeout_seconds: float = READ_TIMEOUT_SECONDS,
+    train_timeout_seconds: Seconds = TRAIN_TIMEOUT_SECONDS,
+    read_timeout_seconds: Seconds = READ_TIMEOUT_SECONDS,
     scratch_dir: str | None = None,
 ) -> dict[str, Any]:
     """The whole notMNIST experiment; returns test accuracy and loss, model path, fingerprint and report.
 
     Args:
         base_url: where both archives are published (http(s), file:// or a folder).
-        data_dir: the data root: a folder, or s3://bucket/prefix.
+        data_dir: the data root: a folder, or s3://bucket/prefix (endpoint and keys from the AWS_* variables).
         large_archive: the archive valid and train are drawn from.
-        large_bytes: the size it must have (None: not checked).
-        large_sha256: the sha256 it must have (None: not checked).
+        large_bytes: the size it must have (unset: not checked).
+        large_sha256: the sha256 it must have (unset: not checked).
         small_archive: the archive test is drawn from.
-        small_bytes: the size it must have (None: not checked).
-        small_sha256: the sha256 it must have (None: not checked).
+        small_bytes: the size it must have (unset: not checked).
+        small_sha256: the sha256 it must have (unset: not checked).
         min_images_large: fewest usable images per letter of the large archive.
         min_images_small: fewest usable images per letter of the small archive.
         train_size: training rows (size // 10 per class).
@@ -95,11 +96,11 @@ def notmnist_pipeline(
         epochs: training epochs.
         batch_size: training batch size.
         learning_rate: Adadelta's learning rate.
-        workers: decode processes (threads with task_runner threads; the local cluster's workers with dask and
-            no address); None: one per core.
+        workers: decode processes (threads with the threads task runner; the local cluster's workers with dask
+            and no address); unset: one per core.
         task_runner: where the letter tasks run: processes, threads, or dask.
-        dask_address: the scheduler of an existing Dask cluster (tcp://HOST:8786) for task_runner dask;
-            None starts a local cluster.
+        dask_address: the scheduler of an existing Dask cluster (tcp://HOST:8786) for the dask task runner;
+            unset: a local cluster is started for the run.
         train_deployment: send training to this deployment (e.g. train/gpu) instead of training here.
         train_timeout_seconds: how long to wait for a training sent to a deployment.
         read_timeout_seconds: a download attempt ends after this long without data; the next one resumes.

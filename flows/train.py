@@ -25,6 +25,7 @@ from prefect.exceptions import CancelledRun, ObjectNotFound
 
 from core.defaults import TRAIN_TIMEOUT_SECONDS
 from core.errors import PipelineError
+from core.parameters import Experiment, Positive, Rate, Seed
 from core.seed import BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED
 from flows.reports import publish_pictures, publish_report, publish_training, run_url
 from storage.checkpoints import TENSORBOARD
@@ -45,18 +46,19 @@ POLL_SECONDS = 2.0  # how often the pipeline looks at a training run it sent to 
 def train_flow(
     data_dir: str = "data",
     splits: str = "",
-    experiment: str = "notmnist",
-    epochs: int = EPOCHS,
-    batch_size: int = BATCH_SIZE,
-    learning_rate: float = LEARNING_RATE,
-    seed: int = SEED,
+    experiment: Experiment = "notmnist",
+    epochs: Positive = EPOCHS,
+    batch_size: Positive = BATCH_SIZE,
+    learning_rate: Rate = LEARNING_RATE,
+    seed: Seed = SEED,
     scratch_dir: str | None = None,
 ) -> dict[str, Any]:
     """Train the seed's CNN on a split folder; returns test accuracy/loss, where the model is, and the device.
 
     Args:
-        data_dir: the data root, holding splits/ and models/: a folder, or s3://bucket/prefix.
-        splits: the split folder's name under splits/.
+        data_dir: the data root, holding splits/ and models/: a folder, or s3://bucket/prefix (endpoint and keys
+            from the AWS_* variables).
+        splits: the split folder's name under splits/ (`notmnist train` takes the newest when it is not given).
         experiment: notmnist or mnist (normalisation).
         epochs: training epochs.
         batch_size: training batch size.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -65,6 +66,9 @@ def cancellable(function: Callable[..., Any]) -> Callable[..., Any]:
             said = str(child)  # the innermost training run's name is the one a user looks for
             return Cancelled(message=said if said.startswith("training run ") else f"{_run_name()} cancelled")
 
+    # Prefect checks a call's parameters against the signature, resolving its annotations in the namespace of the
+    # function it holds, this wrapper's: give it the signature with the annotations already resolved.
+    run.__signature__ = inspect.signature(function, eval_str=True)
     return run
 
 

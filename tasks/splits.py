@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from core.defaults import DEDUP, DEDUP_MODES
+from core.defaults import DEDUP
+from core.parameters import DEDUP_MODES
 from core.errors import PipelineError
 from core.seed import LARGE_ARCHIVE, LETTERS, SEED, SMALL_ARCHIVE, TEST_SIZE, TRAIN_SIZE, VALID_SIZE
 from storage.atomic import remove_leftovers

@@ -11,11 +11,14 @@ import re
 import subprocess
 import sys
 import tarfile
+import typing
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from prefect.exceptions import ParameterTypeError
+from prefect.utilities.callables import parameter_docstrings
 
 from flows.cli import build_parser, main
 from tests.tasks.synthetic_splits import pattern_images
@@ -32,7 +35,7 @@ def test_every_command_explains_every_option(command, capsys):
     subparser = build_parser()._subparsers._group_actions[0].choices[command]
     for action in subparser._actions:
         assert action.help, f"{command} {action.option_strings or action.dest} has no help"
-        if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+        if action.option_strings and action.default not in (None, False, "", "==SUPPRESS=="):
             squeezed = "".join(text.split())  # help text wraps lines, even inside a long URL
             assert "".join(f"(default: {action.default})".split()) in squeezed, (command, action.dest)
 
@@ -111,16 +114,45 @@ PIPELINE_COMMANDS = [
     ("mnist", "flows.mnist", "mnist_pipeline"),
     ("iris", "flows.iris", "iris_pipeline"),
 ]
+CLI_ONLY = {"help", "json", "debug", "no_checks", "handler", "command"}  # options no flow parameter stands for
+
+
+def out_of_range(annotation) -> str | None:
+    """A value just outside the range `annotation` declares (core/parameters.py), as text; None if it has none."""
+    for part in typing.get_args(annotation)[1:] if typing.get_origin(annotation) is typing.Annotated else ():
+        for rule in getattr(part, "metadata", []):
+            for bound, outside in (("ge", lambda limit: limit - 1), ("gt", lambda limit: limit),
+                                   ("lt", lambda limit: limit)):
+                if (limit := getattr(rule, bound, None)) is not None:
+                    return str(outside(limit))
+            if getattr(rule, "pattern", None):
+                return "not-what-the-pattern-asks"
+    return None
 
 
 @pytest.mark.parametrize(("command", "module", "flow"), PIPELINE_COMMANDS, ids=[c[0] for c in PIPELINE_COMMANDS])
-def test_every_flow_parameter_is_an_option_of_its_command_with_the_same_default(command, module, flow):
-    function = getattr(importlib.import_module(module), flow).fn
-    args = build_parser().parse_args([command])
-    for name, parameter in inspect.signature(function).parameters.items():
-        assert hasattr(args, name), f"`notmnist {command}` has no option for {flow}'s {name}"
-        value = getattr(args, name)
-        assert (str(value) if isinstance(value, Path) else value) == parameter.default, (command, name)
+def test_a_pipeline_commands_options_are_its_flows_parameters_with_their_defaults_help_and_ranges(
+    command, module, flow, capsys
+):
+    flow = getattr(importlib.import_module(module), flow)
+    parser = build_parser({command})
+    options = {action.dest: action for action in parser._subparsers._group_actions[0].choices[command]._actions}
+    described = parameter_docstrings(inspect.getdoc(flow.fn))
+    hints = typing.get_type_hints(flow.fn, include_extras=True)
+    extra = {"train_deployment", "train_timeout_seconds"} if command == "train" else set()
+    assert set(options) - CLI_ONLY - extra == set(inspect.signature(flow.fn).parameters)
+    for name, parameter in inspect.signature(flow.fn).parameters.items():
+        assert options[name].default == parameter.default, (command, name)
+        assert options[name].help == " ".join(described[name].split()).rstrip("."), (command, name)
+        annotation = typing.get_args(hints[name])[0] if typing.get_origin(hints[name]) is typing.Union else hints[name]
+        if (value := out_of_range(annotation)) is None:
+            continue
+        # The flow refuses the value when called (a deployment run, the UI), and the option refuses it when parsed.
+        with pytest.raises(ParameterTypeError):
+            flow.validate_parameters({name: value})
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, f"--{name.replace('_', '-')}", value])
+        assert exit_info.value.code == 2 and f"{value} is not " in capsys.readouterr().err, (command, name)
 
 
 def test_run_passes_every_option_to_the_flow_and_no_checks_turns_the_checks_off(monkeypatch):
@@ -186,8 +218,8 @@ def test_mnist_takes_any_keras_layout_npz_with_its_checks_off(prefect_api, tmp_p
         (["shards", "x", "--min-images", "-3"], "-3 is not a count"),
         (["run", "--learning-rate", "-1"], "-1 is not a positive learning rate"),
         (["train", "--learning-rate", "inf"], "inf is not a positive learning rate"),
-        (["run", "--epochs", "two"], "'two' is not an integer"),
-        (["fetch", "x", "--sha256", "nothex"], "'nothex' is not a sha256 (64 hexadecimal digits)"),
+        (["run", "--epochs", "two"], "two is not a positive integer"),
+        (["fetch", "x", "--sha256", "nothex"], "nothex is not a sha256 (64 hexadecimal digits)"),
     ],
     ids=["negative-seed", "seed-too-large", "negative-retries", "negative-bytes", "zero-timeout", "zero-workers",
          "negative-min-images", "negative-rate", "infinite-rate", "not-a-number", "not-a-sha256"],
