@@ -32,7 +32,7 @@ def ensure_venv() -> None:
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text().strip() == wanted:
         return
-    print("Installing the project and its test dependencies into .venv (about a minute) ...", flush=True)
+    print("Installing the project and its test dependencies into .venv (one to six minutes: TensorFlow and Prefect are large) ...", flush=True)
     subprocess.run(
         [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", f"{ROOT}[dev]"],
         check=True,

@@ -50,6 +50,7 @@ def stack_up(
     prefect_env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                    "PREFECT_LOGGING_LEVEL": "INFO"}
     prefect_env.pop("PREFECT_API_KEY", None)
+    prefect_env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the command line's own setting: a worker started by hand has none
     processes: dict[str, dict[str, Any]] = {}
     state = {"folder": str(folder), "ui": f"http://127.0.0.1:{port}", "processes": processes}
     try:

@@ -128,6 +128,8 @@ def quiet_native_start_up() -> Iterator[None]:
 
 
 def import_keras_quietly() -> None:
-    """Import Keras (and its TensorFlow) without TensorFlow's start-up lines on the terminal."""
+    """Import Keras (and its TensorFlow) without TensorFlow's start-up lines on the terminal, and with its C++ log
+    off (as on a worker, where no command line set it), unless TF_CPP_MIN_LOG_LEVEL says otherwise (0: all)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with quiet_native_start_up():
         import keras  # noqa: F401

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,12 +39,11 @@ from prefect.states import Cancelling
 import flows.train
 from core.errors import PipelineError
 from demo.stack import DEPLOY_COMMAND, POOL_COMMANDS
-from flows.notmnist import notmnist_pipeline
 from flows.train import train_remotely
 from storage.layout import DataRoot
 from storage.letters import letter_folder
 from storage.models import read_metrics
-from tests.flows.conftest import free_port, objects_under, overwrite_in_place, pipeline_parameters
+from tests.flows.conftest import free_port, objects_under, overwrite_in_place
 from tests.flows.test_pipeline import task_runs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,42 +159,42 @@ def test_deploy_all_registers_every_deployment_and_the_weekly_schedule(stack, re
 
 
 def test_training_on_a_worker_that_shares_nothing_but_the_api_and_the_object_store(
-    on_stack, repository, served_archives, tmp_path, caplog
+    on_stack, repository, served_archives, tmp_path
 ):
     """The stack's gpu worker runs in a folder of its own, with its own HOME, and gets the code by cloning the
-    deployed commit; the pipeline and the worker exchange data only through S3."""
+    deployed commit; the pipeline (`notmnist run`, as a user runs it) and the worker exchange data only through S3."""
     machine = on_stack.folder / "workers" / "gpu"
-    s3_root = "s3://notmnist/worker-training"
-    parameters = pipeline_parameters(served_archives, tmp_path / "unused", train_deployment="train/gpu",
-                                     train_timeout_seconds=300)
-    parameters.update(data_dir=s3_root, scratch_dir=str(tmp_path / "pipeline-machine"))
+    s3_root, scratch = "s3://notmnist/worker-training", tmp_path / "pipeline-machine"
     # A first run trains here (one epoch), so the bucket holds every stage; then same-size damage in the
     # bucket. The run that sends training to the worker repairs the data root first, so the worker's
     # copy of the splits, fetched from the bucket, passes its sha256 checks.
-    first = notmnist_pipeline(**{**parameters, "train_deployment": None, "epochs": 1}, return_state=True)
-    assert first.is_completed(), first.message
-    pipeline = DataRoot(s3_root, parameters["scratch_dir"])
-    model_dir = first.result()["model_path"].removeprefix(s3_root + "/").removesuffix("/model.keras")
+    first = subprocess.run(pipeline_command(served_archives, s3_root, scratch, "--epochs", "1", "--json"),
+                           env=terminal_environment(on_stack, scratch), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    pipeline = DataRoot(s3_root, scratch)
+    model_dir = json.loads(first.stdout)["model_path"].removeprefix(s3_root + "/").removesuffix("/model.keras")
     split_dir = json.loads((pipeline.root / model_dir / "record.json").read_text())["dataset"]["splits"]
     time.sleep(1.1)  # the store's listing times have whole seconds: a rewrite must be seen as one
     damaged = [overwrite_in_place(pipeline, pipeline.root / split_dir),
                overwrite_in_place(pipeline, letter_folder(pipeline.shards("notMNIST_large"), "A"))]
-    with caplog.at_level("INFO"):
-        state = notmnist_pipeline(**parameters, return_state=True)
-    # The first run's epochs were its training subflow's, repeated (marked) in its own log; the worker's two
-    # reach this process only through the API, and the terminal prints them.
-    remote = [record for record in caplog.records
-              if ": Epoch " in record.getMessage() and not getattr(record, "relayed", False)]
-    assert len(remote) == 2, [record.getMessage() for record in caplog.records if "Epoch" in record.getMessage()]
-    assert state.is_completed(), state.message
-    result = state.result()
-    states = {run.name: run.state.name for run in task_runs(state.state_details.flow_run_id)}
+    second = subprocess.run(
+        pipeline_command(served_archives, s3_root, scratch, "--epochs", "2", "--train-deployment", "train/gpu",
+                         "--train-timeout-seconds", "300", "--json"),
+        env=terminal_environment(on_stack, scratch), capture_output=True, text=True, timeout=300,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    lines = second.stderr.splitlines()
+    # The worker's two epoch lines reach this terminal only through the API, and it prints them.
+    assert len([line for line in lines if ": Epoch " in line]) == 2, second.stderr[-3000:]
+    result = json.loads(second.stdout)
+    flow_run_id = next(line for line in lines if " View at " in line).rsplit("/", 1)[1]
+    states = {run.name: run.state.name for run in task_runs(flow_run_id)}
     assert states["train notmnist on train/gpu"] == "Completed"  # the wait, named for what it waits on
     # Prefect's run_deployment links the child through a task run of its own, randomly named; it now hangs
     # under the named wait. Every other task run is named for what it does.
     assert len([name for name in states if " " not in name]) == 1, states
     assert states["decode notMNIST_large A"] == "Completed" and states["decode notMNIST_large B"] == "Cached"
-    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    warnings = [line.split("] ", 1)[1] for line in lines if line.startswith("WARNING ")]
     for url in damaged:  # one warning line names each damaged object
         assert [line for line in warnings if url in line] == [f"Damaged in the data root: {url} was written "
                                                               "again after its folder was committed; this "
@@ -215,6 +214,11 @@ def test_training_on_a_worker_that_shares_nothing_but_the_api_and_the_object_sto
     assert layout.store.read_bytes(f"{model}/report.md").decode().startswith("# notmnist run")
     record = json.loads((layout.root / model / "record.json").read_text())
     assert record["git_commit"] == repository["commit"]  # trained by the code the worker cloned
+    # TensorFlow's start-up and C++ log lines stay out of the worker's output too.
+    worker_log = (on_stack.folder / "logs" / "gpu-worker.log").read_text()
+    assert "notmnist: test accuracy" in worker_log
+    assert not [line for line in worker_log.splitlines() if "absl::InitializeLog" in line or "cuda drivers" in line
+                or re.match(r"[IWE]0000 ", line)], worker_log[-3000:]
     # The worker trained from its own copy of the splits, under its own HOME; the checkpoint is gone.
     assert list((machine / ".cache" / "notmnist").rglob("train_x.npy"))
     assert not list((machine / ".cache" / "notmnist").rglob("*.backup"))
@@ -224,9 +228,7 @@ def test_training_on_a_worker_that_shares_nothing_but_the_api_and_the_object_sto
         async with get_client() as client:
             deployment = await client.read_deployment_by_name("train/gpu")
             runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [deployment.id]}))
-            artifacts = await client.read_artifacts(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-            )
+            artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
             return runs, artifacts
 
     runs, artifacts = read(on_stack.env, child_runs)
@@ -236,7 +238,7 @@ def test_training_on_a_worker_that_shares_nothing_but_the_api_and_the_object_sto
 
     async def parent_log():
         async with get_client() as client:
-            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
         return [log.message for log in logs]
 
     lines = read(on_stack.env, parent_log)
@@ -268,21 +270,29 @@ def test_a_training_run_nobody_picks_up_times_out_with_a_clear_error(on_stack, t
     assert training_run_states(on_stack.env, "nothing-here", "train/gpu-checkout") == ["Cancelled"]
 
 
+def pipeline_command(served, data_root: str, scratch: Path, *options: str) -> list[str]:
+    """`notmnist run` on the session's small archives, with a data root on the stack's S3 server."""
+    sizes = served.sizes
+    return [
+        NOTMNIST, "run", "--data-dir", data_root, "--scratch-dir", str(scratch), "--base-url", served.server.base_url,
+        "--large-bytes", str(sizes["notMNIST_large.tar.gz"]), "--small-bytes", str(sizes["notMNIST_small.tar.gz"]),
+        "--min-images-large", "30", "--min-images-small", "10", "--train-size", "250", "--valid-size", "50",
+        "--test-size", "50", "--workers", "1", "--task-runner", "threads", *options,
+    ]
+
+
+def terminal_environment(stack: Stack, scratch: Path) -> dict[str, str]:
+    """A user's terminal that exported what `stack up` printed, with a Prefect home of its own."""
+    return {**os.environ, **stack.env, "PREFECT_HOME": str(scratch / "prefect-home")}
+
+
 class Terminal:
     """`notmnist run` in a process of its own, training sent to the stack's gpu worker; its stderr read as it comes."""
 
     def __init__(self, stack: Stack, served, data_root: str, scratch: Path):
-        sizes = served.sizes
-        command = [
-            NOTMNIST, "run", "--data-dir", data_root, "--scratch-dir", str(scratch), "--base-url", served.server.base_url,
-            "--large-bytes", str(sizes["notMNIST_large.tar.gz"]), "--small-bytes", str(sizes["notMNIST_small.tar.gz"]),
-            "--min-images-large", "30", "--min-images-small", "10", "--train-size", "250", "--valid-size", "50",
-            "--test-size", "50", "--workers", "1", "--task-runner", "threads", "--epochs", "2000",
-            "--train-deployment", "train/gpu",
-        ]
-        environment = {**os.environ, **stack.env, "PREFECT_HOME": str(scratch / "prefect-home")}
-        self.process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        text=True)
+        command = pipeline_command(served, data_root, scratch, "--epochs", "2000", "--train-deployment", "train/gpu")
+        self.process = subprocess.Popen(command, env=terminal_environment(stack, scratch), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stderr), daemon=True)
         self.reader.start()

@@ -108,6 +108,10 @@ def test_interrupted_download_fails_the_run_and_the_rerun_resumes_from_the_part(
     parameters = pipeline_parameters(served_archives, tmp_path / "data")
     failed = notmnist_pipeline(**parameters, return_state=True)
     assert failed.is_failed()
+    # The failed download and the unpack that never started keep the names they would have had.
+    states = {run.name: run.state.name for run in task_runs(failed.state_details.flow_run_id)}
+    assert states["download notMNIST_large.tar.gz"] == "Failed"
+    assert states["unpack notMNIST_large.tar.gz"] == "NotReady"
     part = tmp_path / "data" / "raw" / (name + ".part")
     assert part.stat().st_size == size // 3
 
