@@ -148,11 +148,13 @@ def publish_report(
     lines += ["", f"- model: `{result['model']}` (in the data root)", f"- splits: `splits/{splits['key']}`",
               f"- dataset fingerprint: `{result.get('dataset_fingerprint')}`", f"- device: {result.get('device')}",
               f"- TensorBoard: `tensorboard --logdir {tensorboard}`"]
-    # The UI has its own artifact for each picture; report.md shows the PNGs written beside it.
-    keys = list(figures.values())
+    # The UI has its own artifact for each picture, linked where the UI outlives this command; report.md shows
+    # the PNGs written beside it.
+    pictures = ", ".join(f"[{key}]({page})" if (page := ui_page(f"artifacts/key/{key}")) else f"`{key}`"
+                         for key in figures.values())
     create_markdown_artifact(
         key=artifact_key(experiment, "report"), description=f"{experiment}: results against the seed's",
-        markdown="\n".join([*lines, f"- pictures: the artifacts {', '.join(f'`{key}`' for key in keys)}"]),
+        markdown="\n".join([*lines, f"- pictures: the artifacts {pictures}"]),
     )
     return "\n".join([*lines, ""] + [f"![{picture_name(name).replace('_', ' ')}]({name})" for name in figures])
 
@@ -163,5 +165,10 @@ def _number(value: float | None) -> str:
 
 def run_url(flow_run_id) -> str | None:
     """The flow run's page in the Prefect UI, or None on the embedded API (gone when the command ends)."""
-    api = get_current_settings().api.url
-    return f"{api.removesuffix('/api').rstrip('/')}/runs/flow-run/{flow_run_id}" if api else None
+    return ui_page(f"runs/flow-run/{flow_run_id}")
+
+
+def ui_page(path: str) -> str | None:
+    """A page of the Prefect UI (`PREFECT_UI_URL`, or the API's address), or None on the embedded API."""
+    ui = get_current_settings().ui_url
+    return f"{ui.rstrip('/')}/{path}" if get_current_settings().api.url and ui else None

@@ -136,7 +136,8 @@ def train_and_report(
         metrics = read_metrics(model_dir)
         publish_training(experiment, metrics)
         figures = publish_pictures(experiment, model_dir, metrics, split_dir, splits, pictures or {})
-        tensorboard = layout.url(model_dir / TENSORBOARD)
+        # TensorBoard reads local folders: an s3:// root's logs are in this machine's working copy.
+        tensorboard = str(model_dir / TENSORBOARD)
         report = write_report(model_dir, publish_report(experiment, result, metrics, splits, figures, tensorboard))
         attach(layout, [model_dir / name for name in (report.name, *figures)])
     return result, report

@@ -234,7 +234,16 @@ def test_training_on_a_worker_that_shares_nothing_but_the_api_and_the_object_sto
     runs, artifacts = read(on_stack.env, child_runs)
     runs = [run for run in runs if run.parameters.get("data_dir") == s3_root]
     assert [(run.work_pool_name, run.state.name) for run in runs] == [("gpu", "Completed")]
-    assert {"notmnist-splits", "notmnist-report", "notmnist-confusion-matrix"} <= {a.key for a in artifacts}
+    keys = {artifact.key for artifact in artifacts}
+    assert {"notmnist-splits", "notmnist-report", "notmnist-confusion-matrix"} <= keys
+    # The report links each picture's artifact page in the UI, by the key it was published under.
+    (report,) = [artifact.data for artifact in artifacts if artifact.key == "notmnist-report"]
+    linked = re.findall(r"\[([a-z-]+)\]\((http://127\.0\.0\.1:\d+)/artifacts/key/([a-z-]+)\)", report)
+    assert {key for key, _, _ in linked} == {"notmnist-confusion-matrix", "notmnist-learning-curves",
+                                             "notmnist-misclassified", "notmnist-large-glyphs", "notmnist-small-glyphs"}
+    assert all(key == target and ui + "/api" == on_stack.env["PREFECT_API_URL"] and key in keys for key, ui, target in linked), report
+    # TensorBoard reads local folders: the hint names the logs in this machine's working copy.
+    assert f"`tensorboard --logdir {pipeline.root / model / 'tensorboard'}`" in report
 
     async def parent_log():
         async with get_client() as client:
