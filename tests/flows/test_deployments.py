@@ -158,13 +158,16 @@ def test_deploy_all_registers_every_deployment_and_the_weekly_schedule(stack, re
     assert "${NOTMNIST_CHECKOUT:?" in script["script"] and found["gpu-checkout"].work_pool_name == "gpu-checkout"
 
 
+WORKER_ROOT = "s3://notmnist/worker-training"
+
+
 def test_training_on_a_worker_that_shares_nothing_but_the_api_and_the_object_store(
     on_stack, repository, served_archives, tmp_path
 ):
     """The stack's gpu worker runs in a folder of its own, with its own HOME, and gets the code by cloning the
     deployed commit; the pipeline (`notmnist run`, as a user runs it) and the worker exchange data only through S3."""
     machine = on_stack.folder / "workers" / "gpu"
-    s3_root, scratch = "s3://notmnist/worker-training", tmp_path / "pipeline-machine"
+    s3_root, scratch = WORKER_ROOT, tmp_path / "pipeline-machine"
     # A first run trains here (one epoch), so the bucket holds every stage; then same-size damage in the
     # bucket. The run that sends training to the worker repairs the data root first, so the worker's
     # copy of the splits, fetched from the bucket, passes its sha256 checks.
@@ -362,18 +365,17 @@ def report_artifacts(env: dict[str, str], flow_run_id) -> list[str]:
     return read(env, keys)
 
 
-STOPPED_ROOT = "s3://notmnist/stopped"
-
-
 @pytest.mark.parametrize("how, exit_code", [("cancel", 1), ("ctrl-c", 130)], ids=["prefect flow-run cancel", "ctrl-c"])
 def test_stopping_a_pipeline_in_the_terminal_cancels_its_training_on_the_worker(
     on_stack, served_archives, tmp_path, how, exit_code
 ):
     """Cancelled through the API (as the UI and `prefect flow-run cancel` do) or with Ctrl-C, mid-training: the
     training run on the worker ends Cancelled, the pipeline publishes nothing more, and the terminal says so.
-    Both runs share a data root: the second finds every data stage done and goes straight to training."""
+    They use the worker test's data root: where it ran first, every data stage is done and they go straight to
+    training a model of their own (other epochs)."""
     stack = on_stack
-    terminal = Terminal(stack, served_archives, STOPPED_ROOT, tmp_path)
+    reports = report_objects(DataRoot(WORKER_ROOT, tmp_path / "reader"))
+    terminal = Terminal(stack, served_archives, WORKER_ROOT, tmp_path)
     child = flow_run_named(stack.env, terminal.training_run())
     parent = parent_of(stack.env, child)
     if how == "cancel":
@@ -391,8 +393,11 @@ def test_stopping_a_pipeline_in_the_terminal_cancels_its_training_on_the_worker(
     assert state_within(stack.env, child.name, "Cancelled") == "Cancelled"
     assert flow_run_named(stack.env, parent.name).state.name == "Cancelled"
     assert report_artifacts(stack.env, parent.id) == []  # nothing published after the cancel
-    layout = DataRoot(STOPPED_ROOT, tmp_path / "reader")
-    assert not [key for key in objects_under(layout) if key.endswith("report.md")]
+    assert report_objects(DataRoot(WORKER_ROOT, tmp_path / "reader")) == reports
+
+
+def report_objects(layout: DataRoot) -> list[str]:
+    return sorted(key for key in objects_under(layout) if key.endswith("report.md"))
 
 
 def group_members(group: int) -> list[str]:
