@@ -422,12 +422,12 @@ def _not_relayed(record: logging.LogRecord) -> bool:
     return not getattr(record, "relayed", False)
 
 
-def prefect_api_problem(error: BaseException) -> str | None:
-    """What to do, in one line, when `error` (or what caused it) is Prefect's API not answering, else None."""
+def prefect_api_problem(error: BaseException, seconds: float) -> str | None:
+    """What to do, in one line, when `error` (or what caused it) is Prefect's API not answering (an embedded one
+    given `seconds` to start), else None."""
     while error is not None:
         text = str(error)
         if "Timed out while attempting to connect to ephemeral Prefect API server" in text:
-            seconds = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
             return (f"Prefect's embedded API did not start within {seconds} s (a busy machine, or a new Prefect home "
                     "creating its database): start `prefect server start` in another terminal and export "
                     "PREFECT_API_URL=http://127.0.0.1:4200/api, or allow it longer with "
@@ -465,7 +465,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser({next((word for word in argv if not word.startswith("-")), None)}).parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.debug else "3")  # TensorFlow's C++ start-up chatter
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the embedded server would phone home
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_API_STARTUP_SECONDS))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_RunFormatter())
@@ -474,11 +473,18 @@ def main(argv: list[str] | None = None) -> int:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_no_tracebacks)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.debug else logging.WARNING)  # one line per API call
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP
+    from prefect.settings import temporary_settings
+
     from core.errors import PipelineError
     from storage.disk import disk_full, out_of_space
 
+    # Prefect reads its settings once, when it is imported (building a flow's options imports it): the embedded
+    # API's start-up time goes into them here, unless the user's environment gives one.
+    startup = {} if STARTUP.name in os.environ else {STARTUP: EPHEMERAL_API_STARTUP_SECONDS}
     try:
-        result = args.handler(args)
+        with temporary_settings(updates=startup):
+            result = args.handler(args)
     except KeyboardInterrupt:
         print("notmnist: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
@@ -494,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             error = disk_full(error, _working_folder(args), f"what `notmnist {args.command}` wrote")
         elif isinstance(error, OSError) and error.strerror:  # a path that cannot serve: say which and why
             error = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
-        elif problem := prefect_api_problem(error):
+        elif problem := prefect_api_problem(error, startup.get(STARTUP, STARTUP.value())):
             error = problem
         elif not isinstance(error, PipelineError):
             print("notmnist: unexpected failure; rerun with --debug for the traceback.", file=sys.stderr)

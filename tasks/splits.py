@@ -31,8 +31,8 @@ import numpy as np
 from filelock import FileLock
 
 from core.defaults import DEDUP
-from core.parameters import DEDUP_MODES
 from core.errors import PipelineError
+from core.parameters import DEDUP_MODES
 from core.seed import LARGE_ARCHIVE, LETTERS, SEED, SMALL_ARCHIVE, TEST_SIZE, TRAIN_SIZE, VALID_SIZE
 from storage.atomic import remove_leftovers
 from storage.layout import DataRoot, archive_stem, lock_file, short_digest, splits_key
