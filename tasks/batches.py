@@ -6,11 +6,13 @@ and each batch is gathered, normalised to float32 and given its channel axis as 
 training order is a permutation drawn from (seed, epoch): the same run sees the same batches, and a
 run resumed at epoch k sees exactly the batches it would have seen.
 
-`SplitBatches.keras_input()` is what `fit`, `evaluate` and `predict` read. With TensorFlow it is a
+`training_input(model, batches)` gives the model `fit`, `evaluate` and `predict` run and what each
+split feeds it. With TensorFlow that is the model itself, fed by `SplitBatches.keras_input()`, a
 `tf.data` pipeline: the uint8 split is held once in memory and every batch is gathered and
-normalised in TensorFlow's own threads, ahead of the model (a GPU is fed without waiting on
-Python). With any other backend it is a Keras `PyDataset` over the memory-mapped file, which does
-the same work in NumPy.
+normalised in TensorFlow's own threads, ahead of the model. With any other backend (JAX on a GPU) it
+is `DeviceSplits`: the uint8 pixels of all three splits live once on the device, the model is fed
+row numbers (512 bytes a batch instead of 400 kB of floats) and gathers and normalises each batch
+there, many steps per call. Both read each epoch's rows in the same order.
 """
 
 from __future__ import annotations
@@ -142,6 +144,82 @@ class SplitBatches:
 
         dataset = tf.data.Dataset.range(len(self)).map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def training_input(model: keras.Model, batches: dict[str, SplitBatches]) -> tuple[keras.Model, dict[str, object]]:
+    """The model that `fit`, `evaluate` and `predict` run (it shares `model`'s weights) and each split's input to it."""
+    if keras.backend.backend() == "tensorflow":
+        return model, {split: item.keras_input() for split, item in batches.items()}
+    device = DeviceSplits(batches)
+    return device.model(model), {split: device.keras_input(split) for split in batches}
+
+
+class DeviceSplits:
+    """The uint8 pixels of every split in one array held on the device, read by row number.
+
+    `model(m)` is `m` behind a layer that gathers the rows a batch names from that array and normalises
+    them on the device; `keras_input(split)` yields, for batch i, the rows `SplitBatches.batch_rows(i)`
+    names (as rows of the joined array) and their one-hot labels, so the order of an epoch, and of a
+    resumed one, is the one `SplitBatches` draws. The device array is a non-trainable variable of that
+    model only: `m`'s own weights, checkpoints and saved file stay as they are.
+    """
+
+    def __init__(self, batches: dict[str, SplitBatches]):
+        self.batches = batches
+        self.offsets, start = {}, 0
+        for split, item in batches.items():
+            self.offsets[split], start = start, start + item.rows
+        normalisations = {(item.offset, item.scale) for item in batches.values()}
+        if len(normalisations) != 1:
+            raise PipelineError(f"The splits are normalised differently ({sorted(normalisations)}): one model "
+                                "cannot read them all.")
+        (self.normalisation,) = normalisations
+
+    def model(self, model: keras.Model) -> keras.Model:
+        """`model`, fed by row numbers; its `.trained` attribute is `model`."""
+        pixels = np.concatenate([np.asarray(item.images) for item in self.batches.values()])
+        rows = keras.Input(shape=(), dtype="int32", name="row")
+        reader = keras.Model(rows, model(_DevicePixels(pixels, *self.normalisation, name="device_pixels")(rows)),
+                             name=f"{model.name}_on_device_rows")
+        reader.trained = model
+        return reader
+
+    def keras_input(self, split: str) -> keras.utils.PyDataset:
+        return _DeviceRows(self.batches[split], self.offsets[split])
+
+
+class _DevicePixels(keras.layers.Layer):
+    """Row numbers in, normalised images (with their channel axis) out, read from uint8 pixels held on the device."""
+
+    def __init__(self, pixels: np.ndarray, offset: float, scale: float, **kwargs):
+        super().__init__(**kwargs)
+        self.offset, self.scale = float(offset), float(scale)
+        self.pixels = self.add_weight(shape=pixels.shape, dtype="uint8", trainable=False, name="pixels",
+                                      initializer=lambda shape, dtype: pixels)
+
+    def call(self, rows):
+        images = keras.ops.cast(keras.ops.take(self.pixels, rows, axis=0), "float32")
+        return ((images - self.offset) / self.scale)[..., None]
+
+    def compute_output_shape(self, rows_shape):
+        return (*rows_shape, *self.pixels.shape[1:], 1)
+
+
+class _DeviceRows(keras.utils.PyDataset):
+    """Batch i of a split as (its rows in the joined device array, their one-hot labels)."""
+
+    def __init__(self, batches: SplitBatches, offset: int):
+        super().__init__()
+        self.batches, self.offset = batches, offset
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.batches.batch_rows(index)
+        if isinstance(rows, slice):
+            rows = np.arange(rows.start, rows.stop)
+        return (rows + self.offset).astype(np.int32), self.batches._one_hot[self.batches.labels[rows]]
 
 
 class _NumpyBatches(keras.utils.PyDataset):

@@ -27,7 +27,7 @@ from storage.atomic import read_json, remove, remove_temporaries_of, write_json
 from storage.layout import DataRoot, backup_folder, lock_file
 from storage.models import METRICS_FILE, MODEL_FILE, RECORD_FILE, find_model, model_writer
 from storage.splits import read_splits_manifest
-from tasks.batches import ShuffleEachEpoch, SplitBatches, open_splits
+from tasks.batches import ShuffleEachEpoch, SplitBatches, open_splits, training_input
 from tasks.models import build_one_layer_cnn, make_optimizer
 from tasks.reporting import Progress, artifact_key, stage_logger
 from tasks.stage import retry_unless_pipeline_error, stage_task
@@ -126,15 +126,17 @@ def train_model(
         make_deterministic(seed)
         batches = open_splits(split_dir, manifest, experiment=experiment, batch_size=batch_size, seed=seed)
         model = build_one_layer_cnn(classes=len(manifest["class_names"]))
-        model.compile(
-            optimizer=make_optimizer(OPTIMIZER, learning_rate), loss=LOSS, metrics=["accuracy"],
-            steps_per_execution=STEPS_PER_EXECUTION,
-        )
+        trainer, inputs = training_input(model, batches)  # `model` itself, or fed on the device (JAX)
+        optimizer = make_optimizer(OPTIMIZER, learning_rate)
+        for compiled in {id(each): each for each in (model, trainer)}.values():  # the model saved is compiled too
+            compiled.compile(optimizer=optimizer, loss=LOSS, metrics=["accuracy"], steps_per_execution=STEPS_PER_EXECUTION)
         if best_effort(lambda: checkpoints.take_newer(layout, backup), f"read {layout.url(backup)}", logger):
             logger.info("Resuming from the checkpoint in %s", layout.url(backup))
         _prepare_backup(backup, {"parameters": parameters, "dataset_fingerprint": fingerprint}, logger)
-        entries, started_at = _fit(model, batches, layout, backup, experiment, epochs, extra_callbacks, logger)
-        metrics = _evaluate(model, batches["test"], manifest["class_names"], entries, batches["train"].rows)
+        entries, started_at = _fit(trainer, batches, inputs, layout, backup, experiment, epochs, extra_callbacks,
+                                   logger)
+        metrics = _evaluate(trainer, inputs["test"], batches["test"], manifest["class_names"], entries,
+                            batches["train"].rows)
         metrics.update(experiment=experiment, epochs_run=epochs - started_at, resumed_from_epoch=started_at)
         record = _record(model, parameters, manifest, layout.relative(split_dir), batches)
         metrics["device"] = record["device"]
@@ -155,10 +157,11 @@ def train_model(
 
 
 def _fit(
-    model: keras.Model, batches: dict[str, SplitBatches], layout: DataRoot, backup: Path, experiment: str, epochs: int,
-    extra_callbacks: list[keras.callbacks.Callback] | None, logger,
+    model: keras.Model, batches: dict[str, SplitBatches], inputs: dict[str, Any], layout: DataRoot, backup: Path,
+    experiment: str, epochs: int, extra_callbacks: list[keras.callbacks.Callback] | None, logger,
 ) -> tuple[list[dict], int]:
-    """Fit from the last checkpoint in `backup` (if any); returns every epoch's history and the epoch started from."""
+    """Fit from the last checkpoint in `backup` (if any) on `inputs` (`training_input`'s); returns every epoch's
+    history and the epoch started from."""
     train = batches["train"]
     logger.info(
         "Training %s: %s train / %s valid / %s test rows, %d epochs of %d batches",
@@ -180,7 +183,7 @@ def _fit(
         callbacks = [ShuffleEachEpoch(train), recorder, checkpoint, BatchProgress(progress), *_tensorboard(backup)]
         # Our progress and per-epoch log lines replace Keras' own bar, which would garble logs and TTYs alike.
         model.fit(
-            train.keras_input(), validation_data=batches["valid"].keras_input(), epochs=epochs, shuffle=False, verbose=0,
+            inputs["train"], validation_data=inputs["valid"], epochs=epochs, shuffle=False, verbose=0,
             callbacks=callbacks + list(extra_callbacks or []),
         )
     entries = recorder.completed_entries()
@@ -228,12 +231,12 @@ def _record(
 
 
 def _evaluate(
-    model: keras.Model, test: SplitBatches, class_names: list[str], entries: list[dict], train_rows: int
+    model: keras.Model, feed, test: SplitBatches, class_names: list[str], entries: list[dict], train_rows: int
 ) -> dict[str, Any]:
-    """Test loss and accuracy, confusion matrix, per-class accuracy, history and speed."""
+    """Test loss and accuracy, confusion matrix, per-class accuracy, history and speed, of `model` reading `feed`."""
     started = time.perf_counter()
-    scores = model.evaluate(test.keras_input(), verbose=0, return_dict=True)
-    predicted = np.argmax(model.predict(test.keras_input(), verbose=0), axis=1)
+    scores = model.evaluate(feed, verbose=0, return_dict=True)
+    predicted = np.argmax(model.predict(feed, verbose=0), axis=1)
     matrix = confusion_matrix(np.asarray(test.labels), predicted, len(class_names))
     history = history_columns(entries)
     seconds = sum(history["seconds"])

@@ -102,11 +102,13 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return
 
     def _variables(self) -> dict[str, list]:
-        """The model's variables and its optimizer's, in the order they are saved and restored."""
+        """The model's variables and its optimizer's, in the order they are saved and restored. A model fed on the
+        device (tasks.batches.DeviceSplits) saves those of the model it trains, without the device's pixels."""
         optimizer = self.model.optimizer
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)  # its variables must exist to be restored
-        return {"model": list(self.model.variables), "optimizer": list(optimizer.variables) if optimizer else []}
+        trained = getattr(self.model, "trained", self.model)
+        return {"model": list(trained.variables), "optimizer": list(optimizer.variables) if optimizer else []}
 
     def _restore(self, saved: dict[str, list[np.ndarray]]) -> None:
         """Assign a checkpoint's arrays; ValueError (nothing assigned) when they do not fit this model."""
