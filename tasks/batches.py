@@ -239,22 +239,32 @@ class _NumpyBatches(keras.utils.PyDataset):
 def _in_memory(images: np.ndarray):
     """`images` as a TensorFlow tensor, held once: a memory-mapped NPY file is read into it in chunks.
 
-    Copying a memory map whole would keep the file's pages mapped (and counted) beside the copy.
+    Copying a memory map whole would keep the file's pages mapped (and counted) beside the copy. The file is
+    read into a NumPy array aligned as TensorFlow wants its buffers, which the tensor then uses without a copy
+    (an unaligned one, or a tensor filled in place, held the split twice while it was loaded).
     """
     import tensorflow as tf
 
     if not _whole_file_map(images):
         return tf.constant(np.asarray(images))
-    resident = tf.Variable(tf.zeros(images.shape, dtype=images.dtype), trainable=False)
-    buffer = np.empty((_LOAD_CHUNK_ROWS, *images.shape[1:]), dtype=images.dtype)
+    resident = _aligned_empty(images.shape, images.dtype)
+    flat = resident.reshape(-1)
+    row = int(np.prod(images.shape[1:]))
     with open(images.filename, "rb") as handle:
         handle.seek(images.offset)
         for start in range(0, len(images), _LOAD_CHUNK_ROWS):
-            chunk = buffer[: min(_LOAD_CHUNK_ROWS, len(images) - start)]
+            chunk = flat[start * row : min(start + _LOAD_CHUNK_ROWS, len(images)) * row]
             if handle.readinto(chunk) != chunk.nbytes:
                 raise PipelineError(f"{images.filename} ended early while being read into memory")
-            resident[start : start + len(chunk)].assign(chunk)
-    return resident
+    return tf.convert_to_tensor(resident)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on an `alignment`-byte boundary (TensorFlow's, for sharing it)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(size + alignment, dtype=np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + size].view(dtype).reshape(shape)
 
 
 def _whole_file_map(images: np.ndarray) -> bool:

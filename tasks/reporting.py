@@ -129,7 +129,17 @@ def quiet_native_start_up() -> Iterator[None]:
 
 def import_keras_quietly() -> None:
     """Import Keras (and its TensorFlow) without TensorFlow's start-up lines on the terminal, and with its C++ log
-    off (as on a worker, where no command line set it), unless TF_CPP_MIN_LOG_LEVEL says otherwise (0: all)."""
+    off (as on a worker, where no command line set it), unless TF_CPP_MIN_LOG_LEVEL says otherwise (0: all).
+
+    TensorFlow imports JAX where it is installed, for tf.lite's converter alone: 76 MB and a second of start-up a
+    TensorFlow training never uses. Unless Keras runs on JAX, JAX is out of sight while TensorFlow is imported."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with quiet_native_start_up():
-        import keras  # noqa: F401
+    hide_jax = os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow" and "jax" not in sys.modules
+    if hide_jax:
+        sys.modules["jax"] = None  # `import jax` raises ImportError, which tf.lite expects where JAX is missing
+    try:
+        with quiet_native_start_up():
+            import keras  # noqa: F401
+    finally:
+        if hide_jax:
+            del sys.modules["jax"]

@@ -358,7 +358,8 @@ def test_tensorflows_start_up_lines_stay_off_the_terminal():
     """They reach the process's stderr before TensorFlow's log level applies, twice per command; Python's own
     errors must still show."""
     code = ("from tasks.reporting import import_keras_quietly; import_keras_quietly(); import sys; "
-            "print('after', file=sys.stderr)")
+            "print('after', file=sys.stderr); print('jaxlib' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0 and done.stderr.strip().splitlines() == ["after"], done.stderr
+    assert done.stdout.strip() == "False"  # JAX, installed here for its tests, stays out of a TensorFlow process
