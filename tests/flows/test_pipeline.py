@@ -151,8 +151,10 @@ def test_artifacts_have_stable_keys_and_the_pictures_are_pngs_in_the_ui_and_besi
     for name in ("confusion_matrix", "learning_curves", "misclassified", "notMNIST_large_glyphs"):
         assert f"]({name}.png)" in report and Image.open(model_dir / f"{name}.png").format == "PNG"
     assert list((model_dir / "tensorboard" / "train").glob("events.out.tfevents.*"))  # Keras' TensorBoard logs
-    named = re.findall(r"`([a-z0-9-]+)`", by_key["notmnist-report"].data.split("- pictures:")[1])
-    assert named and set(named) <= set(by_key), named  # the report links the pictures' real keys
+    # The report links each picture's artifact page in the UI of this session's server, by its real key.
+    linked = re.findall(r"\[([a-z0-9-]+)\]\(http://127\.0\.0\.1:\d+/artifacts/key/([a-z0-9-]+)\)",
+                        by_key["notmnist-report"].data.split("- pictures:")[1])
+    assert {key for key, _ in linked} == set(pictures) and all(key == target for key, target in linked), linked
     assert f"`tensorboard --logdir {model_dir / 'tensorboard'}`" in report  # this run's own logs, wherever the root
 
 
