@@ -25,8 +25,8 @@ from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.settings import get_current_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from core.parameters import TASK_RUNNERS
 from core.errors import PipelineError
+from core.parameters import TASK_RUNNERS
 from core.seed import LETTERS
 from storage.layout import DataRoot
 from tasks.decode import TooFewImagesError, letter_task, shared_worker_pool

@@ -170,5 +170,5 @@ def run_url(flow_run_id) -> str | None:
 
 def ui_page(path: str) -> str | None:
     """A page of the Prefect UI (`PREFECT_UI_URL`, or the API's address), or None on the embedded API."""
-    ui = get_current_settings().ui_url
-    return f"{ui.rstrip('/')}/{path}" if get_current_settings().api.url and ui else None
+    settings = get_current_settings()
+    return f"{settings.ui_url.rstrip('/')}/{path}" if settings.api.url and settings.ui_url else None

@@ -106,7 +106,11 @@ class SplitBatches:
         rows = self.batch_rows(index)
         pixels = np.subtract(self.images[rows], np.float32(self.offset), dtype=np.float32)
         pixels /= np.float32(self.scale)
-        return pixels[..., np.newaxis], self._one_hot[self.labels[rows]]
+        return pixels[..., np.newaxis], self.targets(rows)
+
+    def targets(self, rows: np.ndarray | slice) -> np.ndarray:
+        """The one-hot labels of `rows` (what `batch_rows` gives)."""
+        return self._one_hot[self.labels[rows]]
 
     def keras_input(self):
         """What `fit`, `evaluate` and `predict` read: a `tf.data.Dataset` on TensorFlow, else a `PyDataset`."""
@@ -219,7 +223,7 @@ class _DeviceRows(keras.utils.PyDataset):
         rows = self.batches.batch_rows(index)
         if isinstance(rows, slice):
             rows = np.arange(rows.start, rows.stop)
-        return (rows + self.offset).astype(np.int32), self.batches._one_hot[self.batches.labels[rows]]
+        return (rows + self.offset).astype(np.int32), self.batches.targets(rows)
 
 
 class _NumpyBatches(keras.utils.PyDataset):

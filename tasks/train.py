@@ -128,7 +128,7 @@ def train_model(
         model = build_one_layer_cnn(classes=len(manifest["class_names"]))
         trainer, inputs = training_input(model, batches)  # `model` itself, or fed on the device (JAX)
         optimizer = make_optimizer(OPTIMIZER, learning_rate)
-        for compiled in {id(each): each for each in (model, trainer)}.values():  # the model saved is compiled too
+        for compiled in [model] if trainer is model else [model, trainer]:  # the model saved is compiled too
             compiled.compile(optimizer=optimizer, loss=LOSS, metrics=["accuracy"], steps_per_execution=STEPS_PER_EXECUTION)
         if best_effort(lambda: checkpoints.take_newer(layout, backup), f"read {layout.url(backup)}", logger):
             logger.info("Resuming from the checkpoint in %s", layout.url(backup))

@@ -44,7 +44,7 @@ from storage.layout import DataRoot
 from storage.letters import letter_folder
 from storage.models import read_metrics
 from tests.flows.conftest import free_port, objects_under, overwrite_in_place
-from tests.flows.test_pipeline import task_runs
+from tests.flows.test_pipeline import picture_links, task_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTMNIST = str(Path(sys.executable).with_name("notmnist"))
@@ -241,10 +241,11 @@ def test_training_on_a_worker_that_shares_nothing_but_the_api_and_the_object_sto
     assert {"notmnist-splits", "notmnist-report", "notmnist-confusion-matrix"} <= keys
     # The report links each picture's artifact page in the UI, by the key it was published under.
     (report,) = [artifact.data for artifact in artifacts if artifact.key == "notmnist-report"]
-    linked = re.findall(r"\[([a-z-]+)\]\((http://127\.0\.0\.1:\d+)/artifacts/key/([a-z-]+)\)", report)
+    linked = picture_links(report)
     assert {key for key, _, _ in linked} == {"notmnist-confusion-matrix", "notmnist-learning-curves",
                                              "notmnist-misclassified", "notmnist-large-glyphs", "notmnist-small-glyphs"}
-    assert all(key == target and ui + "/api" == on_stack.env["PREFECT_API_URL"] and key in keys for key, ui, target in linked), report
+    api = on_stack.env["PREFECT_API_URL"]
+    assert all(key == target and ui + "/api" == api and key in keys for key, ui, target in linked), report
     # TensorBoard reads local folders: the hint names the logs in this machine's working copy.
     assert f"`tensorboard --logdir {pipeline.root / model / 'tensorboard'}`" in report
 

@@ -40,6 +40,12 @@ from tests.flows.conftest import pipeline_parameters
 DATA_TASKS = {"download", "unpack", "decode", "splits"}
 
 
+def picture_links(report: str) -> list[tuple[str, str, str]]:
+    """The report artifact's links to the pictures: (text, the UI's address, the artifact key linked)."""
+    return re.findall(r"\[([a-z-]+)\]\((http://127\.0\.0\.1:\d+)/artifacts/key/([a-z-]+)\)",
+                      report.split("- pictures:")[1])
+
+
 def task_runs(flow_run_id) -> list:
     """The task runs of one flow run, in the order they were to start."""
 
@@ -152,9 +158,8 @@ def test_artifacts_have_stable_keys_and_the_pictures_are_pngs_in_the_ui_and_besi
         assert f"]({name}.png)" in report and Image.open(model_dir / f"{name}.png").format == "PNG"
     assert list((model_dir / "tensorboard" / "train").glob("events.out.tfevents.*"))  # Keras' TensorBoard logs
     # The report links each picture's artifact page in the UI of this session's server, by its real key.
-    linked = re.findall(r"\[([a-z0-9-]+)\]\(http://127\.0\.0\.1:\d+/artifacts/key/([a-z0-9-]+)\)",
-                        by_key["notmnist-report"].data.split("- pictures:")[1])
-    assert {key for key, _ in linked} == set(pictures) and all(key == target for key, target in linked), linked
+    linked = picture_links(by_key["notmnist-report"].data)
+    assert {key for key, _, _ in linked} == set(pictures) and all(key == target for key, _, target in linked), linked
     assert f"`tensorboard --logdir {model_dir / 'tensorboard'}`" in report  # this run's own logs, wherever the root
 
 

@@ -33,8 +33,8 @@ class InterruptAfterFirstEpoch(keras.callbacks.Callback):
         raise Interrupted
 
 
-class FedRows(keras.callbacks.Callback):
-    """How many device variables the trained model has, seen from inside `fit`."""
+class FitVariables(keras.callbacks.Callback):
+    """The paths of the variables of the model `fit` runs, seen from inside `fit`."""
 
     def on_train_begin(self, logs=None):
         self.variables = [variable.path for variable in self.model.variables]
@@ -44,7 +44,7 @@ def main(workdir: Path) -> None:
     straight, resumed = workdir / "straight", workdir / "resumed"
     for root in (straight, resumed):
         write_split_folder(root)
-    seen = FedRows()
+    seen = FitVariables()
     result = train_model(straight, "synthetic", **FAST, extra_callbacks=[seen])
     try:
         train_model(resumed, "synthetic", **FAST, extra_callbacks=[InterruptAfterFirstEpoch()])
