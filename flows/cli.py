@@ -23,6 +23,7 @@ from typing import Any
 from core import seed as SEED_FACTS
 from core.defaults import EPHEMERAL_API_STARTUP_SECONDS
 from core.parameters import Count, Positive, Sha256
+from flows.embedded_api import start_if_unset
 from flows.options import add_flow_options, option_type
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
@@ -327,6 +328,7 @@ COMMANDS: tuple[tuple[str, Handler, str, Options], ...] = (
 # More commands come from installed packages that declare them (the offline demo's `demo` and `make-archives`,
 # demo/commands.py): the product's layers never import the demo.
 COMMAND_PLUGINS = "notmnist.commands"
+FLOW_PLUGINS = "notmnist.flow_commands"  # which of those commands run flows: they get an embedded API like `run`
 
 
 def build_parser(building: Collection[str | None] | None = None) -> argparse.ArgumentParser:
@@ -440,6 +442,13 @@ def prefect_api_problem(error: BaseException, seconds: float) -> str | None:
     return None
 
 
+def _runs_flows(command: str | None, argv: list[str]) -> bool:
+    """Whether `command` runs Prefect flows (and so needs an API), rather than only asking for help."""
+    if {"-h", "--help", "--version"} & set(argv):
+        return False
+    return command in FLOWS or command in metadata.entry_points(group=FLOW_PLUGINS).names
+
+
 def cancelled(error: BaseException) -> bool:
     """Whether `error` says a run was cancelled: the pipeline's own, or a training run's state read directly."""
     from prefect.exceptions import CancelledRun
@@ -462,9 +471,11 @@ def _working_folder(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `notmnist` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser({next((word for word in argv if not word.startswith("-")), None)}).parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.debug else "3")  # TensorFlow's C++ start-up chatter
+    word = next((word for word in argv if not word.startswith("-")), None)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the embedded server would phone home
+    api = start_if_unset() if _runs_flows(word, argv) else None  # starts while the command imports
+    args = build_parser({word}).parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.debug else "3")  # TensorFlow's C++ start-up chatter
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_RunFormatter())
@@ -473,8 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_no_tracebacks)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.debug else logging.WARNING)  # one line per API call
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, get_current_settings, temporary_settings
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP
-    from prefect.settings import temporary_settings
 
     from core.errors import PipelineError
     from storage.disk import disk_full, out_of_space
@@ -482,7 +493,13 @@ def main(argv: list[str] | None = None) -> int:
     # Prefect reads its settings once, when it is imported (building a flow's options imports it): the embedded
     # API's start-up time goes into them here, unless the user's environment gives one.
     startup = {} if STARTUP.name in os.environ else {STARTUP: EPHEMERAL_API_STARTUP_SECONDS}
+    if api is not None and get_current_settings().api.url:  # a profile or settings file names the API to use
+        api.stop()
+        api = None
     try:
+        if api is not None:
+            embedded = api.wait(startup.get(STARTUP, STARTUP.value()))
+            startup |= {setting: embedded[setting.name] for setting in (PREFECT_API_URL, PREFECT_UI_URL)}
         with temporary_settings(updates=startup):
             result = args.handler(args)
     except KeyboardInterrupt:

@@ -1,0 +1,101 @@
+"""The Prefect API a flow command starts for itself when none is configured, started before anything is imported.
+
+Unset, `PREFECT_API_URL` makes Prefect start a temporary server the first time a flow needs its client: the
+client's process first imports the whole server package (about 5 s on 2 cores) only to launch it, and the server
+then takes 8 s or more to answer, all after the command's own imports (Prefect, the flows: 4 s). Started here,
+at the top of `notmnist`, with the command Prefect itself uses, the server starts while the command imports, and
+the command only waits for what is left.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+EXITED_PORT_IN_USE = 3  # uvicorn's exit code when its port was taken between choosing it and binding it
+STOP_SECONDS = 5  # what Prefect's own temporary server gets to shut down cleanly before it is killed
+
+
+class EmbeddedAPI:
+    """A Prefect server on a free port of 127.0.0.1, serving the API only, for one command."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.process = self._launch()
+        atexit.register(self.stop)  # registered before Prefect's own exit handlers, so it runs after them
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def settings(self) -> dict[str, str]:
+        # No UI is served and the server ends with the command: no page of it to link to ("View at ...").
+        return {"PREFECT_API_URL": self.url, "PREFECT_UI_URL": ""}
+
+    def _launch(self) -> subprocess.Popen:
+        # Prefect's own command and environment for its temporary server (SubprocessASGIServer): the API
+        # without the UI, the ephemeral server's settings; the package folder found without importing it.
+        package = Path(importlib.util.find_spec("prefect").origin).parent
+        return subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(package.parent), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "error", "--lifespan", "on"],
+            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                 "PREFECT__SERVER_FINAL": "1"},
+        )
+
+    def wait(self, seconds: float) -> dict[str, str]:
+        """Wait up to `seconds` for the API to answer; returns the Prefect settings that point at it, also given to
+        child processes (training, Dask workers) as variables. Raises RuntimeError in Prefect's words when it does
+        not answer, so the command line explains it as it explains Prefect's own temporary server."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() == EXITED_PORT_IN_USE:
+                self.port = _free_port()
+                self.process = self._launch()
+            elif self.process.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
+                    if response.status == 200:
+                        os.environ.update(self.settings)
+                        return self.settings
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        ending = "" if self.process.poll() is None else f" It exited with code {self.process.returncode}."
+        raise RuntimeError(f"Timed out while attempting to connect to ephemeral Prefect API server.{ending}")
+
+    def stop(self) -> None:
+        """Shut the server down (cleanly when it lets itself be, else killed); the variables go with it."""
+        if os.environ.get("PREFECT_API_URL") == self.url:
+            for name in self.settings:
+                os.environ.pop(name, None)
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_if_unset() -> EmbeddedAPI | None:
+    """An embedded API for this command, unless the environment names one (`PREFECT_API_URL`). A Prefect profile
+    or settings file that names one is only known once Prefect is imported: the caller then stops this one."""
+    return None if os.environ.get("PREFECT_API_URL") else EmbeddedAPI()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

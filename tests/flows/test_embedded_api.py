@@ -1,0 +1,49 @@
+"""The Prefect API a flow command starts for itself: started only where a flow runs, answering, then gone."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+
+import pytest
+
+from flows.cli import _runs_flows
+from flows.embedded_api import EmbeddedAPI
+
+
+@pytest.mark.parametrize("argv, runs", [
+    (["run", "--data-dir", "d"], True), (["--json", "iris"], True), (["demo"], True), (["train"], True),
+    (["run", "--help"], False), (["predict", "m", "x.png"], False), (["make-archives", "d"], False), ([], False),
+], ids=["run", "iris", "the demo plugin's", "train", "help", "predict", "make-archives", "none"])
+def test_only_commands_that_run_flows_start_an_api(argv, runs):
+    command = next((word for word in argv if not word.startswith("-")), None)
+    assert _runs_flows(command, argv) is runs
+
+
+def test_the_embedded_api_answers_then_leaves_nothing_behind(monkeypatch, tmp_path):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the session's server: restored after the test
+    monkeypatch.delenv("PREFECT_UI_URL", raising=False)
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    api = EmbeddedAPI()
+    try:
+        settings = api.wait(180)
+        assert settings == {"PREFECT_API_URL": api.url, "PREFECT_UI_URL": ""}  # no UI served: no page to link
+        assert {name: os.environ[name] for name in settings} == settings  # for child processes too
+        with urllib.request.urlopen(f"{api.url}/health", timeout=5) as response:
+            assert response.status == 200
+    finally:
+        api.stop()
+    assert api.process.poll() is not None
+    assert "PREFECT_API_URL" not in os.environ and "PREFECT_UI_URL" not in os.environ
+
+
+def test_an_api_that_cannot_start_says_so_in_prefects_words(monkeypatch, tmp_path):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    api = EmbeddedAPI()
+    try:
+        with pytest.raises(RuntimeError, match="Timed out while attempting to connect to ephemeral Prefect API"):
+            api.wait(0)
+    finally:
+        api.stop()
+    assert api.process.poll() is not None
