@@ -5,8 +5,12 @@ publish as artifacts and write beside the model.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -15,10 +19,50 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from storage.drawn import recall, remember  # noqa: E402
+
 DPI = 100
 SAMPLES_PER_LETTER = 10
 REJECTED_LISTED = 14
 MISCLASSIFIED_SHOWN = 24
+DRAWING_CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # a change in drawing draws again
+
+
+def remembered(draw: Callable[..., bytes]) -> Callable[..., bytes]:
+    """`draw`, drawing each picture once on this machine: a rerun that shows the same things gets the PNG drawn
+    before, filed under the digest of the arguments, this module's code and matplotlib's version."""
+
+    @functools.wraps(draw)
+    def drawn(*args: Any, **kwargs: Any) -> bytes:
+        digest = hashlib.sha256(f"{draw.__name__} {matplotlib.__version__} {DRAWING_CODE}".encode())
+        _feed(digest, [args, kwargs])
+        key = digest.hexdigest()[:32]
+        if (png := recall(key)) is None:
+            png = draw(*args, **kwargs)
+            remember(key, png)
+        return png
+
+    return drawn
+
+
+def _feed(digest, value: Any) -> None:
+    """Add `value` to `digest`, its type and shape included: [1] and (1,), "1" and 1, or two arrays of the same
+    bytes and different shapes, digest differently."""
+    if isinstance(value, np.ndarray):
+        digest.update(f"array {value.dtype.str} {value.shape} ".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)} ".encode())
+        for name, item in value.items():  # in order: a picture lays its entries out in the order given
+            _feed(digest, name), _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__} {len(value)} ".encode())
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, (str, int, float, bool, np.generic)) or value is None:
+        digest.update(f"{type(value).__name__} {value!r} ".encode())
+    else:
+        raise TypeError(f"cannot tell a picture's {type(value).__name__} argument apart from another")
 
 
 def _png(figure: Figure) -> bytes:
@@ -53,6 +97,7 @@ def mosaic(rows: Sequence[np.ndarray], columns: int, gap: int = 2) -> np.ndarray
     return canvas
 
 
+@remembered
 def glyph_grid(archive: str, samples: dict[str, np.ndarray], rejected: Sequence[dict]) -> bytes:
     """A row of sample glyphs for each letter, with the rejected files and their reasons listed beside."""
     letters = list(samples)
@@ -72,6 +117,7 @@ def glyph_grid(archive: str, samples: dict[str, np.ndarray], rejected: Sequence[
     return _png(figure)
 
 
+@remembered
 def confusion_heatmap(matrix: Sequence[Sequence[int]], class_names: Sequence[str], title: str) -> bytes:
     """The confusion matrix as a heatmap, counts written in each cell; rows true, columns predicted."""
     counts = np.asarray(matrix)
@@ -89,6 +135,7 @@ def confusion_heatmap(matrix: Sequence[Sequence[int]], class_names: Sequence[str
     return _png(figure)
 
 
+@remembered
 def learning_curves(history: dict[str, list[float]], title: str) -> bytes:
     """Loss and accuracy per epoch, training and validation."""
     figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -103,6 +150,7 @@ def learning_curves(history: dict[str, list[float]], title: str) -> bytes:
     return _png(figure)
 
 
+@remembered
 def misclassified(images: np.ndarray, true: Sequence[str], predicted: Sequence[str], title: str) -> bytes:
     """Test images the model got wrong, each titled with its true and predicted class."""
     shown = min(len(images), MISCLASSIFIED_SHOWN)

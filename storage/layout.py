@@ -103,10 +103,14 @@ def model_key(experiment: str, dataset_fingerprint: str, training: dict[str, Any
     return f"{experiment}-{dataset_fingerprint[:12]}-{short_digest(training, 8)}"
 
 
+def user_cache() -> Path:
+    """This machine's folder for what the project keeps only to save work: working copies, drawn pictures."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "notmnist"
+
+
 def default_scratch(location: str) -> Path:
     """The local working copy of an object-store data root: under the user's cache folder, one per location."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "notmnist" / location.replace("://", "/", 1)
+    return user_cache() / location.replace("://", "/", 1)
 
 
 class DataRoot:

@@ -11,6 +11,15 @@ import pytest
 from demo.loopback import FileServer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory) -> Iterator[Path]:
+    """The user's cache folder (drawn pictures, working copies) is one of the session's own, not this machine's."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("user-cache")
+        patch.setenv("XDG_CACHE_HOME", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def file_server(tmp_path: Path) -> Iterator[FileServer]:
     """A threaded HTTP server on 127.0.0.1 serving a temporary folder."""
