@@ -71,6 +71,7 @@ def stack_up(
             home = folder / "workers" / pool  # a machine of its own: its HOME, Prefect home and working folder
             home.mkdir(parents=True, exist_ok=True)
             worker_env = {**client_env, "HOME": str(home), "PREFECT_HOME": str(home / ".prefect"),
+                          "XDG_CACHE_HOME": str(home / ".cache"),  # its working copies too, not this machine's
                           "PREFECT_WORKER_QUERY_SECONDS": "2"}  # a trial: a run starts within seconds, not ten
             processes[f"{pool} worker"] = _start([PREFECT, "worker", "start", "--pool", pool], worker_env, home,
                                                  logs / f"{pool}-worker.log")

@@ -10,6 +10,7 @@ import io
 import re
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,14 @@ def picture_links(report: str) -> list[tuple[str, str, str]]:
                       report.split("- pictures:")[1])
 
 
-def task_runs(flow_run_id) -> list:
-    """The task runs of one flow run, in the order they were to start."""
+def task_runs(flow_run_id, expected: Collection[str] = (), seconds: float = 30) -> list:
+    """The task runs of one flow run, in the order they were to start, once the API has recorded a run of each
+    `expected` task (the first word of its name) and each run's final state: task runs and their states reach
+    the API as events, which it writes a moment after the flow has returned."""
+
+    def recorded(runs: list) -> bool:
+        return (set(expected) <= {run.name.split()[0] for run in runs}
+                and all(run.state is not None and run.state.is_final() for run in runs))
 
     async def read():
         async with get_client() as client:
@@ -55,13 +62,18 @@ def task_runs(flow_run_id) -> list:
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC
             )
 
-    return asyncio.run(read())
+    deadline = time.monotonic() + seconds
+    runs = asyncio.run(read())
+    while not recorded(runs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        runs = asyncio.run(read())
+    return runs
 
 
-def task_states(flow_run_id) -> dict[str, list[str]]:
-    """Task name -> state names of the task runs of one flow run."""
+def task_states(flow_run_id, expected: Collection[str] = DATA_TASKS) -> dict[str, list[str]]:
+    """Task name -> state names of the task runs of one flow run (once one of each `expected` is recorded)."""
     states: dict[str, list[str]] = {}
-    for run in task_runs(flow_run_id):
+    for run in task_runs(flow_run_id, expected):
         states.setdefault(run.name.split()[0], []).append(run.state.name)  # "download notMNIST_large.tar.gz" -> "download"
     return states
 
@@ -235,7 +247,7 @@ def test_a_pipeline_cancelled_mid_training_stops_there_and_its_training_subflow_
         artifacts = client.read_artifacts(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     assert not [artifact.key for artifact in artifacts if artifact.key and "report" in artifact.key]
-    assert task_states(seen["training"].id)["train"] == ["Cancelled"]
+    assert task_states(seen["training"].id, expected={"train"})["train"] == ["Cancelled"]
 
 
 def test_downloads_without_checks_are_cached_per_file_and_a_base_url_needs_no_last_slash(prefect_api, tmp_path):
@@ -308,4 +320,4 @@ def test_letters_are_decoded_on_a_dask_cluster(prefect_api, served_archives, das
 
 def decode_states(flow_run_id) -> dict[str, str]:
     """Letter task run name -> state name, of one flow run."""
-    return {run.name: run.state.name for run in task_runs(flow_run_id) if run.name.startswith("decode ")}
+    return {run.name: run.state.name for run in task_runs(flow_run_id, DATA_TASKS) if run.name.startswith("decode ")}
