@@ -13,7 +13,9 @@ training (one short epoch here) is left out. Prints cached/cold (goal <= 0.05) a
 With --full-size, it runs `notmnist run` as users do, with the seed's defaults (200,000/10,000/10,000
 rows, 2 epochs), on generated archives of notMNIST's size (529,120 + 18,730 images; made once, kept in
 --workdir), the archives already in the data root's raw/ (download excluded), and prints: the
-command's wall time and each stage's (from its task runs), ingest (first unpack start to last decode
+command's wall time and each stage's (from its task runs), the wall time against the sum of two naive
+floors measured in the same run (the decode floor below, plus the seed's plain `model.fit` of the same
+epochs on the run's split, bench/train.py --seed-fit; goal <= 1.0), ingest (first unpack start to last decode
 end) against the decode floor (every PNG of both archives decoded in memory on all cores, nothing
 written, Pillow's; goal <= 1.0x), the peak memory of all the command's processes together, sampled
 every 0.2 s (RSS summed, and PSS, which counts a page shared by several processes once; goal < 1.25
@@ -160,8 +162,11 @@ def _role(is_root: bool, command: str) -> str:
 def full_size(args: argparse.Namespace) -> None:
     """`notmnist run` with the seed's defaults on archives of notMNIST's size; see the module docstring."""
     from bench.ingest import decode_floor
+    from core.seed import EPOCHS
     from demo.loopback import FileServer
     from demo.run import demo_archives
+    from storage.layout import DataRoot
+    from storage.splits import newest_splits
 
     # The command and this script share a Prefect home of their own, so the run's task runs can be read back.
     os.environ["PREFECT_HOME"] = str(args.workdir / "prefect-home")
@@ -196,6 +201,12 @@ def full_size(args: argparse.Namespace) -> None:
     result = json.loads(output)
     if json.loads(again.stdout)["test_accuracy"] != result["test_accuracy"]:
         raise SystemExit("the cached rerun reported another test accuracy")
+    split_folder = newest_splits(DataRoot(data).splits_root, "train")
+    fit = json.loads(subprocess.run(  # the training floor: the seed's plain fit of the same epochs, same split
+        [sys.executable, str(ROOT / "bench" / "train.py"), "--seed-fit", str(split_folder), "--epochs", str(EPOCHS)],
+        stdout=subprocess.PIPE, text=True, env=environment, check=True,
+    ).stdout.strip().splitlines()[-1])
+    floors = floor + fit["fit_seconds"]
     ingest = span(stages, "unpack", "decode")
     print(f"cores: {os.cpu_count()}  images: {images:,} good in both archives  test accuracy: {result['test_accuracy']:.4f}")
     print(f"notmnist run, download excluded: {wall:6.1f} s wall (goal < 120 s)")
@@ -203,6 +214,9 @@ def full_size(args: argparse.Namespace) -> None:
         peak, cpu = memory.during(first.timestamp(), last.timestamp())
         print(f"  {name:<10} {(last - first).total_seconds():6.1f} s   peak PSS {peak / 2**30:.2f} GiB   CPU s: "
               + ", ".join(f"{role} {seconds:.1f}" for role, seconds in sorted(cpu.items()) if seconds >= 0.05))
+    print(f"whole run / floors {wall / floors:.2f} (goal <= 1.0): decode floor {floor:.1f} s + the seed's plain fit "
+          f"of {EPOCHS} epochs on this run's split {fit['fit_seconds']:.1f} s (test accuracy {fit['test_accuracy']:.4f}) "
+          f"= {floors:.1f} s")
     print(f"ingest (unpack + decode, both archives) {ingest:6.1f} s   decode floor {floor:6.1f} s   "
           f"ingest/floor {ingest / floor:.2f} (goal <= 1.0)")
     print(f"peak memory, all processes: RSS summed {memory.peak_rss / 2**30:.2f} GiB, "

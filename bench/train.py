@@ -2,7 +2,7 @@
 
 Generates (once, under --workdir) a split folder of glyph-like uint8 images: --train-rows training
 rows (200,000 by default, the seed's notMNIST size), 10,000 valid and 10,000 test. Each variant then
-runs in a fresh process, so its peak RSS (ru_maxrss) is its own:
+runs in a fresh process, so its peak RSS (ru_maxrss) is its own (goal: cli at least 1.2x seed's speed):
 
   cli      `notmnist train --epochs 1` as users run it: a Prefect flow and task around train_model
   project  train_model(..., epochs=1) called directly: uint8 splits verified and read into a tf.data
@@ -21,6 +21,9 @@ also times the input pipeline alone (no model): one epoch of training batches, r
 them.
 
     .venv/bin/python bench/train.py [--workdir .bench] [--train-rows 200000] [--repeats 2]
+
+With --seed-fit SPLIT_FOLDER [--epochs 2], only the seed's fit on that folder, as JSON (bench/pipeline.py
+uses it as the training floor of a whole run).
 """
 
 from __future__ import annotations
@@ -79,12 +82,13 @@ def generate(data_root: Path, train_rows: int) -> None:
 
 
 def training_timer():
-    """A Keras callback timing epoch start to validation start, in wall-clock and CPU seconds."""
+    """A Keras callback timing the first epoch's start to its validation's start, in wall-clock and CPU seconds."""
     import keras
 
     class TrainingTime(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            self.started, self.cpu_started, self.seconds = time.perf_counter(), time.process_time(), None
+            if epoch == 0:
+                self.started, self.cpu_started, self.seconds = time.perf_counter(), time.process_time(), None
 
         def on_test_begin(self, logs=None):
             if self.seconds is None:
@@ -153,13 +157,14 @@ def run_input(data_root: Path) -> dict:
     return {"input_samples_per_second": train.rows / keras_seconds, "numpy_samples_per_second": train.rows / numpy_seconds}
 
 
-def run_seed(data_root: Path) -> dict:
+def seed_fit(folder: Path, epochs: int) -> dict:
+    """The seed's way on a split folder: every split normalised to float32 in memory, one-hot labels, then
+    model.fit(..., validation_data=...) and model.evaluate. Returns the first epoch's training speed, the whole
+    fit's seconds (validation included) and the test accuracy."""
     import keras
 
     from tasks.models import build_one_layer_cnn, make_optimizer
 
-    started = time.perf_counter()
-    folder = DataRoot(data_root).splits(KEY)
     arrays = {}
     for split in ("train", "valid", "test"):
         pixels = np.load(folder / f"{split}_x.npy").astype(np.float32)  # whole split in memory
@@ -170,10 +175,18 @@ def run_seed(data_root: Path) -> dict:
     model = build_one_layer_cnn()
     model.compile(optimizer=make_optimizer("adadelta", 1.0), loss="categorical_crossentropy", metrics=["accuracy"])
     timer = training_timer()
-    model.fit(*arrays["train"], batch_size=BATCH_SIZE, epochs=1, verbose=0, validation_data=arrays["valid"], callbacks=[timer])
+    started = time.perf_counter()
+    model.fit(*arrays["train"], batch_size=BATCH_SIZE, epochs=epochs, verbose=0, validation_data=arrays["valid"],
+              callbacks=[timer])
+    fit_seconds = time.perf_counter() - started
     _, accuracy = model.evaluate(*arrays["test"], verbose=0)
-    return {**timing(timer, len(arrays["train"][0])), "test_accuracy": float(accuracy),
-            "total_seconds": time.perf_counter() - started}
+    return {**timing(timer, len(arrays["train"][0])), "fit_seconds": fit_seconds, "test_accuracy": float(accuracy)}
+
+
+def run_seed(data_root: Path) -> dict:
+    started = time.perf_counter()
+    result = seed_fit(DataRoot(data_root).splits(KEY), epochs=1)
+    return {**result, "total_seconds": time.perf_counter() - started}
 
 
 VARIANTS = {"cli": run_cli, "project": run_project, "seed": run_seed, "input": run_input}
@@ -193,8 +206,16 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--seed-fit", type=Path, metavar="SPLIT_FOLDER",
+                        help="only the seed's plain fit on this split folder (--epochs of it), printed as JSON")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of --seed-fit (the seed trains 2)")
     args = parser.parse_args()
     folder = args.workdir / f"train-data-{args.train_rows}"
+
+    if args.seed_fit:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        print(json.dumps(seed_fit(args.seed_fit, args.epochs)))
+        return
 
     if args.variant:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -227,7 +248,7 @@ def main() -> None:
               f"peak RSS {peak[variant]:6.0f} MB")
     print(f"input pipeline alone, best {max(r['input_samples_per_second'] for r in inputs):,.0f} samples/s")
     for variant in ("cli", "project"):
-        print(f"{variant}/seed: speed ratio {best[variant] / best['seed']:.3f} (goal >= 0.95), "
+        print(f"{variant}/seed: speed ratio {best[variant] / best['seed']:.3f} (goal >= 1.2), "
               f"CPU ratio {cpu[variant] / cpu['seed']:.3f}, peak RSS ratio {peak[variant] / peak['seed']:.3f} (goal <= 0.5)")
 
 
