@@ -185,7 +185,9 @@ def full_size(args: argparse.Namespace) -> None:
             "--small-bytes", str(small["bytes"]), "--small-sha256", small["sha256"],
             "--task-runner", args.task_runner,
         ]
-        environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        cache = args.workdir / "full-run-cache"  # a machine that never drew these pictures
+        shutil.rmtree(cache, ignore_errors=True)
+        environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "XDG_CACHE_HOME": str(cache)}
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment)
         memory = ProcessTreeMemory(child.pid)
