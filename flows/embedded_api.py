@@ -20,7 +20,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-EXITED_PORT_IN_USE = 3  # uvicorn's exit code when its port was taken between choosing it and binding it
+from core.errors import PipelineError
+
+# uvicorn's exit code when the app's start-up failed, or its port was taken between choosing it and binding it
+EXITED_AT_STARTUP, RELAUNCHES = 3, 2
 STOP_SECONDS = 5  # what Prefect's own temporary server gets to shut down cleanly before it is killed
 
 
@@ -56,11 +59,12 @@ class EmbeddedAPI:
     def wait(self, seconds: float) -> dict[str, str]:
         """Wait up to `seconds` for the API to answer; returns the Prefect settings that point at it, also given to
         child processes (training, Dask workers) as variables. Raises RuntimeError in Prefect's words when it does
-        not answer, so the command line explains it as it explains Prefect's own temporary server."""
-        deadline = time.monotonic() + seconds
+        not answer in time, so the command line explains it as it explains Prefect's own temporary server, and
+        PipelineError when it exits instead."""
+        deadline, relaunches = time.monotonic() + seconds, RELAUNCHES
         while time.monotonic() < deadline:
-            if self.process.poll() == EXITED_PORT_IN_USE:
-                self.port = _free_port()
+            if self.process.poll() == EXITED_AT_STARTUP and relaunches:  # perhaps its port was taken meanwhile
+                self.port, relaunches = _free_port(), relaunches - 1
                 self.process = self._launch()
             elif self.process.poll() is not None:
                 break
@@ -72,8 +76,13 @@ class EmbeddedAPI:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.1)
-        ending = "" if self.process.poll() is None else f" It exited with code {self.process.returncode}."
-        raise RuntimeError(f"Timed out while attempting to connect to ephemeral Prefect API server.{ending}")
+        if self.process.poll() is not None:
+            raise PipelineError(
+                f"Prefect's embedded API exited with code {self.process.returncode} before it answered (its error is "
+                "above): start `prefect server start` in another terminal and export "
+                "PREFECT_API_URL=http://127.0.0.1:4200/api, or mend what it reported."
+            )
+        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
 
     def stop(self) -> None:
         """Shut the server down (cleanly when it lets itself be, else killed); the variables go with it."""

@@ -7,6 +7,7 @@ import urllib.request
 
 import pytest
 
+from core.errors import PipelineError
 from flows.cli import _runs_flows
 from flows.embedded_api import EmbeddedAPI
 
@@ -30,7 +31,7 @@ def test_the_embedded_api_answers_then_leaves_nothing_behind(monkeypatch, tmp_pa
         settings = api.wait(180)
         assert settings == {"PREFECT_API_URL": api.url, "PREFECT_UI_URL": ""}  # no UI served: no page to link
         assert {name: os.environ[name] for name in settings} == settings  # for child processes too
-        with urllib.request.urlopen(f"{api.url}/health", timeout=5) as response:
+        with urllib.request.urlopen(f"{api.url}/health", timeout=60) as response:  # a loaded machine
             assert response.status == 200
     finally:
         api.stop()
@@ -47,3 +48,15 @@ def test_an_api_that_cannot_start_says_so_in_prefects_words(monkeypatch, tmp_pat
     finally:
         api.stop()
     assert api.process.poll() is not None
+
+
+def test_an_api_that_exits_says_so_and_what_to_do(monkeypatch, tmp_path):
+    home = tmp_path / "prefect-home"
+    home.write_text("a file where the Prefect home's folder should be")  # its database cannot be created
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    api = EmbeddedAPI()
+    try:
+        with pytest.raises(PipelineError, match=r"Prefect's embedded API exited with code \d+ before it answered"):
+            api.wait(180)
+    finally:
+        api.stop()
