@@ -304,6 +304,24 @@ def test_a_prefect_api_that_cannot_be_reached_is_one_line_saying_what_to_do(prob
     assert len(errors) == 1 and re.fullmatch(f"notmnist iris: error: {message}.*", errors[0]), completed.stderr[-2000:]
 
 
+def test_an_api_a_prefect_profile_names_is_the_one_used_not_an_embedded_one(tmp_path):
+    """The embedded API starts before Prefect is imported; a profile naming another API still wins over it."""
+    from tests.flows.conftest import free_port
+
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    url = f"http://127.0.0.1:{free_port()}/api"  # nothing answers there
+    (home / "profiles.toml").write_text(f'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "{url}"\n')
+    env = {**os.environ, "PREFECT_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("PREFECT_API_URL", None)
+    completed = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "iris", "--data-dir", str(tmp_path / "data")], capture_output=True,
+        text=True, env=env, cwd=Path(__file__).parents[2], timeout=300,
+    )
+    assert completed.returncode == 1
+    assert f"error: The Prefect API at {url}/ does not answer" in completed.stderr, completed.stderr[-2000:]
+
+
 def test_the_embedded_api_gets_time_to_start_on_a_busy_machine_unless_told_otherwise(monkeypatch):
     """What Prefect itself waits, read while a command runs. Prefect reads its settings when it is imported, as it
     is here (and by the CLI, before a flow's command runs): a variable set after that would change nothing."""
