@@ -24,6 +24,7 @@ from core.errors import PipelineError
 
 # uvicorn's exit code when the app's start-up failed, or its port was taken between choosing it and binding it
 EXITED_AT_STARTUP, RELAUNCHES = 3, 2
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 STOP_SECONDS = 5  # what Prefect's own temporary server gets to shut down cleanly before it is killed
 
 
@@ -54,6 +55,7 @@ class EmbeddedAPI:
              "--log-level", "error", "--lifespan", "on"],
             env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                  "PREFECT__SERVER_FINAL": "1"},
+            preexec_fn=_ends_with_parent if sys.platform == "linux" else None,  # no thread runs yet: safe
         )
 
     def wait(self, seconds: float) -> dict[str, str]:
@@ -63,7 +65,7 @@ class EmbeddedAPI:
         PipelineError when it exits instead."""
         deadline, relaunches = time.monotonic() + seconds, RELAUNCHES
         while time.monotonic() < deadline:
-            if self.process.poll() == EXITED_AT_STARTUP and relaunches:  # perhaps its port was taken meanwhile
+            if self.process.poll() == EXITED_AT_STARTUP and relaunches and _taken(self.port):  # by another, meanwhile
                 self.port, relaunches = _free_port(), relaunches - 1
                 self.process = self._launch()
             elif self.process.poll() is not None:
@@ -102,6 +104,23 @@ def start_if_unset() -> EmbeddedAPI | None:
     """An embedded API for this command, unless the environment names one (`PREFECT_API_URL`). A Prefect profile
     or settings file that names one is only known once Prefect is imported: the caller then stops this one."""
     return None if os.environ.get("PREFECT_API_URL") else EmbeddedAPI()
+
+
+def _ends_with_parent() -> None:
+    """In the server's process: be sent SIGTERM when the command's process dies, even killed (atexit never runs)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _taken(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
 
 
 def _free_port() -> int:

@@ -2,12 +2,13 @@
 
 A picture is filed under a key naming everything it was drawn from (the caller's digest) and carries the sha256
 of its bytes in its file name, checked whenever it is read back: a damaged one is drawn again. Only the newest
-`KEPT` pictures stay; the folder holds nothing else.
+`KEPT` pictures filed here stay; nothing else in the folder is touched.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 from storage.atomic import write_bytes
@@ -15,6 +16,7 @@ from storage.layout import user_cache
 
 KEPT = 200  # a run draws 4-6; this keeps every picture of the last few dozen runs
 SUFFIX = ".png"
+FILED = re.compile(rf"[0-9a-f]{{32}}-[0-9a-f]{{64}}{re.escape(SUFFIX)}")  # a key (flows/pictures.py), then the sha256
 
 
 def picture_cache() -> Path:
@@ -43,9 +45,10 @@ def remember(key: str, png: bytes, folder: Path | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         path = write_bytes(folder / f"{key}-{hashlib.sha256(png).hexdigest()}{SUFFIX}", png)
         for stale in folder.glob(f"{key}-*{SUFFIX}"):
-            if stale != path:
+            if stale != path and FILED.fullmatch(stale.name):
                 stale.unlink(missing_ok=True)
-        kept = sorted(folder.glob(f"*-*{SUFFIX}"), key=_modified, reverse=True)
+        kept = sorted((path for path in folder.glob(f"*-*{SUFFIX}") if FILED.fullmatch(path.name)), key=_modified,
+                      reverse=True)  # only what `remember` filed: a picture someone put here stays
         for old in kept[KEPT:]:
             old.unlink(missing_ok=True)
     except OSError:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +53,28 @@ def test_an_api_that_exits_says_so_and_what_to_do(monkeypatch, tmp_path):
             api.wait(180)
     finally:
         api.stop()
+
+
+def test_the_server_ends_when_the_command_is_killed(tmp_path):
+    """SIGTERM or SIGKILL skips the command's exit handlers: the server must not outlive it all the same."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    command = subprocess.Popen(
+        [sys.executable, "-c", "import time; from flows.embedded_api import EmbeddedAPI; "
+         "print(EmbeddedAPI().process.pid, flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parents[2],
+    )
+    server = int(command.stdout.readline())
+    command.kill()
+    command.wait()
+    deadline = time.monotonic() + 30
+    while _alive(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(server)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return status != "Z"  # a zombie has ended; only its parent's wait is missing

@@ -38,6 +38,13 @@ def test_only_the_newest_pictures_are_kept(tmp_path):
     assert recall(f"{0:032x}", tmp_path) is None and recall(f"{KEPT + 2:032x}", tmp_path) == f"picture {KEPT + 2}".encode()
 
 
+def test_pruning_leaves_what_the_cache_did_not_file(tmp_path):
+    (tmp_path / "my-holiday.png").write_bytes(b"someone else's")
+    for number in range(KEPT + 1):
+        remember(f"{number:032x}", f"picture {number}".encode(), tmp_path)
+    assert (tmp_path / "my-holiday.png").read_bytes() == b"someone else's"
+
+
 def test_a_cache_folder_that_cannot_be_written_only_costs_drawing_again(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_bytes(b"")
@@ -70,6 +77,15 @@ def test_the_same_images_are_the_same_picture_and_their_order_another(drawings):
     assert len(drawings) == 1
     pictures.misclassified(images[::-1], ["A", "B"], ["B", "A"], "wrong")
     assert len(drawings) == 2
+
+
+@pytest.mark.parametrize("array", [
+    np.ma.masked_array(np.zeros(4, np.uint8), mask=[True, False, False, False]),
+    np.zeros(2, dtype=[("a", np.uint8), ("b", np.uint8)]), np.array([object()]),
+], ids=["masked", "structured", "object"])
+def test_arrays_whose_bytes_do_not_say_what_they_show_are_refused(array):
+    with pytest.raises(TypeError, match="cannot tell"):
+        pictures._feed(hashlib.sha256(), array)
 
 
 @pytest.mark.parametrize("one, other", [
