@@ -149,8 +149,8 @@ class SplitBatches:
             pixels = (tf.cast(pixels, tf.float32) - offset) / scale
             return pixels[..., tf.newaxis], tf.one_hot(targets, self.classes, dtype=tf.float32)
 
-        # Fixed parallelism, no autotuning: a gather of 128 rows is cheap, and tf.data's autotuning thread kept
-        # the end of `fit` waiting for it, 2 to 19 s on 2 cores, when the iterator was let go.
+        # Fixed parallelism, no autotuning: a gather of 128 rows is cheap, and with autotuning the iterator's
+        # destructor kept the end of `fit` waiting on one of its threads, 2 to 19 s on 2 cores (BENCHMARKS.md).
         dataset = tf.data.Dataset.range(len(self)).map(batch, num_parallel_calls=INPUT_THREADS, deterministic=True)
         options = tf.data.Options()
         options.autotune.enabled = False
