@@ -17,10 +17,7 @@ file is listed in the letter's manifest with one of these reasons:
 from __future__ import annotations
 
 import io
-import os
 import struct
-import threading
-import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +32,10 @@ except ImportError:  # a platform without its wheel: Pillow decodes everything
 
 from storage.packed import read_group
 from storage.shards import IMAGE_SIDE, PIXELS_PER_IMAGE, write_shard
+from tasks.own_process import watch_parent
 
 EMPTY, UNREADABLE, WRONG_SIZE, WRONG_MODE = "empty", "unreadable", "wrong size", "wrong mode"
 BAD_NAME = "bad name"
-PARENT_CHECK_SECONDS = 0.5  # how soon a worker notices that its parent died
 # A plain notMNIST PNG starts with the signature and a 13-byte IHDR: 28x28, bit depth 8, color type 0 (grayscale),
 # compression, filter and interlace methods 0.
 _PLAIN_START = b"\x89PNG\r\n\x1a\n" + struct.pack(">I4s", 13, b"IHDR")
@@ -153,15 +150,8 @@ def printable_name(name: str) -> str:
 
 def start_worker(parent: int) -> None:
     """A decode worker's set-up: exit with its parent, then pay the one-time costs before work arrives."""
-    threading.Thread(target=_exit_with_parent, args=(parent,), name="watch parent", daemon=True).start()
+    watch_parent(parent)
     warm_up()
-
-
-def _exit_with_parent(parent: int) -> None:
-    """End this process once `parent` is gone: a parent killed with SIGKILL tells its workers nothing."""
-    while os.getppid() == parent:
-        time.sleep(PARENT_CHECK_SECONDS)
-    os._exit(1)  # no clean-up to do: the parent's temporary folders are removed by the next run
 
 
 def warm_up() -> None:

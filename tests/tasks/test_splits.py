@@ -15,6 +15,8 @@ from storage.folders import MANIFEST
 from storage.layout import DataRoot
 from storage.letters import commit_letter, letter_folder
 from storage.shards import write_shard
+from tasks import splits
+from tasks.own_process import run_in_own_process
 from tasks.splits import SPLITS, TooFewUsableImagesError, build_splits
 
 
@@ -216,3 +218,24 @@ def test_arrays_load_memory_mapped_without_pickle(shard_sets, tmp_path):
 def test_split_sizes_must_share_equally_among_the_classes(shard_sets):
     with pytest.raises(Exception, match=r"each must be a multiple of 10; got \{'train': 205\}"):
         build(shard_sets, train_size=205)
+
+
+def test_rows_chosen_in_a_process_of_their_own_give_the_same_bytes_and_the_same_errors(shard_sets, tmp_path, monkeypatch):
+    here = build(shard_sets)
+    kept = tmp_path / "here"
+    shutil.move(folder_of(shard_sets, here), kept)
+    calls = []
+
+    def counted(function, *args):
+        calls.append(function.__name__)
+        return run_in_own_process(function, *args)
+
+    monkeypatch.setattr(splits, "OWN_PROCESS_MINIMUM_ROWS", 0)
+    monkeypatch.setattr(splits, "run_in_own_process", counted)
+    there = build(shard_sets)
+    assert calls == ["write_splits"] and there["fingerprint"] == here["fingerprint"]
+    for path in kept.glob("*.npy"):
+        assert (folder_of(shard_sets, there) / path.name).read_bytes() == path.read_bytes(), path.name
+    with pytest.raises(TooFewUsableImagesError, match=r"letter A of notMNIST_large has 60 usable images"):
+        build(shard_sets, train_size=600, valid_size=100)
+    assert not list(DataRoot(shard_sets).splits_root.glob(".*tmp*"))
