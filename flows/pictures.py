@@ -10,16 +10,17 @@ import hashlib
 import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display: draw into memory, in any thread
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
 
 from storage.drawn import recall, remember  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DPI = 100
 SAMPLES_PER_LETTER = 10
@@ -68,10 +69,18 @@ def _feed(digest, value: Any) -> None:
         raise TypeError(f"cannot tell a picture's {type(value).__name__} argument apart from another")
 
 
+def _pyplot():
+    """matplotlib's pyplot, imported when a picture is first drawn (half a second on 2 cores): a run whose
+    pictures all come from the cache never imports it."""
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
 def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
-    plt.close(figure)
+    _pyplot().close(figure)
     return buffer.getvalue()
 
 
@@ -104,7 +113,7 @@ def mosaic(rows: Sequence[np.ndarray], columns: int, gap: int = 2) -> np.ndarray
 def glyph_grid(archive: str, samples: dict[str, np.ndarray], rejected: Sequence[dict]) -> bytes:
     """A row of sample glyphs for each letter, with the rejected files and their reasons listed beside."""
     letters = list(samples)
-    figure, (glyphs, text) = plt.subplots(
+    figure, (glyphs, text) = _pyplot().subplots(
         1, 2, figsize=(11, 0.62 * len(letters) + 1), gridspec_kw={"width_ratios": [SAMPLES_PER_LETTER, 6]}
     )
     glyphs.imshow(mosaic([samples[letter] for letter in letters], SAMPLES_PER_LETTER), cmap="gray", vmin=0,
@@ -124,7 +133,7 @@ def glyph_grid(archive: str, samples: dict[str, np.ndarray], rejected: Sequence[
 def confusion_heatmap(matrix: Sequence[Sequence[int]], class_names: Sequence[str], title: str) -> bytes:
     """The confusion matrix as a heatmap, counts written in each cell; rows true, columns predicted."""
     counts = np.asarray(matrix)
-    figure, axes = plt.subplots(figsize=(6.4, 5.6))
+    figure, axes = _pyplot().subplots(figsize=(6.4, 5.6))
     image = axes.imshow(counts, cmap="Blues")
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
     ticks = range(len(class_names))
@@ -141,7 +150,7 @@ def confusion_heatmap(matrix: Sequence[Sequence[int]], class_names: Sequence[str
 @remembered
 def learning_curves(history: dict[str, list[float]], title: str) -> bytes:
     """Loss and accuracy per epoch, training and validation."""
-    figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(10, 3.8))
+    figure, (loss, accuracy) = _pyplot().subplots(1, 2, figsize=(10, 3.8))
     for axes, measure in ((loss, "loss"), (accuracy, "accuracy")):
         for prefix, label in (("", "training"), ("val_", "validation")):
             values = history.get(prefix + measure)
@@ -159,7 +168,7 @@ def misclassified(images: np.ndarray, true: Sequence[str], predicted: Sequence[s
     shown = min(len(images), MISCLASSIFIED_SHOWN)
     columns = 8
     rows = max(1, -(-shown // columns))
-    figure, grid = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.35), squeeze=False)
+    figure, grid = _pyplot().subplots(rows, columns, figsize=(columns * 1.1, rows * 1.35), squeeze=False)
     for index, axes in enumerate(grid.flat):
         if index < shown:
             _glyph(axes, images[index], f"{true[index]} as {predicted[index]}", color="firebrick")
