@@ -21,6 +21,7 @@ from storage.arrays import save_npy
 from storage.folders import MANIFEST
 from storage.layout import LOCKS, DataRoot, backup_folder
 from storage.splits import open_split, read_splits_manifest
+from tasks import batches as batches_module
 from tasks.batches import SplitBatches, epoch_permutation, open_splits
 from tasks.models import build_one_layer_cnn
 from tasks.reporting import Progress
@@ -131,6 +132,21 @@ def test_the_dataset_holds_the_memory_map_and_never_a_float_copy_of_the_split(sp
         tracemalloc.stop()
     # A batch is 32 x 784 float32 (100 KB); the whole split as float32 would be 940 KB.
     assert peak < whole_as_float / 4, f"peak {peak:,} bytes while a float copy is {whole_as_float:,}"
+
+
+def test_the_split_tensorflow_trains_on_is_read_from_the_file_once_and_never_copied(split_dir, monkeypatch):
+    images, _ = open_split(split_dir, read_splits_manifest(split_dir), "train")
+    filled, aligned_empty = [], batches_module._aligned_empty
+
+    def recorded(*args, **kwargs):
+        filled.append(aligned_empty(*args, **kwargs))
+        return filled[-1]
+
+    monkeypatch.setattr(batches_module, "_aligned_empty", recorded)
+    tensor = batches_module._in_memory(images)
+    assert np.array_equal(tensor.numpy(), images)
+    filled[0][0, 0, 0] ^= 0xFF  # the array the file was read into is the tensor's own buffer
+    assert int(tensor[0, 0, 0]) == int(images[0, 0, 0]) ^ 0xFF
 
 
 def test_each_epoch_has_its_own_order_and_the_same_seed_and_epoch_give_the_same_one(split_dir):
