@@ -470,7 +470,14 @@ def _working_folder(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `notmnist` console script; returns the exit code."""
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # while the command still imports or reads its options: nothing ran yet
+        print("notmnist: interrupted.", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     word = next((word for word in argv if not word.startswith("-")), None)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the embedded server would phone home
     api = start_if_unset() if _runs_flows(word, argv) else None  # starts while the command imports

@@ -57,6 +57,15 @@ def test_bad_option_exits_2_with_usage(capsys):
     assert "invalid choice: 'sometimes'" in capsys.readouterr().err
 
 
+def test_ctrl_c_before_the_command_runs_is_one_line_not_a_traceback(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C does while the command imports what its options need
+
+    monkeypatch.setattr("flows.cli.build_parser", interrupted)
+    assert main(["splits", "--data-dir", "nowhere"]) == 130
+    assert capsys.readouterr().err == "notmnist: interrupted.\n"
+
+
 def test_failed_command_exits_1_with_one_line_that_says_what_to_do(file_server, tmp_path, capsys):
     code = main(["fetch", file_server.url("absent.tar.gz"), "--dest", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
