@@ -35,15 +35,21 @@ def remembered(draw: Callable[..., bytes]) -> Callable[..., bytes]:
 
     @functools.wraps(draw)
     def drawn(*args: Any, **kwargs: Any) -> bytes:
-        digest = hashlib.sha256(f"{draw.__name__} {matplotlib.__version__} {DRAWING_CODE}".encode())
-        _feed(digest, [args, kwargs])
-        key = digest.hexdigest()[:32]
-        if (png := recall(key)) is None:
-            png = draw(*args, **kwargs)
-            remember(key, png)
-        return png
+        return drawn_once(draw, [args, kwargs], lambda: draw(*args, **kwargs))
 
     return drawn
+
+
+def drawn_once(draw: Callable[..., bytes], identity: Any, drawing: Callable[[], bytes]) -> bytes:
+    """The picture `drawing()` makes with `draw`, drawn once on this machine for `identity`: what it shows, or what
+    pins that (the digests of the files it is read from), so that a rerun finds it without reading them."""
+    digest = hashlib.sha256(f"{draw.__name__} {matplotlib.__version__} {DRAWING_CODE}".encode())
+    _feed(digest, identity)
+    key = digest.hexdigest()[:32]
+    if (png := recall(key)) is None:
+        png = drawing()
+        remember(key, png)
+    return png
 
 
 def _feed(digest, value: Any) -> None:
@@ -109,7 +115,6 @@ def mosaic(rows: Sequence[np.ndarray], columns: int, gap: int = 2) -> np.ndarray
     return canvas
 
 
-@remembered
 def glyph_grid(archive: str, samples: dict[str, np.ndarray], rejected: Sequence[dict]) -> bytes:
     """A row of sample glyphs for each letter, with the rejected files and their reasons listed beside."""
     letters = list(samples)

@@ -18,7 +18,7 @@ from prefect.settings import get_current_settings
 from core.seed import reported
 from flows import pictures
 from storage.layout import DataRoot, archive_stem
-from storage.letters import LetterShards, letter_folder
+from storage.letters import LetterShards, letter_folder, sample_identity
 from storage.models import picture_file, picture_name, write_picture
 from storage.splits import open_split
 from tasks.reporting import artifact_key
@@ -59,9 +59,17 @@ def publish_letters(root: DataRoot, archive_name: str, manifests: dict[str, dict
         table=rejected or [{"file": "(none)", "reason": "", "detail": ""}],
         description=f"{archive}: every file that did not become a row, and why",
     )
-    in_working_copy(root, *(letter_folder(shards_dir, letter) for letter in manifests))
-    samples = {letter: LetterShards(shards_dir, letter).sample(pictures.SAMPLES_PER_LETTER) for letter in manifests}
-    png = pictures.glyph_grid(archive, samples, rejected)
+
+    def drawing() -> bytes:
+        in_working_copy(root, *(letter_folder(shards_dir, letter) for letter in manifests))
+        count = pictures.SAMPLES_PER_LETTER
+        return pictures.glyph_grid(archive, {letter: LetterShards(shards_dir, letter).sample(count)
+                                             for letter in manifests}, rejected)
+
+    # Pinned by the shards' recorded digests: a rerun finds the picture without fetching or reading a shard.
+    identity = [archive, {letter: sample_identity(manifest, pictures.SAMPLES_PER_LETTER)
+                          for letter, manifest in manifests.items()}, rejected]
+    png = pictures.drawn_once(pictures.glyph_grid, identity, drawing)
     publish_picture(artifact_key(archive, "glyphs"), png, f"{archive} glyphs",
                     f"{archive}: sample glyphs of each letter, and the rejected files")
     return png

@@ -98,10 +98,18 @@ class LetterShards:
 
 
     def sample(self, count: int) -> np.ndarray:
-        """The first `count` images of the letter, uint8 (n, 28, 28): none for a letter without shards."""
+        """The first `count` images of the letter, uint8 (n, 28, 28): none for a letter without shards (what pins
+        them: `sample_identity`)."""
         if not len(self):
             return np.empty((0, IMAGE_SIDE, IMAGE_SIDE), np.uint8)
         return pixels_of(self.read(0, ["pixels"]).slice(0, count))
+
+
+def sample_identity(manifest: dict, count: int) -> list:
+    """What determines `LetterShards.sample(count)` of a letter with this manifest, without reading a shard: the
+    recorded sha256 of its first shard (None for a letter without shards) and how many of its rows."""
+    shards = manifest["shards"]
+    return [manifest["files"][shards[0]["file"]]["sha256"] if shards else None, "first rows", count]
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

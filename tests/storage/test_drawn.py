@@ -70,6 +70,21 @@ def test_a_picture_of_the_same_things_is_drawn_once(drawings):
     assert len(drawings) == 2
 
 
+def test_a_picture_pinned_by_digests_is_found_again_without_reading_what_it_shows(drawings):
+    read = []
+
+    def drawing(samples):
+        return lambda: read.append(1) or pictures.glyph_grid("notMNIST_small", samples, [])
+
+    glyphs = {"A": np.full((3, 28, 28), 200, np.uint8)}
+    first = pictures.drawn_once(pictures.glyph_grid, ["notMNIST_small", {"A": ["ab12", 3]}, []], drawing(glyphs))
+    again = pictures.drawn_once(pictures.glyph_grid, ["notMNIST_small", {"A": ["ab12", 3]}, []], drawing(glyphs))
+    assert again == first and len(read) == len(drawings) == 1  # the second never read the samples
+    other = {"A": np.full((3, 28, 28), 90, np.uint8)}  # another shard: another digest, drawn from its own glyphs
+    assert pictures.drawn_once(pictures.glyph_grid, ["notMNIST_small", {"A": ["cd34", 3]}, []], drawing(other)) != first
+    assert len(read) == 2
+
+
 def test_the_same_images_are_the_same_picture_and_their_order_another(drawings):
     images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
     pictures.misclassified(images, ["A", "B"], ["B", "A"], "wrong")
