@@ -171,6 +171,7 @@ def full_size(args: argparse.Namespace) -> None:
 
     # The command and this script share a Prefect home of their own, so the run's task runs can be read back.
     os.environ["PREFECT_HOME"] = str(args.workdir / "prefect-home")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the temporary server reading them back
     archives = demo_archives(args.workdir / "full", FULL_PER_LETTER, FULL_SMALL_PER_LETTER)
     floor, images = decode_floor([Path(info["path"]) for info in archives.values()], os.cpu_count() or 1)
     data = args.workdir / "full-run"

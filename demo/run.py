@@ -7,6 +7,7 @@ root's `source/` folder), served by a loopback HTTP server as the real host woul
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ def demo_archives(
             return known["archives"]
     except (OSError, ValueError, KeyError):
         pass
+    # Said before the flow (and its logging) starts: otherwise the terminal stays silent while they are drawn.
+    print(f"Drawing the demo's archives into {source_dir} ({per_letter:,} images per letter, once per data root: "
+          "under a minute on 2 cores) ...", file=sys.stderr, flush=True)
     archives = make_archives(source_dir, per_letter=per_letter, small_per_letter=small_per_letter,
                              system_fonts=system_fonts)
     write_json(catalogue, {**sizes, "archives": archives})
