@@ -32,7 +32,7 @@ class EmbeddedAPI:
     """A Prefect server on a free port of 127.0.0.1, serving the API only, for one command."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.process = self._launch()
         atexit.register(self.stop)  # registered before Prefect's own exit handlers, so it runs after them
 
@@ -66,7 +66,7 @@ class EmbeddedAPI:
         deadline, relaunches = time.monotonic() + seconds, RELAUNCHES
         while time.monotonic() < deadline:
             if self.process.poll() == EXITED_AT_STARTUP and relaunches and _taken(self.port):  # by another, meanwhile
-                self.port, relaunches = _free_port(), relaunches - 1
+                self.port, relaunches = free_port(), relaunches - 1
                 self.process = self._launch()
             elif self.process.poll() is not None:
                 break
@@ -123,7 +123,8 @@ def _taken(port: int) -> bool:
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now, as the system picks one."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

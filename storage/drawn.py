@@ -47,7 +47,7 @@ def remember(key: str, png: bytes, folder: Path | None = None) -> None:
         for stale in folder.glob(f"{key}-*{SUFFIX}"):
             if stale != path and FILED.fullmatch(stale.name):
                 stale.unlink(missing_ok=True)
-        kept = sorted((path for path in folder.glob(f"*-*{SUFFIX}") if FILED.fullmatch(path.name)), key=_modified,
+        kept = sorted((filed for filed in folder.glob(f"*-*{SUFFIX}") if FILED.fullmatch(filed.name)), key=_modified,
                       reverse=True)  # only what `remember` filed: a picture someone put here stays
         for old in kept[KEPT:]:
             old.unlink(missing_ok=True)

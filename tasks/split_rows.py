@@ -188,6 +188,7 @@ def input_identities(root: DataRoot, large: str, small: str, *, local: bool = Fa
 
 
 def letter_folders(root: DataRoot, archive: str) -> dict[str, Path]:
+    """Each letter's shard folder of `archive` in the working copy."""
     return {letter: letter_folder(root.shards(archive), letter) for letter in LETTERS}
 
 

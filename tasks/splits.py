@@ -15,7 +15,7 @@ notMNIST is full of exact duplicates, so a test set drawn that way shares images
 
 Which split each group goes to is tasks/split_groups.py's: the seed's slicing where there are no
 repeats, and a letter refused only when no assignment exists. The rows are chosen and written by
-tasks/split_rows.py, in a process of its own; this module is the stage around it.
+tasks/split_rows.py (at the seed's sizes in a process of its own); this module is the stage around it.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,8 @@ from pyarrow import fs as arrow_fs
 
 from demo.loopback import FileServer
 from demo.synthetic import make_archive
+from flows.embedded_api import free_port
 from storage.layout import DataRoot
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
