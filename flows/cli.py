@@ -23,7 +23,7 @@ from typing import Any
 from core import seed as SEED_FACTS
 from core.defaults import EPHEMERAL_API_STARTUP_SECONDS
 from core.parameters import Count, Positive, Sha256
-from flows.embedded_api import start_if_unset
+from flows.embedded_api import EmbeddedAPI, start_if_unset
 from flows.options import add_flow_options, option_type
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
@@ -481,7 +481,15 @@ def _main(argv: list[str]) -> int:
     word = next((word for word in argv if not word.startswith("-")), None)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the embedded server would phone home
     api = start_if_unset() if _runs_flows(word, argv) else None  # starts while the command imports
-    args = build_parser({word}).parse_args(argv)
+    try:
+        return _command(argv, word, api)
+    finally:
+        if api is not None:  # now, not at exit: whoever calls main() in a longer process keeps no server running
+            api.stop()
+
+
+def _command(argv: list[str], word: str | None, api: EmbeddedAPI | None) -> int:
+    args = build_parser({word}).parse_args(argv)  # --help and a bad option exit here
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.debug else "3")  # TensorFlow's C++ start-up chatter
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
     for handler in logging.getLogger().handlers:

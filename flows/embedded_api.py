@@ -87,7 +87,10 @@ class EmbeddedAPI:
         raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
 
     def stop(self) -> None:
-        """Shut the server down (cleanly when it lets itself be, else killed); the variables go with it."""
+        """Shut the server down (cleanly when it lets itself be, else killed), after the logs and events Prefect
+        still queues for it are sent; the variables go with it."""
+        if self.process.poll() is None:
+            _send_what_prefect_queued()
         if os.environ.get("PREFECT_API_URL") == self.url:
             for name in self.settings:
                 os.environ.pop(name, None)
@@ -104,6 +107,14 @@ def start_if_unset() -> EmbeddedAPI | None:
     """An embedded API for this command, unless the environment names one (`PREFECT_API_URL`). A Prefect profile
     or settings file that names one is only known once Prefect is imported: the caller then stops this one."""
     return None if os.environ.get("PREFECT_API_URL") else EmbeddedAPI()
+
+
+def _send_what_prefect_queued() -> None:
+    """Drain Prefect's log and event queues, as its own exit hook does (a no-op there after it: they are empty), when
+    the command stops the API before the process exits."""
+    for module, worker in (("prefect.logging.handlers", "APILogWorker"), ("prefect.events.worker", "EventsWorker")):
+        if module in sys.modules:  # imported only where a flow ran
+            getattr(sys.modules[module], worker).drain_all(timeout=STOP_SECONDS, at_exit=False)
 
 
 def _ends_with_parent() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -19,6 +20,24 @@ from demo.loopback import FileServer
 from demo.synthetic import make_archive
 from flows.embedded_api import free_port
 from storage.layout import DataRoot
+
+
+@pytest.fixture(autouse=True)
+def no_api_left_running() -> Iterator[None]:
+    """A command called in-process (`main`) stops the Prefect API it started, however it ended."""
+    yield
+    assert servers_started_here() == [], "a command left the Prefect API it started running"
+
+
+def servers_started_here() -> list[int]:
+    """This process's children that serve a Prefect API with uvicorn (as embedded APIs do) and have not ended."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]  # the fields after "(name)"
+            if int(parent) == os.getpid() and state != "Z" and b"uvicorn" in (stat.parent / "cmdline").read_bytes():
+                children.append(int(stat.parent.name))
+    return children
 
 
 @pytest.fixture(scope="session")

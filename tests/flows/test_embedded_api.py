@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from core.errors import PipelineError
-from flows.cli import _runs_flows
+from flows.cli import _runs_flows, main
 from flows.embedded_api import EmbeddedAPI
+from tests.flows.conftest import servers_started_here
 
 
 @pytest.mark.parametrize("argv, runs", [
@@ -23,6 +24,16 @@ from flows.embedded_api import EmbeddedAPI
 def test_only_commands_that_run_flows_start_an_api(argv, runs):
     command = next((word for word in argv if not word.startswith("-")), None)
     assert _runs_flows(command, argv) is runs
+
+
+def test_a_command_called_in_a_longer_process_stops_its_api_when_it_returns(monkeypatch, tmp_path):
+    """Every test here also checks it after it ran (conftest.py): the commands that ran flows, failed, or ended."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the session's server: restored after the test
+    with pytest.raises(SystemExit):  # argparse's way out of a bad option, while the API still starts
+        main(["run", "--epochs", "two"])
+    assert servers_started_here() == []  # left running, each idles at a few percent of a core
+    assert "PREFECT_API_URL" not in os.environ
 
 
 def test_the_embedded_api_answers_then_leaves_nothing_behind(monkeypatch, tmp_path):
