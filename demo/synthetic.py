@@ -197,6 +197,13 @@ def _usable_fonts(fonts: tuple[Path, ...]) -> tuple[Path | None, ...]:
     return tuple(usable)
 
 
+@functools.lru_cache(maxsize=1024)  # a chunk of files is one or two letters: a few hundred outlines, 26 kB each
+def _outline(character: str, font: Path | None, stroke_width: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """`character` drawn big in `font` (the canvas is only read afterwards) and the box around its ink."""
+    canvas = _draw(character, _load_font(font), stroke_width=stroke_width)
+    return canvas, canvas.getbbox() or (0, 0, DRAW_CANVAS, DRAW_CANVAS)
+
+
 def render_glyph(letter: str, font: Path | None, rng: np.random.Generator) -> np.ndarray:
     """Draw `letter` (A-J) in `font` (None: Pillow's built-in) as a varied 28x28 uint8 array, light on black.
 
@@ -206,8 +213,7 @@ def render_glyph(letter: str, font: Path | None, rng: np.random.Generator) -> np
     if len(letter) != 1 or letter not in LETTERS:
         raise ValueError(f"letter must be one of {LETTERS}, got {letter!r}")
     character = letter.lower() if rng.random() < SMALL_LETTER_CHANCE else letter
-    canvas = _draw(character, _load_font(font), stroke_width=int(rng.integers(0, 5)))
-    left, top, right, bottom = canvas.getbbox() or (0, 0, DRAW_CANVAS, DRAW_CANVAS)
+    canvas, (left, top, right, bottom) = _outline(character, font, int(rng.integers(0, 5)))
 
     size = IMAGE_SIDE * SUPERSAMPLE
     stretch_x = float(np.exp(rng.uniform(-0.2, 0.2)))
@@ -317,12 +323,18 @@ def _plan(per_letter: int, seed: int, bad_files: Mapping[str, int]) -> list[_Fil
     return sorted(specs, key=lambda spec: spec.path)
 
 
+@functools.lru_cache(maxsize=None)  # asked once per letter; a few thousand small ints
+def _font_index(seed: int, image_index: int, fonts: int) -> int:
+    """Which font image `image_index` is drawn in: one per image index, as each real font file gave one image of
+    every letter."""
+    return int(np.random.default_rng([seed, FONT_STREAM, image_index]).integers(fonts))
+
+
 def _render_chunk(specs: Sequence[_FileSpec], seed: int, fonts: tuple[Path | None, ...]) -> list[bytes]:
     """The bytes of each file in `specs`; runs in worker processes, so it takes only picklable values."""
     contents = []
     for spec in specs:
-        # One font per image index, as each real font file gave one image of every letter.
-        font = fonts[np.random.default_rng([seed, FONT_STREAM, spec.image_index]).integers(len(fonts))]
+        font = fonts[_font_index(seed, spec.image_index, len(fonts))]
         glyph_rng = np.random.default_rng([seed, GLYPH_STREAM, spec.letter_index, spec.image_index])
         glyph = render_glyph(LETTERS[spec.letter_index], font, glyph_rng)
         contents.append(_png(Image.fromarray(glyph)) if spec.kind is None else _bad_file_bytes(spec.kind, glyph))
