@@ -28,6 +28,12 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _draw_archives(args: argparse.Namespace) -> None:
+    from demo.run import prepare_demo
+
+    prepare_demo(data_root(args, must_exist=False), args.per_letter, system_fonts=args.system_fonts)
+
+
 def _make_archives(args: argparse.Namespace) -> dict[str, Any]:
     from demo.synthetic import make_archives
 
@@ -50,6 +56,7 @@ def _demo_options(demo: argparse.ArgumentParser) -> None:
                       help="training epochs (the seed trains 2 on 200,000 images; the demo has 40,000)")
     pipeline_options(demo, "workers", "task_runner", "dask_address", "train_deployment")
     demo.add_argument("--system-fonts", action="store_true", help=SYSTEM_FONTS_HELP)
+    demo.set_defaults(prepare=_draw_archives)  # the archives are drawn while Prefect's embedded API starts
 
 
 def _make_archives_options(archives: argparse.ArgumentParser) -> None:

@@ -53,14 +53,19 @@ def demo_sizes(per_letter: int, small_per_letter: int) -> dict[str, int]:
     return {"valid_size": 10 * valid, "train_size": 10 * train, "test_size": 10 * test}
 
 
+def prepare_demo(layout: DataRoot, per_letter: int, *, system_fonts: bool = False) -> dict:
+    """What the demo needs before its flow: a data root it can write, and its archives (drawn once)."""
+    layout.check_writable()  # before minutes of generating archives for a data root that cannot take them
+    return demo_archives(layout.source, per_letter, system_fonts=system_fonts)
+
+
 def run_demo(
     layout: DataRoot, *, per_letter: int = 5000, epochs: int = 5, workers: int | None = None,
     task_runner: str = "processes", dask_address: str | None = None, train_deployment: str | None = None,
     system_fonts: bool = False,
 ) -> dict[str, Any]:
     """Generate (once), serve and run the pipeline; returns its result and where to see the run."""
-    layout.check_writable()  # before minutes of generating archives for a data root that cannot take them
-    archives = demo_archives(layout.source, per_letter, system_fonts=system_fonts)
+    archives = prepare_demo(layout, per_letter, system_fonts=system_fonts)  # done already from the command line
     large, small = archives[LARGE_ARCHIVE], archives[SMALL_ARCHIVE]
     with FileServer(layout.source) as server:
         state = notmnist_pipeline(

@@ -512,6 +512,8 @@ def _command(argv: list[str], word: str | None, api: EmbeddedAPI | None) -> int:
         api.stop()
         api = None
     try:
+        if prepare := getattr(args, "prepare", None):  # needs no API: done while the embedded one starts
+            prepare(args)
         if api is not None:
             embedded = api.wait(startup.get(STARTUP, STARTUP.value()))
             startup |= {setting: embedded[setting.name] for setting in (PREFECT_API_URL, PREFECT_UI_URL)}

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from prefect.exceptions import ParameterTypeError
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.callables import parameter_docstrings
 
 from flows.cli import build_parser, main
@@ -108,6 +109,29 @@ def test_demo_runs_the_whole_pipeline_to_a_model_and_a_report(prefect_api, tmp_p
     assert Path(result["model_path"]).is_file()
     assert "| test_accuracy |" in Path(result["report"]).read_text()
     assert str(result["flow_run"])
+
+
+def test_the_demo_draws_its_archives_while_the_embedded_api_starts(monkeypatch, tmp_path, capsys):
+    import demo.run
+
+    order = []
+
+    class StartingAPI:
+        def wait(self, seconds: float) -> dict[str, str]:
+            order.append("the API answered")
+            return {"PREFECT_API_URL": "http://127.0.0.1:9/api", "PREFECT_UI_URL": ""}
+
+        def stop(self) -> None:
+            order.append("the API stopped")
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr("flows.cli.start_if_unset", StartingAPI)
+    monkeypatch.setattr(demo.run, "prepare_demo", lambda layout, per_letter, **_: order.append(f"drawn {per_letter}"))
+    monkeypatch.setattr(demo.run, "run_demo", lambda layout, **_: order.append("the flow ran") or {"ran": True})
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no API named, as on a fresh machine
+        assert main(["demo", "--data-dir", str(tmp_path / "demo"), "--per-letter", "60", "--json"]) == 0
+    assert order == ["drawn 60", "the API answered", "the flow ran", "the API stopped"]
+    assert json.loads(capsys.readouterr().out) == {"ran": True}
 
 
 def test_train_on_an_object_store_needs_the_split_folder_named(capsys):
