@@ -402,6 +402,9 @@ def _cell(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+PACKAGES = ("core", "storage", "tasks", "flows", "demo")  # the loggers the project's modules log to
+
+
 class _RunFormatter(logging.Formatter):
     """`LEVEL [run name] message`: each line says which task or flow run it comes from."""
 
@@ -491,7 +494,10 @@ def _main(argv: list[str]) -> int:
 def _command(argv: list[str], word: str | None, api: EmbeddedAPI | None) -> int:
     args = build_parser({word}).parse_args(argv)  # --help and a bad option exit here
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.debug else "3")  # TensorFlow's C++ start-up chatter
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO)
+    level = logging.DEBUG if args.debug else logging.INFO
+    logging.basicConfig(level=level)  # a no-op once Prefect set up logging: its root logger stays at WARNING
+    for package in PACKAGES:  # so the project's own lines outside a run (a stage a command calls) are let through here
+        logging.getLogger(package).setLevel(level)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_RunFormatter())
         handler.addFilter(_not_relayed)

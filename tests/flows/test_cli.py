@@ -85,6 +85,18 @@ def test_json_prints_one_object(tmp_path, capsys):
                       "sha256": hashlib.sha256(b"x" * 1000).hexdigest()}
 
 
+def test_a_command_says_what_its_stages_did_outside_a_flow_run(tmp_path):
+    """Prefect keeps the root logger at WARNING; the project's INFO lines (`--debug`: DEBUG) still reach the terminal."""
+    source = tmp_path / "mirror" / "file.bin"
+    source.parent.mkdir()
+    source.write_bytes(b"x" * 1000)
+    command = [sys.executable, "-m", "flows.cli", "fetch", str(source), "--dest", str(tmp_path / "raw")]
+    said = [subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=120).stderr
+            for _ in range(2)]
+    assert said == [f"INFO Downloaded and verified {tmp_path / 'raw' / 'file.bin'} (1,000 bytes)\n",
+                    f"INFO Found and verified {tmp_path / 'raw' / 'file.bin'}\n"]
+
+
 def test_make_archives_is_deterministic_and_laid_out_like_the_real_ones(tmp_path, capsys):
     arguments = ["make-archives", "--per-letter", "6", "--small-per-letter", "3", "--seed", "5", "--json"]
     assert main([*arguments[:1], str(tmp_path / "one"), *arguments[1:]]) == 0
