@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from demo.loopback import FileServer
 from demo.synthetic import make_archive
 from flows.embedded_api import free_port
 from storage.layout import DataRoot
+from tests.processes import alive, children_of
 
 
 @pytest.fixture(autouse=True)
@@ -31,13 +31,7 @@ def no_api_left_running() -> Iterator[None]:
 
 def servers_started_here() -> list[int]:
     """This process's children that serve a Prefect API with uvicorn (as embedded APIs do) and have not ended."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]  # the fields after "(name)"
-            if int(parent) == os.getpid() and state != "Z" and b"uvicorn" in (stat.parent / "cmdline").read_bytes():
-                children.append(int(stat.parent.name))
-    return children
+    return [child for child, command in children_of(os.getpid()).items() if "uvicorn" in command and alive(child)]
 
 
 @pytest.fixture(scope="session")

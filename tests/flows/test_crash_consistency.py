@@ -34,6 +34,7 @@ from flows.notmnist import notmnist_pipeline
 from storage.folders import MANIFEST, folder_problem, read_manifest
 from storage.layout import DataRoot
 from tests.disks import fill, free, mounted_tmpfs
+from tests.processes import children_of
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="inotify and /proc are Linux's")
 
@@ -77,19 +78,6 @@ class Watch:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-def children_of(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (read from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
 
 
 def assert_nothing_half_written(layout: DataRoot, archive_bytes: dict[str, int]) -> None:

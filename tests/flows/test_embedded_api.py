@@ -15,6 +15,7 @@ from core.errors import PipelineError
 from flows.cli import _runs_flows, main
 from flows.embedded_api import EmbeddedAPI
 from tests.flows.conftest import servers_started_here
+from tests.processes import alive
 
 
 @pytest.mark.parametrize("argv, runs", [
@@ -78,14 +79,6 @@ def test_the_server_ends_when_the_command_is_killed(tmp_path):
     command.kill()
     command.wait()
     deadline = time.monotonic() + 30
-    while _alive(server) and time.monotonic() < deadline:
+    while alive(server) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(server)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text().split()[2]
-    except FileNotFoundError:
-        return False
-    return status != "Z"  # a zombie has ended; only its parent's wait is missing
+    assert not alive(server)

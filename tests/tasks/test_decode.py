@@ -22,6 +22,7 @@ from storage.folders import MANIFEST
 from storage.shards import pixels_of, read_shard
 from tasks.decode import TooFewImagesError, decode_to_shards
 from tasks.extract import extract_archive
+from tests.processes import children_of
 
 REASON_OF_KIND = {
     "empty": "empty",
@@ -198,21 +199,6 @@ def test_a_file_name_that_is_not_utf8_is_rejected_with_a_reason_in_every_mode(tm
         {"file": "notMNIST_small/A/caf\\xe9.png", "reason": "bad name", "detail": "the file name is not valid UTF-8"}
     ]
     assert manifests["A"]["images"] == 3
-
-
-def children_of(pid: int) -> dict[int, str]:
-    """The processes whose parent is `pid`, with their command lines (read from /proc)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except (OSError, IndexError, ValueError):
-                continue  # it ended while we looked
-            if parent == pid:
-                found[int(entry.name)] = command
-    return found
 
 
 def wait_until(condition, seconds: float) -> bool:
