@@ -10,6 +10,22 @@ import pytest
 
 from demo.loopback import FileServer
 
+# The modules that take longest, longest first. The two workers take whole modules in the order collected
+# (pyproject: --dist loadfile --no-loadscope-reorder), so these start at once rather than one of them being
+# left for the end while the other worker has nothing to do. Every other module follows in its usual order.
+LONGEST_FIRST = (
+    "flows/test_deployments.py", "flows/test_cli.py", "flows/test_crash_consistency.py", "flows/test_pipeline.py",
+    "tasks/test_train.py", "flows/test_object_store.py", "tasks/test_train_jax.py", "flows/test_embedded_api.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    if missing := [module for module in LONGEST_FIRST if not (tests / module).is_file()]:
+        raise pytest.UsageError(f"tests/conftest.py LONGEST_FIRST names modules that are gone: {missing}")
+    rank = {module: place for place, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0].removeprefix("tests/"), len(rank)))  # stable
+
 
 @pytest.fixture(scope="session", autouse=True)
 def user_cache(tmp_path_factory) -> Iterator[Path]:
