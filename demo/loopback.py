@@ -121,6 +121,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args) -> None:  # keep test output quiet
         pass
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except ConnectionError:  # the client left (a killed run, a cancelled download): not the server's error
+            pass
+
     def do_HEAD(self) -> None:
         self._answer(send_body=False)
 
