@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,10 @@ def stack_up(
         create_bucket(s3_env, BUCKET)
         _wait_for_api(api, processes["prefect server"], startup_seconds)
         client_env = {**prefect_env, **s3_env, "PREFECT_HOME": str(folder / "prefect-client")}
-        for command in POOL_COMMANDS:
-            _prefect(command, client_env, folder, unless="already exists")  # a stack folder used before keeps its pools
+        with ThreadPoolExecutor(len(POOL_COMMANDS)) as creating:  # each a Prefect CLI process: 2-3 s, mostly imports
+            # A stack folder used before keeps its pools.
+            list(creating.map(lambda command: _prefect(command, client_env, folder, unless="already exists"),
+                              POOL_COMMANDS))
         _prefect(DEPLOY_COMMAND, {**client_env, "NOTMNIST_REPOSITORY": repository or checkout.as_uri()}, checkout)
         for pool in WORKERS:
             home = folder / "workers" / pool  # a machine of its own: its HOME, Prefect home and working folder
