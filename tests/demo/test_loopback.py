@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-import time
 
 from demo.loopback import FileServer
 
@@ -15,17 +14,16 @@ def test_a_client_that_resets_its_connection_leaves_no_traceback(tmp_path, capfd
     the client leaving, not an error of the server, and nothing is printed (socketserver prints a traceback)."""
     with FileServer(tmp_path) as server:
         server.put("file.bin", b"x" * 1000)
-        threads = threading.active_count()
-        host, port = server.httpd.server_address[:2]
-        client = socket.create_connection((host, port))
+        before = set(threading.enumerate())
+        client = socket.create_connection(server.httpd.server_address[:2])
         client.sendall(b"GET /file.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         answer = b""
         while not answer.endswith(b"x" * 1000):
             answer += client.recv(65536)
+        (connection,) = [thread for thread in set(threading.enumerate()) - before  # the server's thread for it
+                         if thread.name.endswith("(process_request_thread)")]
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
         client.close()
-        deadline = time.monotonic() + 10
-        while threading.active_count() > threads and time.monotonic() < deadline:  # the connection's thread ends
-            time.sleep(0.01)
-        assert threading.active_count() == threads
+        connection.join(10)
+        assert not connection.is_alive()
     assert capfd.readouterr().err == ""
