@@ -90,7 +90,7 @@ class EmbeddedAPI:
         """Shut the server down (cleanly when it lets itself be, else killed), after the logs and events Prefect
         still queues for it are sent; the variables go with it."""
         if self.process.poll() is None:
-            _send_what_prefect_queued()
+            send_what_prefect_queued()
         if os.environ.get("PREFECT_API_URL") == self.url:
             for name in self.settings:
                 os.environ.pop(name, None)
@@ -109,9 +109,9 @@ def start_if_unset() -> EmbeddedAPI | None:
     return None if os.environ.get("PREFECT_API_URL") else EmbeddedAPI()
 
 
-def _send_what_prefect_queued() -> None:
+def send_what_prefect_queued() -> None:
     """Drain Prefect's log and event queues, as its own exit hook does (a no-op there after it: they are empty), when
-    the command stops the API before the process exits."""
+    the API is stopped before the process exits (a command's embedded one, a test session's server)."""
     for module, worker in (("prefect.logging.handlers", "APILogWorker"), ("prefect.events.worker", "EventsWorker")):
         if module in sys.modules:  # imported only where a flow ran
             getattr(sys.modules[module], worker).drain_all(timeout=STOP_SECONDS, at_exit=False)

@@ -17,7 +17,7 @@ from pyarrow import fs as arrow_fs
 
 from demo.loopback import FileServer
 from demo.synthetic import make_archive
-from flows.embedded_api import free_port
+from flows.embedded_api import free_port, send_what_prefect_queued
 from storage.layout import DataRoot
 from tests.processes import alive, children_of
 
@@ -51,6 +51,7 @@ def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
             _wait_until_healthy(server, port, home / "server.log")
             yield env
         finally:
+            send_what_prefect_queued()  # the last test's logs: sent at exit, they would find the server gone
             server.terminate()
             server.wait(timeout=30)
 
