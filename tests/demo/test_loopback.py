@@ -19,7 +19,8 @@ def test_a_client_that_resets_its_connection_leaves_no_traceback(tmp_path, capfd
         client.sendall(b"GET /file.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         answer = b""
         while not answer.endswith(b"x" * 1000):
-            answer += client.recv(65536)
+            assert (received := client.recv(65536)), answer  # the server closing early is a failure, not a hang
+            answer += received
         (connection,) = [thread for thread in set(threading.enumerate()) - before  # the server's thread for it
                          if thread.name.endswith("(process_request_thread)")]
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
