@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +24,44 @@ LONGEST_FIRST = (
     "flows/test_deployments.py", "flows/test_cli.py", "flows/test_crash_consistency.py", "flows/test_pipeline.py",
     "tasks/test_train.py", "flows/test_object_store.py", "tasks/test_train_jax.py", "flows/test_embedded_api.py",
 )
+
+
+# A folder of the whole session's, shared by its xdist workers (they inherit the variable), and what it may hold: the
+# Prefect server the first worker that needs one starts (tests/flows/conftest.py), stopped when the session ends.
+SESSION_FOLDER = "NOTMNIST_TEST_SESSION_FOLDER"
+PREFECT_SERVER = "prefect-server.json"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the session itself, not one of its xdist workers
+        os.environ[SESSION_FOLDER] = tempfile.mkdtemp(prefix="notmnist-tests-")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workerinput") or SESSION_FOLDER not in os.environ:
+        return  # every worker has ended before the session finishes
+    folder = Path(os.environ.pop(SESSION_FOLDER))
+    if (state := folder / PREFECT_SERVER).exists():
+        stop_process_group(json.loads(state.read_text())["process_group"])
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def stop_process_group(group: int, seconds: float = 30) -> None:
+    """SIGTERM to a process group, SIGKILL to what is left of it after `seconds`."""
+    deadline = time.monotonic() + seconds
+    for sent in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(group, sent)
+        except ProcessLookupError:
+            return
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):  # not this process's child (xdist: a worker's, now init's)
+                os.waitpid(group, os.WNOHANG)  # the leader, when it is this process's child, would stay a zombie
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from filelock import FileLock
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from pyarrow import fs as arrow_fs
 
@@ -19,6 +21,7 @@ from demo.loopback import FileServer
 from demo.synthetic import make_archive
 from flows.embedded_api import free_port, send_what_prefect_queued
 from storage.layout import DataRoot
+from tests.conftest import PREFECT_SERVER, SESSION_FOLDER, stop_process_group
 from tests.processes import alive, children_of
 
 
@@ -35,25 +38,41 @@ def servers_started_here() -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """One `prefect server start` per test session, on a free loopback port with its own PREFECT_HOME (a
-    database of its own); yields the environment for processes that use it (command lines, workers)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+def prefect_server() -> Iterator[dict[str, str]]:
+    """One `prefect server start` for the whole test session, shared by its xdist workers: on a free loopback port,
+    with its own PREFECT_HOME (a database of its own). The first worker to need it starts it; tests/conftest.py stops
+    it when the session ends. Yields the environment for processes that use it (command lines, workers)."""
+    shared = Path(os.environ[SESSION_FOLDER])
+    with FileLock(str(shared / "prefect-server.lock")):
+        if not (state := shared / PREFECT_SERVER).exists():
+            state_tmp = state.with_suffix(".tmp")
+            state_tmp.write_text(json.dumps(_start_prefect_server(shared / "prefect-home")))
+            state_tmp.replace(state)
+        env = {**os.environ, **json.loads(state.read_text())["env"]}
     env.pop("PREFECT_API_KEY", None)
+    try:
+        yield env
+    finally:
+        send_what_prefect_queued()  # this worker's last logs: sent at exit, they could find the server gone
+
+
+def _start_prefect_server(home: Path) -> dict:
+    """Start the session's server in a process group of its own (it outlives the worker that starts it); returns its
+    process group and the settings that reach it, once it answers."""
+    home.mkdir()
+    port = free_port()
+    env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
     with open(home / "server.log", "w") as log:
         server = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
-                                   "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  cwd=home)
-        try:
-            _wait_until_healthy(server, port, home / "server.log")
-            yield env
-        finally:
-            send_what_prefect_queued()  # the last test's logs: sent at exit, they would find the server gone
-            server.terminate()
-            server.wait(timeout=30)
+                                   "127.0.0.1", "--port", str(port)], env={**os.environ, **env}, stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
+    try:
+        _wait_until_healthy(server, port, home / "server.log")
+    except BaseException:
+        stop_process_group(server.pid)
+        raise
+    return {"process_group": server.pid, "env": env}
 
 
 def _wait_until_healthy(server: subprocess.Popen, port: int, log: Path, seconds: float = 120) -> None:
