@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +47,9 @@ def prefect_server() -> Iterator[dict[str, str]]:
     with FileLock(str(shared / "prefect-server.lock")):
         if not (state := shared / PREFECT_SERVER).exists():
             state_tmp = state.with_suffix(".tmp")
-            state_tmp.write_text(json.dumps(_start_prefect_server(shared / "prefect-home")))
+            # A home of each try's own: a worker whose try failed leaves its half-made database behind.
+            home = Path(tempfile.mkdtemp(prefix="prefect-home-", dir=shared))
+            state_tmp.write_text(json.dumps(_start_prefect_server(home)))
             state_tmp.replace(state)
         env = {**os.environ, **json.loads(state.read_text())["env"]}
     env.pop("PREFECT_API_KEY", None)
@@ -59,7 +62,6 @@ def prefect_server() -> Iterator[dict[str, str]]:
 def _start_prefect_server(home: Path) -> dict:
     """Start the session's server in a process group of its own (it outlives the worker that starts it); returns its
     process group and the settings that reach it, once it answers."""
-    home.mkdir()
     port = free_port()
     env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
