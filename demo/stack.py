@@ -104,7 +104,7 @@ def stack_down(folder: Path, grace_seconds: float = 15) -> dict[str, Any]:
             stop_seaweed(process["pid"])  # throwaway data: killed, as the tests do
             stopped.append(name)
         else:
-            _stop_group(process["pid"], grace_seconds)
+            stop_group(process["pid"], grace_seconds)
             stopped.append(name)
     path.unlink()
     return {"stopped": ", ".join(stopped) or "nothing", "already_gone": ", ".join(gone) or "nothing",
@@ -148,7 +148,7 @@ def _alive(state: dict[str, Any]) -> bool:
     return any(_is_ours(process) for process in state.get("processes", {}).values())
 
 
-def _stop_group(pid: int, grace_seconds: float) -> None:
+def stop_group(pid: int, grace_seconds: float) -> None:
     """SIGTERM to the process group `pid` leads (a worker's flow runs too), SIGKILL after `grace_seconds`."""
     try:
         os.killpg(pid, signal.SIGTERM)

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
-import signal
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from demo.loopback import FileServer
+from demo.stack import stop_group
+from storage.atomic import read_json
 
 # The modules that take longest, longest first. The two workers take whole modules in the order collected
 # (pyproject: --dist loadfile --no-loadscope-reorder), so these start at once rather than one of them being
@@ -42,26 +40,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return  # every worker has ended before the session finishes
     folder = Path(os.environ.pop(SESSION_FOLDER))
     if (state := folder / PREFECT_SERVER).exists():
-        stop_process_group(json.loads(state.read_text())["process_group"])
+        stop_group(read_json(state)["process_group"], grace_seconds=30)
     shutil.rmtree(folder, ignore_errors=True)
-
-
-def stop_process_group(group: int, seconds: float = 30) -> None:
-    """SIGTERM to a process group, SIGKILL to what is left of it after `seconds`."""
-    deadline = time.monotonic() + seconds
-    for sent in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(group, sent)
-        except ProcessLookupError:
-            return
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):  # not this process's child (xdist: a worker's, now init's)
-                os.waitpid(group, os.WNOHANG)  # the leader, when it is this process's child, would stay a zombie
-            try:
-                os.killpg(group, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,10 +18,12 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from pyarrow import fs as arrow_fs
 
 from demo.loopback import FileServer
+from demo.stack import stop_group
 from demo.synthetic import make_archive
 from flows.embedded_api import free_port, send_what_prefect_queued
+from storage.atomic import read_json, write_json
 from storage.layout import DataRoot
-from tests.conftest import PREFECT_SERVER, SESSION_FOLDER, stop_process_group
+from tests.conftest import PREFECT_SERVER, SESSION_FOLDER
 from tests.processes import alive, children_of
 
 
@@ -46,13 +47,9 @@ def prefect_server() -> Iterator[dict[str, str]]:
     shared = Path(os.environ[SESSION_FOLDER])
     with FileLock(str(shared / "prefect-server.lock")):
         if not (state := shared / PREFECT_SERVER).exists():
-            state_tmp = state.with_suffix(".tmp")
             # A home of each try's own: a worker whose try failed leaves its half-made database behind.
-            home = Path(tempfile.mkdtemp(prefix="prefect-home-", dir=shared))
-            state_tmp.write_text(json.dumps(_start_prefect_server(home)))
-            state_tmp.replace(state)
-        env = {**os.environ, **json.loads(state.read_text())["env"]}
-    env.pop("PREFECT_API_KEY", None)
+            write_json(state, _start_prefect_server(Path(tempfile.mkdtemp(prefix="prefect-home-", dir=shared))))
+        env = {**_without_api_key(os.environ), **read_json(state)["env"]}
     try:
         yield env
     finally:
@@ -67,14 +64,19 @@ def _start_prefect_server(home: Path) -> dict:
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
     with open(home / "server.log", "w") as log:
         server = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
-                                   "127.0.0.1", "--port", str(port)], env={**os.environ, **env}, stdout=log,
-                                  stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
+                                   "127.0.0.1", "--port", str(port)], env={**_without_api_key(os.environ), **env},
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
     try:
         _wait_until_healthy(server, port, home / "server.log")
     except BaseException:
-        stop_process_group(server.pid)
+        stop_group(server.pid, grace_seconds=30)
         raise
     return {"process_group": server.pid, "env": env}
+
+
+def _without_api_key(environment) -> dict[str, str]:
+    """`environment` less PREFECT_API_KEY: the session's server is a local one, not Prefect Cloud."""
+    return {name: value for name, value in environment.items() if name != "PREFECT_API_KEY"}
 
 
 def _wait_until_healthy(server: subprocess.Popen, port: int, log: Path, seconds: float = 120) -> None:
