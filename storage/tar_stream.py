@@ -47,9 +47,9 @@ def iter_files(archive: Path, *, max_members: int, max_total_bytes: int) -> Iter
     """Yield `(name, data)` for every regular file of `archive` in order; damage may only show after the last."""
     with TarReader(archive, max_members=max_members, max_total_bytes=max_total_bytes,
                    verify_gzip_headers=False) as reader:
-        for member in reader:
-            if not member.is_directory:
-                yield member.name, member.read()
+        for name, is_directory, _, data in reader.entries(max_total_bytes):  # no file is over the total
+            if not is_directory:
+                yield name, data
 
 
 class TarMember:
@@ -116,11 +116,33 @@ class TarReader:
 
     def __iter__(self) -> Iterator[TarMember]:
         """Every file and folder in archive order; raises UnsafeArchiveError or ArchiveError at the first bad one."""
+        for name, is_directory, size in self._headers():
+            self._current = member = TarMember(name, is_directory, size, self)
+            yield member
+            self._current = None  # its data, read or not, is no longer there to read
+
+    def entries(self, max_file_bytes: int) -> Iterator[tuple[str, bool, int, bytes | None]]:
+        """Every member as `(name, is_directory, size, data)` in archive order, checked as `iter` checks them: the
+        quick way through an archive of many small files. `data` is None for a folder and for a file over
+        `max_file_bytes`, which is skipped unread."""
+        stream = self._stream
+        for name, is_directory, size in self._headers():
+            if is_directory or size > max_file_bytes:
+                yield name, is_directory, size, None
+                continue
+            data = stream.take(size, self._unread)
+            if data is None:
+                raise self._truncated(name)
+            self._unread = 0
+            yield name, False, size, data
+
+    def _headers(self) -> Iterator[tuple[str, bool, int]]:
+        """`(name, is_directory, size)` of every member, once its header is checked; the caller reads or leaves
+        `self._unread` bytes of data and padding, and what it leaves is skipped before the next header."""
         archive, stream, name, pending = self.archive, self._stream, "", {}
-        verify_checksums = self.verify_gzip_headers or not stream.is_gzip
+        verify_checksums, adler32 = self.verify_gzip_headers or not stream.is_gzip, zlib.adler32
         while True:
             if self._unread:  # the data of the previous member, or what its reader left of it
-                self._current = None
                 if not stream.skip(self._unread):
                     raise self._truncated(name)
                 self._unread = 0
@@ -133,12 +155,23 @@ class TarReader:
             if len(block) < BLOCK:
                 where = f"after member {name!r}" if name else "at its start"
                 raise _corrupt(archive, f"the tar stream ends {where}, before its end-of-archive marker")
-            try:  # the common case inline: octal digits ended by NUL or space
+            # The common cases inline, the rest in the functions below: octal digits ended by NUL or space, and
+            # a checksum that matches. adler32's low half is 1 + the byte sum modulo 65521 and costs a third of
+            # sum() in Python; exact sums (unsigned, and the signed one of old tars) are only worked out on a
+            # mismatch.
+            try:
                 size = int(block[124:136].rstrip(b" \0"), 8)
             except ValueError:
                 size = _header_number(archive, block[124:136])
-            if verify_checksums and not _checksum_matches(archive, block):
-                raise _corrupt(archive, f"the tar header after member {name!r} fails its checksum")
+            if verify_checksums:
+                field = block[148:156]
+                try:
+                    stored = int(field.rstrip(b" \0"), 8)
+                except ValueError:
+                    stored = _header_number(archive, field)
+                if (stored - (adler32(block) & 0xFFFF) + 1 + sum(field) - 256) % 65521 and not _checksum_matches(
+                        archive, block):
+                    raise _corrupt(archive, f"the tar header after member {name!r} fails its checksum")
             if size < 0:  # int() reads a sign, which no tar writes
                 raise _corrupt(archive, f"a negative size in the tar header after member {name!r}")
             typeflag = block[156]
@@ -174,9 +207,7 @@ class TarReader:
                                              f"refusing more than {self.max_total_bytes:,} bytes as a possible archive "
                                              "bomb. If the archive is genuine, raise max_total_bytes.")
             self._unread = size + -size % BLOCK
-            self._current = member = TarMember(name, is_directory, size, self)
-            yield member
-        self._current = None
+            yield name, is_directory, size
         stream.drain()
 
     def _claim(self, member: TarMember) -> TarReader:
@@ -208,7 +239,7 @@ class TarReader:
 def _header_name(block: bytes) -> str:
     """The member name in a tar header, joined to the ustar prefix field where there is one."""
     name = block[:100].split(b"\0", 1)[0]
-    if block[257:265] == POSIX_MAGIC and block[345] != 0:
+    if block[345] and block[257:265] == POSIX_MAGIC:
         name = block[345:500].split(b"\0", 1)[0] + b"/" + name
     return name.decode("utf-8", "surrogateescape")
 
@@ -226,9 +257,7 @@ def _header_number(archive: Path, field: bytes) -> int:
 def _checksum_matches(archive: Path, block: bytes) -> bool:
     """True when the header checksum (its byte sum, the checksum field read as spaces) matches."""
     stored, field_sum = _header_number(archive, block[148:156]), sum(block[148:156])
-    # adler32's low half is 1 + the byte sum modulo 65521 and costs a third of sum() in Python;
-    # exact sums (unsigned, and the signed one of old tars) are only worked out on a mismatch.
-    if (stored - (zlib.adler32(block) & 0xFFFF) + 1 + field_sum - 256) % 65521 == 0:
+    if (stored - (zlib.adler32(block) & 0xFFFF) + 1 + field_sum - 256) % 65521 == 0:  # see TarReader._headers
         return True
     signed = sum(byte - 256 if byte > 127 else byte for byte in block)
     return stored in (sum(block) - field_sum + 256, signed - field_sum + 256)
@@ -323,6 +352,15 @@ class _DecompressedStream:
         if missing > 0:
             self.buffer, self.position = b"", 0
         return b"".join(parts)
+
+    def take(self, size: int, padded: int) -> bytes | None:
+        """The next `size` bytes, the rest of `padded` skipped; None when the archive ends first."""
+        end = self.position + padded
+        if end <= len(self.buffer):  # nearly always: a small member inside the current chunk
+            data, self.position = self.buffer[self.position:self.position + size], end
+            return data
+        data = self.read(size)
+        return data if len(data) == size and self.skip(padded - size) else None
 
     def skip(self, size: int) -> bool:
         """Discard the next `size` bytes; False when the archive ends first."""

@@ -101,14 +101,14 @@ def image_inputs(paths: list[Path]) -> Iterator[tuple[str, bytes | Rejected]]:
 def _archive_images(archive: Path) -> Iterator[tuple[str, bytes | Rejected]]:
     """The files of an archive, members over MAX_IMAGE_BYTES skipped unread (the tar reader checks the rest)."""
     with TarReader(archive, max_members=MAX_MEMBERS, max_total_bytes=MAX_TOTAL_BYTES) as reader:
-        for member in reader:
-            if member.is_directory:
+        for member_name, is_directory, size, data in reader.entries(MAX_IMAGE_BYTES):
+            if is_directory:
                 continue
-            name = f"{archive}:{member.name}"
-            if member.size > MAX_IMAGE_BYTES:
-                yield name, Rejected(name, UNREADABLE, f"{member.size:,} bytes, more than a 28x28 PNG can need")
+            name = f"{archive}:{member_name}"
+            if data is None:
+                yield name, Rejected(name, UNREADABLE, f"{size:,} bytes, more than a 28x28 PNG can need")
             else:
-                yield name, member.read()
+                yield name, data
 
 
 def _read_image_file(path: Path) -> bytes | Rejected:

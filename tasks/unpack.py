@@ -96,29 +96,30 @@ def _pack_members(
     # Every tar header's checksum is checked, as extraction does: gzip's CRC only says the bytes are those
     # that were compressed, not that the tar was whole.
     with TarReader(archive, max_members=max_members, max_total_bytes=max_total_bytes) as reader:
-        for member in reader:
-            relative = member_path(archive, member.name, member.is_directory)
+        for name, is_directory, size, data in reader.entries(max_member_bytes):
+            relative = member_path(archive, name, is_directory)
             if not relative:
                 continue  # "./", the archive's root itself
             parts = relative.split("/")
-            top = top_folder(archive, member.name, parts[0], top)
-            depth = len(parts) - (not member.is_directory)  # the folders it lies in, itself included
-            if depth > 2 or (len(parts) > 1 and parts[1] not in writers) or (not member.is_directory and depth < 2):
-                raise ArchiveError(f"{archive}: member {member.name!r} is not <top folder>/<letter A-J>/<file>; "
+            if parts[0] != top:
+                top = top_folder(archive, name, parts[0], top)
+            depth = len(parts) - (not is_directory)  # the folders it lies in, itself included
+            if depth > 2 or (len(parts) > 1 and parts[1] not in writers) or (not is_directory and depth < 2):
+                raise ArchiveError(f"{archive}: member {name!r} is not <top folder>/<letter A-J>/<file>; "
                                    "check that this is a notMNIST archive. Nothing was unpacked.")
             if len(parts) > 1:
                 seen.add(parts[1])
             if relative in names:
-                raise UnsafeArchiveError(f"{archive}: member {member.name!r} repeats an earlier member's name; "
+                raise UnsafeArchiveError(f"{archive}: member {name!r} repeats an earlier member's name; "
                                          "refusing an ambiguous archive. Nothing was unpacked.")
             names.add(relative)
-            if member.is_directory:
+            if is_directory:
                 continue
-            if member.size > max_member_bytes:
-                raise UnsafeArchiveError(f"{archive}: member {member.name!r} has {member.size:,} bytes, over the limit "
+            if data is None:
+                raise UnsafeArchiveError(f"{archive}: member {name!r} has {size:,} bytes, over the limit "
                                          f"of {max_member_bytes:,} for one image (a notMNIST PNG is under 1 KB); "
                                          "refusing it. If the archive is genuine, raise max_member_bytes.")
-            writers[parts[1]].add(relative, member.read())
+            writers[parts[1]].add(relative, data)
     if top is None:
         raise ArchiveError(f"{archive} holds no members; expected one top-level folder. Delete it and download again.")
     if missing := sorted(set(writers) - seen):

@@ -129,6 +129,27 @@ def test_large_member_comes_in_pieces_and_what_is_left_unread_is_skipped(tmp_pat
     assert b"".join(pieces) == large[:1000 * taken]
 
 
+@pytest.mark.parametrize("chunk_bytes", [700, 1 << 20], ids=["members-straddle-chunks", "one-chunk"])
+def test_entries_give_each_small_file_its_bytes_and_skip_a_large_one_unread(tmp_path, monkeypatch, chunk_bytes):
+    monkeypatch.setattr(tar_stream, "CHUNK_BYTES", chunk_bytes)
+    folder = tarfile.TarInfo("t/A")
+    folder.type = tarfile.DIRTYPE
+    files = [(f"t/A/{number}.png", bytes([number]) * (number * 97)) for number in range(12)]
+    archive = write_tar(tmp_path / "a.tar.gz", [*files[:6], ("t/A/large.png", b"L" * 3000), *files[6:]], extra=folder)
+    with TarReader(archive, **LIMITS) as reader:
+        entries = list(reader.entries(max_file_bytes=2000))
+    assert entries == [*[(name, False, len(data), data) for name, data in files[:6]], ("t/A/large.png", False, 3000, None),
+                       *[(name, False, len(data), data) for name, data in files[6:]], ("t/A/", True, 0, None)]
+    assert (reader.member_count, reader.total_bytes) == (14, 3000 + sum(len(data) for _, data in files))
+
+
+def test_entries_find_an_archive_truncated_inside_a_file(tmp_path):
+    whole = write_tar(tmp_path / "a.tar", [("t/A/a.png", b"x" * 1500), ("t/A/b.png", b"y" * 1500)], mode="w").read_bytes()
+    (truncated := tmp_path / "t.tar").write_bytes(whole[:512 * 5 + 100])  # inside b.png's data
+    with TarReader(truncated, **LIMITS) as reader, pytest.raises(ArchiveError, match="truncated inside 't/A/b.png'"):
+        list(reader.entries(max_file_bytes=2000))
+
+
 def test_data_can_be_read_once_and_only_while_its_member_is_current(tmp_path):
     archive = write_tar(tmp_path / "a.tar.gz", [("t/A/a.png", b"abc"), ("t/A/b.png", b"de")])
     with TarReader(archive, **LIMITS) as reader:
