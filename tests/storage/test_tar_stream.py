@@ -199,6 +199,15 @@ def test_bzip2_and_xz_archives_are_read_too(tmp_path, mode):
     assert list(iter_files(write_tar(tmp_path / "a.tar", members, mode=mode), **LIMITS)) == members
 
 
+def test_damaged_deflate_data_is_a_clear_error(tmp_path):
+    archive = write_tar(tmp_path / "a.tar.gz", [(f"t/A/{i}.png", bytes(range(256)) * 8) for i in range(20)])
+    data = bytearray(archive.read_bytes())
+    data[20:40] = bytes(byte ^ 0x5A for byte in data[20:40])
+    archive.write_bytes(data)
+    with pytest.raises(ArchiveError, match="corrupt or truncated"):
+        list(iter_files(archive, **LIMITS))
+
+
 def test_bad_gzip_crc_is_found_after_the_last_member(tmp_path, monkeypatch):
     # Small chunks hand over every member before the damaged trailer has been read.
     monkeypatch.setattr(tar_stream, "CHUNK_BYTES", 4096)
