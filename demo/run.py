@@ -37,8 +37,8 @@ def demo_archives(
     except (OSError, ValueError, KeyError):
         pass
     # Said before the flow (and its logging) starts: otherwise the terminal stays silent while they are drawn.
-    print(f"Drawing the demo's archives into {source_dir} ({per_letter:,} images per letter, once per data root: "
-          "under a minute on 2 cores) ...", file=sys.stderr, flush=True)
+    print(f"Drawing the demo's archives into {source_dir} ({per_letter:,} images per letter, drawn "
+          "once per data root) ...", file=sys.stderr, flush=True)
     archives = make_archives(source_dir, per_letter=per_letter, small_per_letter=small_per_letter,
                              system_fonts=system_fonts)
     write_json(catalogue, {**sizes, "archives": archives})
