@@ -122,8 +122,8 @@ class TarReader:
             self._current = None  # its data, read or not, is no longer there to read
 
     def entries(self, max_file_bytes: int) -> Iterator[tuple[str, bool, int, bytes | None]]:
-        """Every member as `(name, is_directory, size, data)` in archive order, checked as `iter` checks them: the
-        quick way through an archive of many small files. `data` is None for a folder and for a file over
+        """Every member as `(name, is_directory, size, data)` in archive order, with the checks of iterating the
+        reader: the quick way through an archive of many small files. `data` is None for a folder and for a file over
         `max_file_bytes`, which is skipped unread."""
         stream = self._stream
         for name, is_directory, size in self._headers():
