@@ -169,8 +169,8 @@ class TarReader:
                     stored = int(field.rstrip(b" \0"), 8)
                 except ValueError:
                     stored = _header_number(archive, field)
-                if (stored - (adler32(block) & 0xFFFF) + 1 + sum(field) - 256) % 65521 and not _checksum_matches(
-                        archive, block):
+                if (stored - (adler32(block) & 0xFFFF) + 1 + sum(field) - 256) % 65521 and not _exact_checksum_matches(
+                        block, stored):
                     raise _corrupt(archive, f"the tar header after member {name!r} fails its checksum")
             if size < 0:  # int() reads a sign, which no tar writes
                 raise _corrupt(archive, f"a negative size in the tar header after member {name!r}")
@@ -254,11 +254,10 @@ def _header_number(archive: Path, field: bytes) -> int:
         raise _corrupt(archive, f"unreadable number {field!r} in a tar header") from error
 
 
-def _checksum_matches(archive: Path, block: bytes) -> bool:
-    """True when the header checksum (its byte sum, the checksum field read as spaces) matches."""
-    stored, field_sum = _header_number(archive, block[148:156]), sum(block[148:156])
-    if (stored - (zlib.adler32(block) & 0xFFFF) + 1 + field_sum - 256) % 65521 == 0:  # see TarReader._headers
-        return True
+def _exact_checksum_matches(block: bytes, stored: int) -> bool:
+    """True when `stored` is the header's byte sum, the checksum field read as spaces: unsigned, or signed as old tars
+    wrote it. What TarReader._headers checks when its sum modulo 65521 does not match."""
+    field_sum = sum(block[148:156])
     signed = sum(byte - 256 if byte > 127 else byte for byte in block)
     return stored in (sum(block) - field_sum + 256, signed - field_sum + 256)
 
