@@ -3,10 +3,10 @@
 Whatever both read, they read alike: on every stream `tarfile` reads, the reader reads the same members
 or refuses the stream; and on any input the reader either yields members or refuses with the project's
 archive errors, never another exception. Its two ways through an archive, members read one by one and
-`entries` (each small file's bytes taken from the buffer), give the same members or the same error. Links, devices and FIFOs, which the reader refuses by design,
-are left out of the comparison. The reader may read a stream `tarfile` refuses for a header field it
-never uses (a damaged mtime, uid or mode whose checksum still happens to match); the members' bytes are
-what the pipeline checks.
+`entries` (each small file's bytes taken from the buffer), give the same members or the same error.
+Links, devices and FIFOs, which the reader refuses by design, are left out of the comparison. The reader
+may read a stream `tarfile` refuses for a header field it never uses (a damaged mtime, uid or mode whose
+checksum still happens to match); the members' bytes are what the pipeline checks.
 """
 
 from __future__ import annotations

@@ -138,13 +138,14 @@ def test_entries_give_each_small_file_its_bytes_and_skip_a_large_one_unread(tmp_
     archive = write_tar(tmp_path / "a.tar.gz", [*files[:6], ("t/A/large.png", b"L" * 3000), *files[6:]], extra=folder)
     with TarReader(archive, **LIMITS) as reader:
         entries = list(reader.entries(max_file_bytes=2000))
-    assert entries == [*[(name, False, len(data), data) for name, data in files[:6]], ("t/A/large.png", False, 3000, None),
-                       *[(name, False, len(data), data) for name, data in files[6:]], ("t/A/", True, 0, None)]
+    read = [(name, False, len(data), data) for name, data in files]
+    assert entries == [*read[:6], ("t/A/large.png", False, 3000, None), *read[6:], ("t/A/", True, 0, None)]
     assert (reader.member_count, reader.total_bytes) == (14, 3000 + sum(len(data) for _, data in files))
 
 
 def test_entries_find_an_archive_truncated_inside_a_file(tmp_path):
-    whole = write_tar(tmp_path / "a.tar", [("t/A/a.png", b"x" * 1500), ("t/A/b.png", b"y" * 1500)], mode="w").read_bytes()
+    members = [("t/A/a.png", b"x" * 1500), ("t/A/b.png", b"y" * 1500)]
+    whole = write_tar(tmp_path / "a.tar", members, mode="w").read_bytes()
     (truncated := tmp_path / "t.tar").write_bytes(whole[:512 * 5 + 100])  # inside b.png's data
     with TarReader(truncated, **LIMITS) as reader, pytest.raises(ArchiveError, match="truncated inside 't/A/b.png'"):
         list(reader.entries(max_file_bytes=2000))
