@@ -239,6 +239,16 @@ def test_header_checksums_are_skipped_only_where_gzip_crc_covers_them(tmp_path, 
             assert [member.name for member in reader] == ["t/A/`.png"]
 
 
+def test_a_header_checksum_written_as_a_signed_sum_by_an_old_tar_is_accepted(tmp_path):
+    name = "t/A/\u00e9t\u00e9.png"  # bytes over 127, where the signed and unsigned sums differ
+    header = bytearray(tarfile.TarInfo(name).tobuf(tarfile.USTAR_FORMAT, encoding="utf-8"))
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(byte - 256 if byte > 127 else byte for byte in header)
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(bytes(header) + bytes(1024))
+    assert list(iter_files(archive, **LIMITS)) == [(name, b"")]
+
+
 def test_negative_size_is_corrupt(tmp_path):
     header = bytearray(tarfile.TarInfo("t/A/a.png").tobuf(tarfile.USTAR_FORMAT))
     header[124:136] = b"-0000000001\0"
