@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
+from core.errors import CorruptDataError
+from storage.digests import READ_BYTES
 from storage.disk import out_of_space
+
+# The NPY header formats rows are read from: 2.0 only widens the header's length field.
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def create_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype | str) -> np.memmap:
@@ -46,3 +52,83 @@ def load_npy(path: Path, *, mmap: bool = True) -> np.ndarray:
         if "object" in str(error) or "pickle" in str(error):
             raise ValueError(f"{path} holds Python objects, which would need pickle to load; refusing it") from error
         raise
+
+
+class NpyRows:
+    """The rows of a C-ordered NPY file, read from the file as they are asked for (`rows[indices]`), never held whole.
+
+    A training split read this way leaves its pages in the system's file cache, shared and reclaimable, instead of
+    a copy of the whole split held by the process for all of training (157 MB at the seed's sizes).
+
+    The file is opened once and every read goes through that handle, after checking that the file is still what it
+    was when it was opened: size, modification and change times, inode. A write, a truncation, a `touch`, and the
+    file's removal or replacement under its name all move the change time, so once `sha256()` has matched what was
+    recorded, every later read returns the bytes that were hashed, or raises CorruptDataError (its message ending
+    with `remedy`).
+    """
+
+    def __init__(self, path: Path, *, remedy: str = ""):
+        """Opens `path` and reads its header: ValueError when it is not an NPY file of plain C-ordered values."""
+        self.path, self.remedy = Path(path), remedy
+        self._file = open(self.path, "rb", buffering=0)  # closes itself when this object goes
+        self._identity = _identity(os.fstat(self._file.fileno()))
+        version = np.lib.format.read_magic(self._file)
+        if version not in _HEADER_READERS:
+            raise ValueError(f"{self.path} is an NPY file of format {version}, which rows are not read from")
+        shape, fortran_order, dtype = _HEADER_READERS[version](self._file)
+        if fortran_order or dtype.hasobject or not shape:
+            raise ValueError(f"{self.path} is not a C-ordered array of plain values, which rows are read from")
+        self.shape, self.dtype, self.offset = tuple(shape), dtype, self._file.tell()
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * dtype.itemsize
+        self.file_bytes = self._identity[0]
+        if self.offset + len(self) * self.row_bytes != self.file_bytes:
+            raise ValueError(f"{self.path} has {self.file_bytes:,} bytes, not the size its NPY header gives")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def sha256(self) -> str:
+        """The sha256 of the whole file, read through the handle every later read uses."""
+        digest, offset, descriptor = hashlib.sha256(), 0, self._file.fileno()
+        while chunk := os.pread(descriptor, READ_BYTES, offset):
+            digest.update(chunk)
+            offset += len(chunk)
+        self._check_unchanged()
+        return digest.hexdigest()
+
+    def __getitem__(self, rows) -> np.ndarray:
+        """Rows `rows` (an integer, a slice or an array of row numbers, in any order) as a new array."""
+        if isinstance(rows, (int, np.integer)):
+            return self[np.array([rows])][0]
+        numbers = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        if numbers.ndim != 1 or numbers.size and (numbers.min() < 0 or numbers.max() >= len(self)):
+            raise IndexError(f"rows {rows!r} of {self.path}, which has {len(self)}")
+        out = np.empty((len(numbers), *self.shape[1:]), dtype=self.dtype)
+        flat = out.view(np.uint8).reshape(len(numbers), self.row_bytes)
+        # One read per run of consecutive rows: a batch in file order is read at once.
+        starts = np.flatnonzero(np.diff(numbers, prepend=-2) != 1).tolist()
+        for first, last in zip(starts, [*starts[1:], len(numbers)]):
+            self._read_into(flat[first:last], int(numbers[first]))
+        self._check_unchanged()  # after reading: unchanged since it was opened, so these are the bytes verified
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[np.arange(len(self))]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def _read_into(self, rows: np.ndarray, first: int) -> None:
+        read = os.preadv(self._file.fileno(), [rows], self.offset + first * self.row_bytes)
+        if read != rows.nbytes:
+            self._check_unchanged()  # truncated since it was opened, the likelier cause
+            raise CorruptDataError(f"{self.path} ended early, at row {first + read // self.row_bytes:,}: {self.remedy}")
+
+    def _check_unchanged(self) -> None:
+        if _identity(os.fstat(self._file.fileno())) != self._identity:
+            raise CorruptDataError(
+                f"{self.path} changed after it was opened and verified (written, truncated, touched, removed or replaced): "
+                f"{self.remedy}"
+            )
+
+
+def _identity(status: os.stat_result) -> tuple[int, int, int, int]:
+    return status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino

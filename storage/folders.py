@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import Any
 
 from core.errors import CorruptDataError
+from storage.arrays import NpyRows
 from storage.atomic import read_json, remove, replace, temporary_sibling, write_json
 from storage.digests import sha256_of
 
@@ -93,9 +94,14 @@ def file_problem(folder: Path, manifest: dict, name: str) -> str | None:
         size = path.stat().st_size
     except FileNotFoundError:
         return f"{path} is missing"
+    return _difference(path, recorded, size, lambda: sha256_of(path))
+
+
+def _difference(path: Path, recorded: dict, size: int, sha256: Callable[[], str]) -> str | None:
+    """How a file of `size` bytes (and the digest `sha256()` gives, when the size matches) differs from `recorded`."""
     if size != recorded["bytes"]:
         return f"{path} has {size:,} bytes, {recorded['bytes']:,} were recorded"
-    if sha256_of(path) != recorded["sha256"]:
+    if sha256() != recorded["sha256"]:
         return f"{path} does not match the sha256 recorded when it was written"
     return None
 
@@ -196,6 +202,23 @@ def read_verified(folder: Path, manifest: dict, name: str, remedy: str) -> bytes
     if len(data) != recorded["bytes"] or hashlib.sha256(data).hexdigest() != recorded["sha256"]:
         raise CorruptDataError(f"{path} does not match the size and sha256 recorded when it was written: {remedy}")
     return data
+
+
+def open_verified_rows(folder: Path, manifest: dict, name: str, remedy: str) -> NpyRows:
+    """The NPY file `folder/name` opened for reading rows on demand, hashed through the handle those reads use and
+    checked against the manifest (CorruptDataError when it differs or when it changes later)."""
+    path, recorded = Path(folder) / name, manifest["files"].get(name)
+    if recorded is None:
+        raise CorruptDataError(f"{name} is not listed in {Path(folder) / MANIFEST}: {remedy}")
+    try:
+        rows = NpyRows(path, remedy=remedy)
+    except FileNotFoundError as error:
+        raise CorruptDataError(f"{path} is missing: {remedy}") from error
+    except (ValueError, CorruptDataError) as error:  # a header that does not parse, or a size it does not give
+        raise CorruptDataError(f"{file_problem(folder, manifest, name) or error}: {remedy}") from error
+    if (problem := _difference(path, recorded, rows.file_bytes, rows.sha256)) is not None:
+        raise CorruptDataError(f"{problem}: {remedy}")
+    return rows
 
 
 def manifest_identity(manifest: dict) -> str:

@@ -24,8 +24,8 @@ import numpy as np
 
 from core.errors import CorruptDataError, PipelineError
 from core.seed import IMAGE_SIDE
-from storage.arrays import create_npy, load_npy, save_npy
-from storage.folders import FolderWriter, folder_problem, read_manifest, verify_file
+from storage.arrays import NpyRows, create_npy, load_npy, save_npy
+from storage.folders import FolderWriter, folder_problem, open_verified_rows, read_manifest, verify_file
 
 SPLITS = ("train", "valid", "test")
 ARRAYS = ("x", "y", "file")
@@ -100,10 +100,19 @@ def read_splits_manifest(folder: Path) -> dict:
     return manifest
 
 
-def open_split(folder: Path, manifest: dict, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """The memory-mapped images (N, 28, 28) uint8 and labels (N,) of one split, checked against the manifest."""
-    folder, classes = Path(folder), len(manifest["class_names"])
-    images = load_npy(verify_file(folder, manifest, array_file(split, "x"), REBUILD))
+def open_split(
+    folder: Path, manifest: dict, split: str, *, rows_on_disk: bool = False
+) -> tuple[np.ndarray | NpyRows, np.ndarray]:
+    """The images (N, 28, 28) uint8 and labels (N,) of one split, checked against the manifest.
+
+    The images are memory-mapped, or with `rows_on_disk` an `NpyRows` that reads them from the file as they are
+    asked for (training: the split's pages stay out of the process), verified through the handle it reads with.
+    """
+    folder, classes, name = Path(folder), len(manifest["class_names"]), array_file(split, "x")
+    if rows_on_disk:
+        images = open_verified_rows(folder, manifest, name, REBUILD)
+    else:
+        images = load_npy(verify_file(folder, manifest, name, REBUILD))
     labels = load_npy(verify_file(folder, manifest, array_file(split, "y"), REBUILD))
     rows = manifest["splits"][split]["rows"]
     # The digests match what the writer recorded, so these only fail for a folder written wrongly.

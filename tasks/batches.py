@@ -1,34 +1,34 @@
 """Training input read from a split folder's uint8 NPY files, one normalised batch at a time.
 
 The seed turned every split into a float array before training (200k x 28 x 28 float32 is 627 MB,
-and its `astype('float')` made that float64). Here the pixels stay uint8 (157 MB for 200k images)
-and each batch is gathered, normalised to float32 and given its channel axis as it is needed. The
+and its `astype('float')` made that float64). Here the pixels stay uint8 (157 MB for 200k images), in
+their file, and each batch is read, normalised to float32 and given its channel axis as it is needed. The
 training order is a permutation drawn from (seed, epoch): the same run sees the same batches, and a
 run resumed at epoch k sees exactly the batches it would have seen.
 
 `training_input(model, batches)` gives the model `fit`, `evaluate` and `predict` run and what each
 split feeds it. With TensorFlow that is the model itself, fed by `SplitBatches.keras_input()`, a
-`tf.data` pipeline: the uint8 split is held once in memory and every batch is gathered and
-normalised in TensorFlow's own threads, ahead of the model. With any other backend (JAX on a GPU) it
-is `DeviceSplits`: the uint8 pixels of all three splits live once on the device, the model is fed
-row numbers (512 bytes a batch instead of 400 kB of floats) and gathers and normalises each batch
-there, many steps per call. Both read each epoch's rows in the same order.
+`tf.data` pipeline: every batch's rows are read from the split's file, verified when it was opened
+(`storage.arrays.NpyRows`), and normalised in TensorFlow's own threads, ahead of the model. With any
+other backend (JAX on a GPU) it is `DeviceSplits`: the uint8 pixels of all three splits live once on
+the device, the model is fed row numbers (512 bytes a batch instead of 400 kB of floats) and gathers
+and normalises each batch there, many steps per call. Both read each epoch's rows in the same order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
+from collections.abc import Callable, Iterator
 
 import keras
 import numpy as np
 
-from core.errors import PipelineError
+from core.errors import CorruptDataError, PipelineError
 from core.seed import NORMALISATIONS
+from storage.arrays import NpyRows
 from storage.splits import SPLITS, open_split
 
-# Rows copied at a time when a split is read into memory for TensorFlow: the copy's only overhead.
-_LOAD_CHUNK_ROWS = 16_384
 # tf.data's batches: two gathered at once and four waiting ahead keep the model fed on any core count (a batch
 # is a gather of 128 rows and a cast; bench/train.py times the input alone at several times the model's speed).
 INPUT_THREADS, PREFETCH_BATCHES = 2, 4
@@ -78,6 +78,7 @@ class SplitBatches:
         self._order: np.ndarray | None = None
         self._keras_input = None
         self._order_variable = None  # the TensorFlow pipeline's copy of the epoch's order
+        self.read_failure: CorruptDataError | None = None  # what stopped TensorFlow's reads of the file, if anything
         self.epoch = 0
         self.set_epoch(0)
 
@@ -115,6 +116,9 @@ class SplitBatches:
         """The one-hot labels of `rows` (what `batch_rows` gives)."""
         return self._one_hot[self.labels[rows]]
 
+    def _failed(self, error: CorruptDataError) -> None:
+        self.read_failure = error
+
     def keras_input(self):
         """What `fit`, `evaluate` and `predict` read: a `tf.data.Dataset` on TensorFlow, else a `PyDataset`."""
         if self._keras_input is None:
@@ -125,32 +129,30 @@ class SplitBatches:
         return self._keras_input
 
     def _tensorflow_dataset(self):
-        """Batches gathered and normalised by `tf.data` from the uint8 split held in memory.
+        """Batches gathered and normalised by `tf.data`, in TensorFlow's own threads, ahead of the model.
 
-        The epoch's order lives in a variable that `set_epoch` assigns; Keras starts reading an
-        epoch after `on_epoch_begin`, so every epoch reads its own order.
+        Each batch's rows are read from the split's file as the batch is made (`NpyRows`, one read per row, the
+        file's pages left in the system's cache), or gathered from an array in memory. The epoch's order lives in
+        a variable that `set_epoch` assigns; Keras starts reading an epoch after `on_epoch_begin`, so every epoch
+        reads its own order.
         """
         import tensorflow as tf
 
-        images, labels = _in_memory(self.images), tf.constant(np.asarray(self.labels, dtype=np.int32))
+        labels = tf.constant(np.asarray(self.labels, dtype=np.int32))
         offset, scale, size, rows = np.float32(self.offset), np.float32(self.scale), self.batch_size, self.rows
         if self._order is not None:
             self._order_variable = tf.Variable(self._order, trainable=False, dtype=tf.int64)
-        order = self._order_variable
+        order, read = self._order_variable, _tensorflow_reader(self.images, self._failed)
 
         def batch(index):
             start = index * size
-            stop = tf.minimum(start + size, rows)
-            if order is None:
-                pixels, targets = images[start:stop], labels[start:stop]
-            else:
-                picked = order[start:stop]
-                pixels, targets = tf.gather(images, picked), tf.gather(labels, picked)
-            pixels = (tf.cast(pixels, tf.float32) - offset) / scale
-            return pixels[..., tf.newaxis], tf.one_hot(targets, self.classes, dtype=tf.float32)
+            picked = tf.range(start, tf.minimum(start + size, rows)) if order is None else order[start:start + size]
+            pixels = (tf.cast(read(picked), tf.float32) - offset) / scale
+            return pixels[..., tf.newaxis], tf.one_hot(tf.gather(labels, picked), self.classes, dtype=tf.float32)
 
-        # Fixed parallelism, no autotuning: a gather of 128 rows is cheap, and with autotuning the iterator's
-        # destructor kept the end of `fit` waiting on one of its threads, 2 to 19 s on 2 cores (BENCHMARKS.md).
+        # Fixed parallelism, no autotuning: a batch is 128 reads of 784 bytes and a cast, and with autotuning the
+        # iterator's destructor kept the end of `fit` waiting on one of its threads, 2 to 19 s on 2 cores
+        # (BENCHMARKS.md).
         dataset = tf.data.Dataset.range(len(self)).map(batch, num_parallel_calls=INPUT_THREADS, deterministic=True)
         options = tf.data.Options()
         options.autotune.enabled = False
@@ -247,46 +249,41 @@ class _NumpyBatches(keras.utils.PyDataset):
         return self.batches[index]
 
 
-def _in_memory(images: np.ndarray):
-    """`images` as a TensorFlow tensor, held once: a memory-mapped NPY file is read into it in chunks.
-
-    Copying a memory map whole would keep the file's pages mapped (and counted) beside the copy. The file is
-    read into a NumPy array aligned as TensorFlow wants its buffers, which the tensor then uses without a copy,
-    handed over through DLPack: `tf.convert_to_tensor` copies it (TensorFlow 2.21), and a tensor filled in place
-    held the split twice too, for a moment 150-300 MB over the training's steady memory at the seed's size.
-    """
+def _tensorflow_reader(images: np.ndarray | NpyRows, failed: Callable[[CorruptDataError], None]):
+    """A function of a tensor of row numbers that gives those rows of `images` as a uint8 tensor: read from the file
+    for `NpyRows` (in a NumPy call, which drops the GIL while it reads), gathered for an array in memory. A file
+    that fails a read is told to `failed` before TensorFlow turns the error into one of its own."""
     import tensorflow as tf
 
-    if not _whole_file_map(images):
-        return tf.constant(np.asarray(images))
-    resident = _aligned_empty(images.shape, images.dtype)
-    flat = resident.reshape(-1)
-    row = int(np.prod(images.shape[1:]))
-    with open(images.filename, "rb") as handle:
-        handle.seek(images.offset)
-        for start in range(0, len(images), _LOAD_CHUNK_ROWS):
-            chunk = flat[start * row : min(start + _LOAD_CHUNK_ROWS, len(images)) * row]
-            if handle.readinto(chunk) != chunk.nbytes:
-                raise PipelineError(f"{images.filename} ended early while being read into memory")
-    return tf.experimental.dlpack.from_dlpack(resident.__dlpack__())  # the tensor keeps `resident` alive
+    if not isinstance(images, NpyRows):
+        held = tf.constant(np.asarray(images))
+        return lambda picked: tf.gather(held, picked)
+    shape = [None, *images.shape[1:]]
+
+    def rows_of(picked: np.ndarray) -> np.ndarray:
+        try:
+            return images[picked]
+        except CorruptDataError as error:
+            failed(error)
+            raise
+
+    def read(picked):
+        return tf.ensure_shape(tf.numpy_function(rows_of, [picked], tf.uint8, stateful=False, name="read_rows"), shape)
+
+    return read
 
 
-def _aligned_empty(shape: tuple[int, ...], dtype, alignment: int = 64) -> np.ndarray:
-    """An uninitialised array whose data starts on an `alignment`-byte boundary (TensorFlow's, for sharing it)."""
-    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    raw = np.empty(size + alignment, dtype=np.uint8)
-    start = -raw.ctypes.data % alignment
-    return raw[start : start + size].view(dtype).reshape(shape)
-
-
-def _whole_file_map(images: np.ndarray) -> bool:
-    """True for a C-ordered memory map of a whole NPY file (what `open_split` returns), not a view of one."""
-    if not isinstance(images, np.memmap) or not images.flags.c_contiguous or images.filename is None:
-        return False
+@contextlib.contextmanager
+def read_failures_raised(batches: dict[str, SplitBatches]) -> Iterator[None]:
+    """Raise a split file's read failure (CorruptDataError, what to do included) as itself, where TensorFlow's input
+    pipeline carried it out of `fit`, `evaluate` or `predict` as an error of its own."""
     try:
-        return os.path.getsize(images.filename) == images.offset + images.nbytes
-    except OSError:
-        return False
+        yield
+    except Exception as error:
+        failure = next((item.read_failure for item in batches.values() if item.read_failure is not None), None)
+        if failure is None or failure is error:
+            raise
+        raise failure from error
 
 
 class ShuffleEachEpoch(keras.callbacks.Callback):
@@ -310,7 +307,7 @@ def open_splits(
         raise PipelineError(f"No normalisation for experiment {experiment!r}; known: {', '.join(NORMALISATIONS)}.")
     batches = {}
     for split in SPLITS:
-        images, labels = open_split(split_dir, manifest, split)
+        images, labels = open_split(split_dir, manifest, split, rows_on_disk=True)
         batches[split] = SplitBatches(
             images, labels, batch_size=batch_size, classes=len(manifest["class_names"]),
             normalisation=NORMALISATIONS[experiment], shuffle_seed=seed if split == "train" else None,

@@ -27,7 +27,7 @@ from storage.atomic import read_json, remove, remove_temporaries_of, write_json
 from storage.layout import DataRoot, backup_folder, lock_file
 from storage.models import METRICS_FILE, MODEL_FILE, RECORD_FILE, find_model, model_writer
 from storage.splits import read_splits_manifest
-from tasks.batches import ShuffleEachEpoch, SplitBatches, open_splits, training_input
+from tasks.batches import ShuffleEachEpoch, SplitBatches, open_splits, read_failures_raised, training_input
 from tasks.models import build_one_layer_cnn, make_optimizer
 from tasks.reporting import Progress, artifact_key, stage_logger
 from tasks.stage import retry_unless_pipeline_error, stage_task
@@ -133,10 +133,11 @@ def train_model(
         if best_effort(lambda: checkpoints.take_newer(layout, backup), f"read {layout.url(backup)}", logger):
             logger.info("Resuming from the checkpoint in %s", layout.url(backup))
         _prepare_backup(backup, {"parameters": parameters, "dataset_fingerprint": fingerprint}, logger)
-        entries, started_at = _fit(trainer, batches, inputs, layout, backup, experiment, epochs, extra_callbacks,
-                                   logger)
-        metrics = _evaluate(trainer, inputs["test"], batches["test"], manifest["class_names"], entries,
-                            batches["train"].rows)
+        with read_failures_raised(batches):
+            entries, started_at = _fit(trainer, batches, inputs, layout, backup, experiment, epochs, extra_callbacks,
+                                       logger)
+            metrics = _evaluate(trainer, inputs["test"], batches["test"], manifest["class_names"], entries,
+                                batches["train"].rows)
         metrics.update(experiment=experiment, epochs_run=epochs - started_at, resumed_from_epoch=started_at)
         record = _record(model, parameters, manifest, layout.relative(split_dir), batches)
         metrics["device"] = record["device"]

@@ -6,15 +6,18 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from core.errors import CorruptDataError
+from storage.arrays import save_npy
 from storage.folders import (
     IDENTITIES,
     MANIFEST,
     FolderWriter,
     folder_problem,
     manifest_identity,
+    open_verified_rows,
     read_manifest,
     read_verified,
     verify_file,
@@ -113,3 +116,40 @@ def test_the_identity_follows_the_content(tmp_path, committed):
         (writer.work / "a.bin").write_bytes(b"c" * 100)
         other = writer.commit()
     assert manifest_identity(same) == manifest_identity(committed[1]) != manifest_identity(other)
+
+
+@pytest.fixture
+def rows_folder(tmp_path):
+    pixels = np.arange(50 * 784, dtype=np.uint32).reshape(50, 28, 28).astype(np.uint8)
+    with FolderWriter(tmp_path / "rows", "example", 1) as writer:
+        save_npy(writer.work / "x.npy", pixels)
+        manifest = writer.commit()
+    return tmp_path / "rows", manifest, pixels
+
+
+def test_rows_opened_verified_read_what_was_recorded(rows_folder):
+    folder, manifest, pixels = rows_folder
+    assert np.array_equal(open_verified_rows(folder, manifest, "x.npy", "redo it")[[3, 9]], pixels[[3, 9]])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda path: _flip_byte(path, 1000), "does not match the sha256 recorded"),
+        (lambda path: _flip_byte(path, 8), "does not match the sha256 recorded"),  # inside the NPY header
+        (lambda path: path.unlink(), "is missing"),
+        (lambda path: os.truncate(path, 500), "has 500 bytes"),
+    ],
+    ids=["same-size-overwrite", "damaged-header", "missing", "truncated"],
+)
+def test_rows_of_a_damaged_file_are_refused_with_what_to_do(rows_folder, damage, message):
+    folder, manifest, _ = rows_folder
+    damage(folder / "x.npy")
+    with pytest.raises(CorruptDataError, match=f"{message}.*: redo it"):
+        open_verified_rows(folder, manifest, "x.npy", "redo it")
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))

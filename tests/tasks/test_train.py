@@ -17,11 +17,10 @@ import pytest
 
 from core.errors import CorruptDataError, PipelineError
 from core.seed import NORMALISATIONS
-from storage.arrays import save_npy
+from storage.arrays import NpyRows, save_npy
 from storage.folders import MANIFEST
 from storage.layout import LOCKS, DataRoot, backup_folder
 from storage.splits import open_split, read_splits_manifest
-from tasks import batches as batches_module
 from tasks.batches import SplitBatches, epoch_permutation, open_splits
 from tasks.models import build_one_layer_cnn
 from tasks.reporting import Progress
@@ -102,7 +101,8 @@ def test_batches_are_float32_normalised_with_a_channel_axis_and_one_hot_labels(s
     rows = train.batch_rows(0)
     assert pixels.dtype == np.float32 and pixels.shape == (32, 28, 28, 1)
     assert targets.dtype == np.float32 and targets.shape == (32, 10)
-    np.testing.assert_allclose(pixels[..., 0], (train.images[rows].astype(np.float32) - 127.5) / 255, rtol=1e-6)
+    on_disk = np.load(split_dir / "train_x.npy")[rows]
+    np.testing.assert_allclose(pixels[..., 0], (on_disk.astype(np.float32) - 127.5) / 255, rtol=1e-6)
     assert targets.argmax(axis=1).tolist() == train.labels[rows].tolist()
     last_pixels, _ = train[len(train) - 1]
     assert len(last_pixels) == train.rows - (len(train) - 1) * 32  # 300 rows: a last batch of 12
@@ -134,19 +134,31 @@ def test_the_dataset_holds_the_memory_map_and_never_a_float_copy_of_the_split(sp
     assert peak < whole_as_float / 4, f"peak {peak:,} bytes while a float copy is {whole_as_float:,}"
 
 
-def test_the_split_tensorflow_trains_on_is_read_from_the_file_once_and_never_copied(split_dir, monkeypatch):
-    images, _ = open_split(split_dir, read_splits_manifest(split_dir), "train")
-    filled, aligned_empty = [], batches_module._aligned_empty
+def test_tensorflow_reads_each_batch_from_the_verified_file_and_never_the_whole_split(split_dir, monkeypatch):
+    batches = open_splits(split_dir, read_splits_manifest(split_dir), experiment="notmnist", batch_size=32, seed=5)
+    train = batches["train"]
+    assert isinstance(train.images, NpyRows)
 
-    def recorded(*args, **kwargs):
-        filled.append(aligned_empty(*args, **kwargs))
-        return filled[-1]
+    def whole(*args, **kwargs):
+        raise AssertionError("the whole split was read into memory")
 
-    monkeypatch.setattr(batches_module, "_aligned_empty", recorded)
-    tensor = batches_module._in_memory(images)
-    assert np.array_equal(tensor.numpy(), images)
-    filled[0][0, 0, 0] ^= 0xFF  # the array the file was read into is the tensor's own buffer
-    assert int(tensor[0, 0, 0]) == int(images[0, 0, 0]) ^ 0xFF
+    monkeypatch.setattr(NpyRows, "__array__", whole)
+    on_disk = np.load(split_dir / "train_x.npy")
+    for index, (pixels, _) in enumerate(train.keras_input()):
+        expected = (on_disk[train.batch_rows(index)].astype(np.float32) - 127.5) / 255
+        np.testing.assert_allclose(np.asarray(pixels)[..., 0], expected, rtol=1e-6)
+    assert index == len(train) - 1
+
+
+def test_a_split_file_written_during_training_stops_it_with_what_to_do(data_root):
+    class WriteAfterFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            with open(DataRoot(data_root).splits("synthetic") / "train_x.npy", "r+b") as handle:
+                handle.seek(1000)
+                handle.write(b"\x01")
+
+    with pytest.raises(CorruptDataError, match=r"train_x.npy changed after it was opened and verified .*notmnist splits"):
+        train_model(data_root, "synthetic", **FAST, extra_callbacks=[WriteAfterFirstEpoch()])
 
 
 def test_each_epoch_has_its_own_order_and_the_same_seed_and_epoch_give_the_same_one(split_dir):
