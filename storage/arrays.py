@@ -81,6 +81,7 @@ class NpyRows:
         self.shape, self.dtype, self.offset = tuple(shape), dtype, self._file.tell()
         self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * dtype.itemsize
         self.file_bytes = self._identity[0]
+        self._rows_per_read = max(1, READ_BYTES // max(self.row_bytes, 1))  # one `pread` of a run stays this short
         if self.offset + len(self) * self.row_bytes != self.file_bytes:
             raise ValueError(f"{self.path} has {self.file_bytes:,} bytes, not the size its NPY header gives")
 
@@ -97,30 +98,47 @@ class NpyRows:
         return digest.hexdigest()
 
     def __getitem__(self, rows) -> np.ndarray:
-        """Rows `rows` (an integer, a slice or an array of row numbers, in any order) as a new array."""
+        """Rows `rows` (an integer, a slice or an array of row numbers, in any order) as a new read-only array."""
         if isinstance(rows, (int, np.integer)):
             return self[np.array([rows])][0]
         numbers = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
         if numbers.ndim != 1 or numbers.size and (numbers.min() < 0 or numbers.max() >= len(self)):
             raise IndexError(f"rows {rows!r} of {self.path}, which has {len(self)}")
-        out = np.empty((len(numbers), *self.shape[1:]), dtype=self.dtype)
-        flat = out.view(np.uint8).reshape(len(numbers), self.row_bytes)
-        # One read per run of consecutive rows: a batch in file order is read at once.
-        starts = np.flatnonzero(np.diff(numbers, prepend=-2) != 1).tolist()
-        for first, last in zip(starts, [*starts[1:], len(numbers)]):
-            self._read_into(flat[first:last], int(numbers[first]))
+        # One read per run of consecutive rows (a batch in file order is one read); rows spread over the file are one
+        # `pread` each, which in Python costs less than reading each into a slice of an array.
+        follows = numbers[1:] - numbers[:-1] == 1  # row i + 1 comes right after row i in the file
+        descriptor, size, pread = self._file.fileno(), self.row_bytes, os.pread
+        if not follows.any():
+            data = b"".join([pread(descriptor, size, at) for at in (numbers * size + self.offset).tolist()])
+        else:
+            starts = np.flatnonzero(np.concatenate(([True], ~follows)))
+            counts, most = np.diff(starts, append=len(numbers)).tolist(), self._rows_per_read
+            data = b"".join([
+                pread(descriptor, min(count - done, most) * size, self.offset + (first + done) * size)
+                for first, count in zip(numbers[starts].tolist(), counts) for done in range(0, count, most)
+            ])
+        if len(data) != len(numbers) * size:
+            self._check_unchanged()  # truncated since it was opened, the likelier cause
+            raise CorruptDataError(f"{self.path} ended early: {self.remedy}")
         self._check_unchanged()  # after reading: unchanged since it was opened, so these are the bytes verified
-        return out
+        return np.frombuffer(data, dtype=self.dtype).reshape(len(numbers), *self.shape[1:])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        whole = self[np.arange(len(self))]
+        whole = np.empty(self.shape, dtype=self.dtype)
+        self.read_into(whole)
         return whole if dtype is None else whole.astype(dtype, copy=False)
 
-    def _read_into(self, rows: np.ndarray, first: int) -> None:
-        read = os.preadv(self._file.fileno(), [rows], self.offset + first * self.row_bytes)
-        if read != rows.nbytes:
-            self._check_unchanged()  # truncated since it was opened, the likelier cause
-            raise CorruptDataError(f"{self.path} ended early, at row {first + read // self.row_bytes:,}: {self.remedy}")
+    def read_into(self, whole: np.ndarray) -> None:
+        """Read every row into `whole`, a C-contiguous array of this shape and type, a few megabytes at a time."""
+        if whole.shape != self.shape or whole.dtype != self.dtype or not whole.flags.c_contiguous:
+            raise ValueError(f"rows of {self.path} are read into a C-contiguous {self.dtype} array of {self.shape}")
+        flat, descriptor = whole.reshape(-1).view(np.uint8), self._file.fileno()
+        for start in range(0, flat.size, READ_BYTES):
+            piece = flat[start : start + READ_BYTES]
+            if os.preadv(descriptor, [piece], self.offset + start) != piece.nbytes:
+                self._check_unchanged()
+                raise CorruptDataError(f"{self.path} ended early: {self.remedy}")
+        self._check_unchanged()
 
     def _check_unchanged(self) -> None:
         if _identity(os.fstat(self._file.fileno())) != self._identity:

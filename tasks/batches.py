@@ -131,10 +131,9 @@ class SplitBatches:
     def _tensorflow_dataset(self):
         """Batches gathered and normalised by `tf.data`, in TensorFlow's own threads, ahead of the model.
 
-        Each batch's rows are read from the split's file as the batch is made (`NpyRows`, one read per row, the
-        file's pages left in the system's cache), or gathered from an array in memory. The epoch's order lives in
-        a variable that `set_epoch` assigns; Keras starts reading an epoch after `on_epoch_begin`, so every epoch
-        reads its own order.
+        Each batch's rows are read from the split's file as the batch is made, or gathered from the split held in
+        memory where a GPU is fed (`_tensorflow_reader`). The epoch's order lives in a variable that `set_epoch`
+        assigns; Keras starts reading an epoch after `on_epoch_begin`, so every epoch reads its own order.
         """
         import tensorflow as tf
 
@@ -250,13 +249,18 @@ class _NumpyBatches(keras.utils.PyDataset):
 
 
 def _tensorflow_reader(images: np.ndarray | NpyRows, failed: Callable[[CorruptDataError], None]):
-    """A function of a tensor of row numbers that gives those rows of `images` as a uint8 tensor: read from the file
-    for `NpyRows` (in a NumPy call, which drops the GIL while it reads), gathered for an array in memory. A file
-    that fails a read is told to `failed` before TensorFlow turns the error into one of its own."""
+    """A function of a tensor of row numbers that gives those rows of `images` as a uint8 tensor.
+
+    On the CPU each batch's rows are read from the file (`NpyRows`, in a NumPy call that drops the GIL while it
+    reads): the model takes twenty times longer per batch than the reads, and the split's pages stay out of the
+    process. Where TensorFlow feeds a GPU, which reads made from Python would keep waiting, and for an array in
+    memory, the rows are gathered from the split held as a tensor. A file that fails a read is told to `failed`
+    before TensorFlow turns the error into one of its own.
+    """
     import tensorflow as tf
 
-    if not isinstance(images, NpyRows):
-        held = tf.constant(np.asarray(images))
+    if not isinstance(images, NpyRows) or _feeds_a_gpu():
+        held = _held_in_memory(images)
         return lambda picked: tf.gather(held, picked)
     shape = [None, *images.shape[1:]]
 
@@ -271,6 +275,36 @@ def _tensorflow_reader(images: np.ndarray | NpyRows, failed: Callable[[CorruptDa
         return tf.ensure_shape(tf.numpy_function(rows_of, [picked], tf.uint8, stateful=False, name="read_rows"), shape)
 
     return read
+
+
+def _feeds_a_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def _held_in_memory(images: np.ndarray | NpyRows):
+    """`images` as a TensorFlow tensor, held once.
+
+    A file's rows are read into a NumPy array aligned as TensorFlow wants its buffers, which the tensor then uses
+    without a copy, handed over through DLPack: `tf.convert_to_tensor` copies it (TensorFlow 2.21), holding the
+    split twice for a moment.
+    """
+    import tensorflow as tf
+
+    if not isinstance(images, NpyRows):
+        return tf.constant(np.asarray(images))
+    resident = _aligned_empty(images.shape, images.dtype)
+    images.read_into(resident)
+    return tf.experimental.dlpack.from_dlpack(resident.__dlpack__())  # the tensor keeps `resident` alive
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on an `alignment`-byte boundary (TensorFlow's, for sharing it)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(size + alignment, dtype=np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + size].view(dtype).reshape(shape)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from storage.arrays import NpyRows, save_npy
 from storage.folders import MANIFEST
 from storage.layout import LOCKS, DataRoot, backup_folder
 from storage.splits import open_split, read_splits_manifest
+from tasks import batches as batches_module
 from tasks.batches import SplitBatches, epoch_permutation, open_splits
 from tasks.models import build_one_layer_cnn
 from tasks.reporting import Progress
@@ -148,6 +149,28 @@ def test_tensorflow_reads_each_batch_from_the_verified_file_and_never_the_whole_
         expected = (on_disk[train.batch_rows(index)].astype(np.float32) - 127.5) / 255
         np.testing.assert_allclose(np.asarray(pixels)[..., 0], expected, rtol=1e-6)
     assert index == len(train) - 1
+
+
+def test_where_tensorflow_feeds_a_gpu_the_split_is_held_once_and_read_the_same(split_dir, monkeypatch):
+    monkeypatch.setattr(batches_module, "_feeds_a_gpu", lambda: True)
+    filled, aligned_empty = [], batches_module._aligned_empty
+
+    def recorded(*args, **kwargs):
+        filled.append(aligned_empty(*args, **kwargs))
+        return filled[-1]
+
+    monkeypatch.setattr(batches_module, "_aligned_empty", recorded)
+    train = open_splits(split_dir, read_splits_manifest(split_dir), experiment="notmnist", batch_size=32, seed=5)["train"]
+    read = list(train.keras_input())
+    on_disk = np.load(split_dir / "train_x.npy")
+    for index, (pixels, _) in enumerate(read):
+        expected = (on_disk[train.batch_rows(index)].astype(np.float32) - 127.5) / 255
+        np.testing.assert_allclose(np.asarray(pixels)[..., 0], expected, rtol=1e-6)
+    (resident,) = filled  # the training split, read once
+    assert np.array_equal(resident, on_disk)
+    tensor = batches_module._held_in_memory(train.images)
+    filled[-1][0, 0, 0] ^= 0xFF  # the array the file was read into is the tensor's own buffer
+    assert int(tensor[0, 0, 0]) == int(on_disk[0, 0, 0]) ^ 0xFF
 
 
 def test_a_split_file_written_during_training_stops_it_with_what_to_do(data_root):
