@@ -142,10 +142,8 @@ class NpyRows:
 
     def _check_unchanged(self) -> None:
         if _identity(os.fstat(self._file.fileno())) != self._identity:
-            raise CorruptDataError(
-                f"{self.path} changed after it was opened and verified (written, truncated, touched, removed or replaced): "
-                f"{self.remedy}"
-            )
+            raise CorruptDataError(f"{self.path} changed after it was opened and verified (written, truncated, "
+                                   f"touched, removed or replaced): {self.remedy}")
 
 
 def _identity(status: os.stat_result) -> tuple[int, int, int, int]:

@@ -29,8 +29,8 @@ from core.seed import NORMALISATIONS
 from storage.arrays import NpyRows
 from storage.splits import SPLITS, open_split
 
-# tf.data's batches: two gathered at once and four waiting ahead keep the model fed on any core count (a batch
-# is a gather of 128 rows and a cast; bench/train.py times the input alone at several times the model's speed).
+# tf.data's batches: two made at once and four waiting ahead keep the model fed on any core count (a batch is 128
+# rows read and a cast; bench/train.py times the input alone at over twenty times the CPU model's speed).
 INPUT_THREADS, PREFETCH_BATCHES = 2, 4
 
 

@@ -160,7 +160,8 @@ def test_where_tensorflow_feeds_a_gpu_the_split_is_held_once_and_read_the_same(s
         return filled[-1]
 
     monkeypatch.setattr(batches_module, "_aligned_empty", recorded)
-    train = open_splits(split_dir, read_splits_manifest(split_dir), experiment="notmnist", batch_size=32, seed=5)["train"]
+    manifest = read_splits_manifest(split_dir)
+    train = open_splits(split_dir, manifest, experiment="notmnist", batch_size=32, seed=5)["train"]
     read = list(train.keras_input())
     on_disk = np.load(split_dir / "train_x.npy")
     for index, (pixels, _) in enumerate(read):
@@ -180,7 +181,7 @@ def test_a_split_file_written_during_training_stops_it_with_what_to_do(data_root
                 handle.seek(1000)
                 handle.write(b"\x01")
 
-    with pytest.raises(CorruptDataError, match=r"train_x.npy changed after it was opened and verified .*notmnist splits"):
+    with pytest.raises(CorruptDataError, match=r"train_x\.npy changed after it was opened and verified .*splits"):
         train_model(data_root, "synthetic", **FAST, extra_callbacks=[WriteAfterFirstEpoch()])
 
 
