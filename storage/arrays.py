@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import CorruptDataError
-from storage.digests import READ_BYTES
+from storage.digests import READ_BYTES, stat_identity
 from storage.disk import out_of_space
 
 # The NPY header formats rows are read from: 2.0 only widens the header's length field.
@@ -71,7 +71,7 @@ class NpyRows:
         """Opens `path` and reads its header: ValueError when it is not an NPY file of plain C-ordered values."""
         self.path, self.remedy = Path(path), remedy
         self._file = open(self.path, "rb", buffering=0)  # closes itself when this object goes
-        self._identity = _identity(os.fstat(self._file.fileno()))
+        self._identity = stat_identity(os.fstat(self._file.fileno()))
         version = np.lib.format.read_magic(self._file)
         if version not in _HEADER_READERS:
             raise ValueError(f"{self.path} is an NPY file of format {version}, which rows are not read from")
@@ -118,8 +118,7 @@ class NpyRows:
                 for first, count in zip(numbers[starts].tolist(), counts) for done in range(0, count, most)
             ])
         if len(data) != len(numbers) * size:
-            self._check_unchanged()  # truncated since it was opened, the likelier cause
-            raise CorruptDataError(f"{self.path} ended early: {self.remedy}")
+            raise self._ended_early()
         self._check_unchanged()  # after reading: unchanged since it was opened, so these are the bytes verified
         return np.frombuffer(data, dtype=self.dtype).reshape(len(numbers), *self.shape[1:])
 
@@ -136,15 +135,15 @@ class NpyRows:
         for start in range(0, flat.size, READ_BYTES):
             piece = flat[start : start + READ_BYTES]
             if os.preadv(descriptor, [piece], self.offset + start) != piece.nbytes:
-                self._check_unchanged()
-                raise CorruptDataError(f"{self.path} ended early: {self.remedy}")
+                raise self._ended_early()
         self._check_unchanged()
 
+    def _ended_early(self) -> CorruptDataError:
+        """The error of a read that came back short (raising instead that the file changed, the likelier cause)."""
+        self._check_unchanged()
+        return CorruptDataError(f"{self.path} ended early: {self.remedy}")
+
     def _check_unchanged(self) -> None:
-        if _identity(os.fstat(self._file.fileno())) != self._identity:
+        if stat_identity(os.fstat(self._file.fileno())) != self._identity:
             raise CorruptDataError(f"{self.path} changed after it was opened and verified (written, truncated, "
                                    f"touched, removed or replaced): {self.remedy}")
-
-
-def _identity(status: os.stat_result) -> tuple[int, int, int, int]:
-    return status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino

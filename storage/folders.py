@@ -35,7 +35,7 @@ from typing import Any
 from core.errors import CorruptDataError
 from storage.arrays import NpyRows
 from storage.atomic import read_json, remove, replace, temporary_sibling, write_json
-from storage.digests import sha256_of
+from storage.digests import sha256_of, stat_identity
 
 MANIFEST = "_manifest.json"
 IDENTITIES = ".identities.json"
@@ -180,7 +180,7 @@ def _identity(path: Path, entry: dict) -> list | None:
         status = path.stat()
     except OSError:
         return None
-    return [status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino, entry.get("sha256")]
+    return [*stat_identity(status), entry.get("sha256")]
 
 
 def verify_file(folder: Path, manifest: dict, name: str, remedy: str) -> Path:
@@ -214,7 +214,7 @@ def open_verified_rows(folder: Path, manifest: dict, name: str, remedy: str) -> 
         rows = NpyRows(path, remedy=remedy)
     except FileNotFoundError as error:
         raise CorruptDataError(f"{path} is missing: {remedy}") from error
-    except (ValueError, CorruptDataError) as error:  # a header that does not parse, or a size it does not give
+    except ValueError as error:  # a header that does not parse, or a size it does not give
         raise CorruptDataError(f"{file_problem(folder, manifest, name) or error}: {remedy}") from error
     if (problem := _difference(path, recorded, rows.file_bytes, rows.sha256)) is not None:
         raise CorruptDataError(f"{problem}: {remedy}")
