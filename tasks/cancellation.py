@@ -6,6 +6,9 @@ for a flow or task run in this process's main thread:
 
 - a watcher thread polls the outermost run's state; when it reads Cancelling (or Cancelled) it
   interrupts the main thread, as Ctrl-C would, wherever it waits (a future, a training step, a poll);
+  until a `cancellable` run has caught that interrupt, it sends it again every few seconds, Ctrl-C's
+  too: code that swallows one (Keras, tracing a model's first step, has bare `except:` clauses) must
+  not leave a cancelled run training on;
 - the interrupt unwinds to the innermost `cancellable` run, which ends Cancelled instead of Crashed
   (a training sent to a work pool is cancelled on the way, flows/train.py); each run around it
   then meets the `CancelledRun` its child's state raises, and ends Cancelled too, publishing
@@ -21,6 +24,7 @@ import functools
 import inspect
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,10 +35,11 @@ from prefect.exceptions import CancelledRun
 from prefect.states import Cancelled
 
 POLL_SECONDS = 1.0  # how soon a run started in a terminal notices it was cancelled through the API
+RESEND_SECONDS = 5.0  # how long an interrupt has to reach a `cancellable` run before it is sent again
 INTERRUPT = "interrupt"  # Ctrl-C (SIGINT) reached this process
 CANCEL = "cancel"  # a run of this process was cancelled through the API
 
-_stop: dict[str, str] = {}  # {"cause": INTERRUPT or CANCEL} once a run of this process was told to stop
+_stop: dict[str, object] = {}  # {"cause": INTERRUPT or CANCEL} once told to stop; "caught": True once a run caught it
 _watching = threading.Lock()  # held while a watcher runs: one per process, on the outermost run
 
 
@@ -59,6 +64,7 @@ def cancellable(function: Callable[..., Any]) -> Callable[..., Any]:
                 return function(*args, **kwargs)
         except KeyboardInterrupt:
             _stop.setdefault("cause", INTERRUPT)
+            _stop["caught"] = True
             return Cancelled(message=f"{_run_name()} cancelled")
         except CancelledRun as child:  # a child run ended Cancelled: this run goes no further
             if stop_cause() is None:
@@ -115,18 +121,30 @@ def _watched(run_id) -> Iterator[None]:
 
 
 def _watch(run_id, done: threading.Event) -> None:
+    """Interrupt the main thread once `run_id` reads Cancelling or Cancelled, and again every RESEND_SECONDS after
+    any stop (a cancel or Ctrl-C) until a `cancellable` run has caught the interrupt."""
     from prefect.client.orchestration import get_client
 
+    sent_at = None  # when the last interrupt was sent, or the first Ctrl-C seen
     with get_client(sync_client=True) as client:
-        while not done.wait(POLL_SECONDS):
-            try:
-                state = client.read_flow_run(run_id).state
-            except Exception:  # the API is busy or restarting: look again at the next poll
+        while not done.wait(POLL_SECONDS) and not _stop.get("caught"):
+            if stop_cause() is None and not _reads_cancelled(client, run_id):
                 continue
-            if state is not None and (state.is_cancelling() or state.is_cancelled()) and not done.is_set():
-                _stop.setdefault("cause", CANCEL)
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-                return
+            if sent_at is None and stop_cause() == INTERRUPT:  # Ctrl-C's own interrupt is on its way
+                sent_at = time.monotonic()
+            if done.is_set() or sent_at is not None and time.monotonic() - sent_at < RESEND_SECONDS:
+                continue
+            _stop.setdefault("cause", CANCEL)
+            sent_at = time.monotonic()
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def _reads_cancelled(client, run_id) -> bool:
+    try:
+        state = client.read_flow_run(run_id).state
+    except Exception:  # the API is busy or restarting: look again at the next poll
+        return False
+    return state is not None and (state.is_cancelling() or state.is_cancelled())
 
 
 def _run_id():
