@@ -6,9 +6,9 @@ for a flow or task run in this process's main thread:
 
 - a watcher thread polls the outermost run's state; when it reads Cancelling (or Cancelled) it
   interrupts the main thread, as Ctrl-C would, wherever it waits (a future, a training step, a poll);
-  until a `cancellable` run has caught that interrupt, it sends it again every few seconds, Ctrl-C's
-  too: code that swallows one (Keras, tracing a model's first step, has bare `except:` clauses) must
-  not leave a cancelled run training on;
+- code on the interrupt's way may swallow it (Keras, tracing a model's first step, has bare `except:`
+  clauses): training then checks, after each group of batches, whether an interrupt was raised that
+  no `cancellable` run has caught, and raises it again (`raise_if_interrupt_lost`);
 - the interrupt unwinds to the innermost `cancellable` run, which ends Cancelled instead of Crashed
   (a training sent to a work pool is cancelled on the way, flows/train.py); each run around it
   then meets the `CancelledRun` its child's state raises, and ends Cancelled too, publishing
@@ -24,7 +24,6 @@ import functools
 import inspect
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,17 +34,25 @@ from prefect.exceptions import CancelledRun
 from prefect.states import Cancelled
 
 POLL_SECONDS = 1.0  # how soon a run started in a terminal notices it was cancelled through the API
-RESEND_SECONDS = 5.0  # how long an interrupt has to reach a `cancellable` run before it is sent again
 INTERRUPT = "interrupt"  # Ctrl-C (SIGINT) reached this process
 CANCEL = "cancel"  # a run of this process was cancelled through the API
 
-_stop: dict[str, object] = {}  # {"cause": INTERRUPT or CANCEL} once told to stop; "caught": True once a run caught it
+# {"cause": INTERRUPT or CANCEL} once a run of this process was told to stop; "raised": True once the interrupt was
+# raised in the main thread, "caught": True once a `cancellable` run caught it
+_stop: dict[str, object] = {}
 _watching = threading.Lock()  # held while a watcher runs: one per process, on the outermost run
 
 
 def stop_cause() -> str | None:
     """Why a run of this process stopped: INTERRUPT, CANCEL, or None while none was told to."""
     return _stop.get("cause")
+
+
+def raise_if_interrupt_lost() -> None:
+    """KeyboardInterrupt if one was raised in the main thread and no `cancellable` run has caught it: the code it
+    landed in swallowed it, and the work goes on. Call it where long work continues (training does, per batch)."""
+    if _stop.get("raised") and not _stop.get("caught"):
+        raise KeyboardInterrupt
 
 
 def cancellable(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -92,6 +99,7 @@ def _interrupt_records_its_cause() -> Iterator[None]:
 
     def interrupted(signum, frame) -> None:
         _stop.setdefault("cause", INTERRUPT)
+        _stop["raised"] = True
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, interrupted)
@@ -117,34 +125,24 @@ def _watched(run_id) -> Iterator[None]:
     finally:
         done.set()
         watcher.join()
+        for mark in ("raised", "caught"):  # the cause stays, for the command line to read
+            _stop.pop(mark, None)
         _watching.release()
 
 
 def _watch(run_id, done: threading.Event) -> None:
-    """Interrupt the main thread once `run_id` reads Cancelling or Cancelled, and again every RESEND_SECONDS after
-    any stop (a cancel or Ctrl-C) until a `cancellable` run has caught the interrupt."""
     from prefect.client.orchestration import get_client
 
-    sent_at = None  # when the last interrupt was sent, or the first Ctrl-C seen
     with get_client(sync_client=True) as client:
-        while not done.wait(POLL_SECONDS) and not _stop.get("caught"):
-            if stop_cause() is None and not _reads_cancelled(client, run_id):
+        while not done.wait(POLL_SECONDS):
+            try:
+                state = client.read_flow_run(run_id).state
+            except Exception:  # the API is busy or restarting: look again at the next poll
                 continue
-            if sent_at is None and stop_cause() == INTERRUPT:  # Ctrl-C's own interrupt is on its way
-                sent_at = time.monotonic()
-            if done.is_set() or sent_at is not None and time.monotonic() - sent_at < RESEND_SECONDS:
-                continue
-            _stop.setdefault("cause", CANCEL)
-            sent_at = time.monotonic()
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-
-def _reads_cancelled(client, run_id) -> bool:
-    try:
-        state = client.read_flow_run(run_id).state
-    except Exception:  # the API is busy or restarting: look again at the next poll
-        return False
-    return state is not None and (state.is_cancelling() or state.is_cancelled())
+            if state is not None and (state.is_cancelling() or state.is_cancelled()) and not done.is_set():
+                _stop.setdefault("cause", CANCEL)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                return
 
 
 def _run_id():

@@ -32,7 +32,7 @@ from tasks.models import build_one_layer_cnn, make_optimizer
 from tasks.reporting import Progress, artifact_key, stage_logger
 from tasks.stage import retry_unless_pipeline_error, stage_task
 from tasks.trained import OPTIMIZER, TRAIN_STAGE, best_effort, model_folder, model_parameters, summary
-from tasks.training_callbacks import BatchProgress, EpochCheckpoint, EpochRecorder, history_columns
+from tasks.training_callbacks import BatchProgress, EpochCheckpoint, EpochRecorder, LostInterruptRaised, history_columns
 from tasks.training_record import confusion_matrix, per_class_accuracy, provenance
 
 LOSS = "categorical_crossentropy"  # the seed's, on one-hot labels
@@ -181,7 +181,8 @@ def _fit(
         checkpoint = EpochCheckpoint(backup, logger=logger, saved=lambda: best_effort(
             lambda: checkpoints.publish(layout, backup), f"publish the checkpoint to {layout.url(backup)}", logger,
         ))
-        callbacks = [ShuffleEachEpoch(train), recorder, checkpoint, BatchProgress(progress), *_tensorboard(backup)]
+        callbacks = [ShuffleEachEpoch(train), recorder, checkpoint, BatchProgress(progress), *_tensorboard(backup),
+                     LostInterruptRaised()]
         # Our progress and per-epoch log lines replace Keras' own bar, which would garble logs and TTYs alike.
         model.fit(
             inputs["train"], validation_data=inputs["valid"], epochs=epochs, shuffle=False, verbose=0,
@@ -236,8 +237,8 @@ def _evaluate(
 ) -> dict[str, Any]:
     """Test loss and accuracy, confusion matrix, per-class accuracy, history and speed, of `model` reading `feed`."""
     started = time.perf_counter()
-    scores = model.evaluate(feed, verbose=0, return_dict=True)
-    predicted = np.argmax(model.predict(feed, verbose=0), axis=1)
+    scores = model.evaluate(feed, verbose=0, return_dict=True, callbacks=[LostInterruptRaised()])
+    predicted = np.argmax(model.predict(feed, verbose=0, callbacks=[LostInterruptRaised()]), axis=1)
     matrix = confusion_matrix(np.asarray(test.labels), predicted, len(class_names))
     history = history_columns(entries)
     seconds = sum(history["seconds"])

@@ -13,6 +13,7 @@ import numpy as np
 
 from storage.atomic import atomic_path, is_temporary, read_json, remove, remove_leftovers, write_json
 from storage.checkpoints import STATE, WEIGHTS, epoch_folder, epoch_folders, load_variables, save_variables
+from tasks.cancellation import raise_if_interrupt_lost
 from tasks.reporting import Progress
 
 
@@ -60,6 +61,23 @@ class BatchProgress(keras.callbacks.Callback):
             done, self._next_batch = batch + 1 - self._next_batch, max(self._next_batch, batch + 1)
             if done > 0:
                 self.progress.advance(done)
+
+
+class LostInterruptRaised(keras.callbacks.Callback):
+    """Ends `fit`, `evaluate` or `predict` with a KeyboardInterrupt (a cancel or Ctrl-C, tasks/cancellation.py)
+    that the code it landed in swallowed. Keras, tracing a model's first step, builds ops inside bare `except:`
+    clauses: a run cancelled in that second would otherwise train on to its last epoch.
+
+    `async_safe`: where Keras runs batch hooks in a thread (JAX, PyTorch), it raises the hook's exception in the
+    main thread at its next hook.
+    """
+
+    async_safe = True
+
+    def _check(self, step: int, logs: dict | None = None) -> None:
+        raise_if_interrupt_lost()
+
+    on_train_batch_end = on_test_batch_end = on_predict_batch_end = on_epoch_end = _check
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
