@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,8 @@ def stack_up(
         processes["seaweedfs"] = _record(seaweed.pid, folder / "seaweedfs" / "weed.log")
         _save(folder, state)
         create_bucket(s3_env, BUCKET)
-        _wait_for_api(api, processes["prefect server"], startup_seconds)
+        server = processes["prefect server"]
+        wait_for_api(api, lambda: _is_ours(server), server["log"], startup_seconds)
         client_env = {**prefect_env, **s3_env, "PREFECT_HOME": str(folder / "prefect-client")}
         with ThreadPoolExecutor(len(POOL_COMMANDS)) as creating:  # each a Prefect CLI process: 2-3 s, mostly imports
             # A stack folder used before keeps its pools.
@@ -156,7 +158,7 @@ def stop_group(pid: int, grace_seconds: float) -> None:
         return
     deadline = time.monotonic() + grace_seconds
     while time.monotonic() < deadline:
-        if not _group_runs(pid):
+        if not group_members(pid):
             return
         time.sleep(0.2)
     try:
@@ -165,16 +167,18 @@ def stop_group(pid: int, grace_seconds: float) -> None:
         pass
 
 
-def _group_runs(group: int) -> bool:
-    """Whether a process of group `group` still runs (a zombie waiting to be reaped has stopped)."""
+def group_members(group: int) -> list[str]:
+    """The names of the processes of group `group` that still run (a zombie waiting to be reaped has stopped)."""
+    members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            state, _, process_group = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, IndexError):
+            name, fields = stat.read_text().rsplit(")", 1)
+            state, _, process_group = fields.split()[:3]
+        except (OSError, ValueError):  # gone meanwhile
             continue
         if int(process_group) == group and state != "Z":
-            return True
-    return False
+            members.append(name.split("(", 1)[1])
+    return members
 
 
 def _save(folder: Path, state: dict[str, Any]) -> None:
@@ -183,7 +187,8 @@ def _save(folder: Path, state: dict[str, Any]) -> None:
     temporary.replace(folder / STATE)
 
 
-def _wait_for_api(api: str, server: dict[str, Any], seconds: float) -> None:
+def wait_for_api(api: str, running: Callable[[], bool], log: str | Path, seconds: float) -> None:
+    """Wait until the Prefect server at `api` answers; PipelineError once `running()` is false, or after `seconds`."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
@@ -191,10 +196,10 @@ def _wait_for_api(api: str, server: dict[str, Any], seconds: float) -> None:
                 return
         except requests.ConnectionError:
             pass
-        if not _is_ours(server):
-            raise PipelineError(f"The Prefect server exited: see {server['log']}")
-        time.sleep(0.3)
-    raise PipelineError(f"The Prefect server did not answer within {seconds:.0f} s: see {server['log']}")
+        if not running():
+            raise PipelineError(f"The Prefect server exited: see {log}")
+        time.sleep(0.2)
+    raise PipelineError(f"The Prefect server did not answer within {seconds:.0f} s: see {log}")
 
 
 def _prefect(command: str, env: dict[str, str], cwd: Path, unless: str | None = None) -> None:

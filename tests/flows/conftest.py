@@ -6,19 +6,18 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 from filelock import FileLock
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from pyarrow import fs as arrow_fs
 
+from core.errors import PipelineError
 from demo.loopback import FileServer
-from demo.stack import stop_group
+from demo.stack import stop_group, wait_for_api
 from demo.synthetic import make_archive
 from flows.embedded_api import free_port, send_what_prefect_queued
 from storage.atomic import read_json, write_json
@@ -67,9 +66,11 @@ def _start_prefect_server(home: Path) -> dict:
                                    "127.0.0.1", "--port", str(port)], env={**_without_api_key(os.environ), **env},
                                   stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
     try:
-        _wait_until_healthy(server, port, home / "server.log")
-    except BaseException:
+        wait_for_api(f"http://127.0.0.1:{port}/api", lambda: server.poll() is None, home / "server.log", 120)
+    except BaseException as error:
         stop_group(server.pid, grace_seconds=30)
+        if isinstance(error, PipelineError):  # with the log's end: the session's folder goes with the session
+            pytest.fail(f"{error}\n{(home / 'server.log').read_text()[-2000:]}")
         raise
     return {"process_group": server.pid, "env": env}
 
@@ -77,20 +78,6 @@ def _start_prefect_server(home: Path) -> dict:
 def _without_api_key(environment) -> dict[str, str]:
     """`environment` less PREFECT_API_KEY: the session's server is a local one, not Prefect Cloud."""
     return {name: value for name, value in environment.items() if name != "PREFECT_API_KEY"}
-
-
-def _wait_until_healthy(server: subprocess.Popen, port: int, log: Path, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/api/health", timeout=2).ok:
-                return
-        except requests.ConnectionError:
-            pass
-        if server.poll() is not None:
-            pytest.fail(f"prefect server exited: {log.read_text()[-2000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"prefect server did not become healthy within {seconds:.0f} s")
 
 
 @pytest.fixture(scope="session")

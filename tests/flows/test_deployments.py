@@ -38,7 +38,7 @@ from prefect.states import Cancelling
 
 import flows.train
 from core.errors import PipelineError
-from demo.stack import DEPLOY_COMMAND, POOL_COMMANDS
+from demo.stack import DEPLOY_COMMAND, POOL_COMMANDS, group_members
 from flows.train import train_remotely
 from storage.layout import DataRoot
 from storage.letters import letter_folder
@@ -399,20 +399,6 @@ def test_stopping_a_pipeline_in_the_terminal_cancels_its_training_on_the_worker(
 
 def report_objects(layout: DataRoot) -> list[str]:
     return sorted(key for key in objects_under(layout) if key.endswith("report.md"))
-
-
-def group_members(group: int) -> list[str]:
-    """The processes of process group `group` that still run (a zombie waiting for its reaper does not)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            name, fields = stat.read_text().rsplit(")", 1)
-        except OSError:
-            continue
-        state, _, process_group = fields.split()[:3]
-        if int(process_group) == group and state != "Z":
-            members.append(name.split("(", 1)[1])
-    return members
 
 
 def test_stack_down_stops_every_process_it_started_and_only_those(stack):
