@@ -7,8 +7,9 @@ for a flow or task run in this process's main thread:
 - a watcher thread polls the outermost run's state; when it reads Cancelling (or Cancelled) it
   interrupts the main thread, as Ctrl-C would, wherever it waits (a future, a training step, a poll);
 - code on the interrupt's way may swallow it (Keras, tracing a model's first step, has bare `except:`
-  clauses): training then checks, after each group of batches, whether an interrupt was raised that
-  no `cancellable` run has caught, and raises it again (`raise_if_interrupt_lost`);
+  clauses): training after each group of batches, and each `cancellable` run as its body returns,
+  checks whether an interrupt was raised that no run has caught, and raises it again
+  (`raise_if_interrupt_lost`);
 - the interrupt unwinds to the innermost `cancellable` run, which ends Cancelled instead of Crashed
   (a training sent to a work pool is cancelled on the way, flows/train.py); each run around it
   then meets the `CancelledRun` its child's state raises, and ends Cancelled too, publishing
@@ -37,8 +38,8 @@ POLL_SECONDS = 1.0  # how soon a run started in a terminal notices it was cancel
 INTERRUPT = "interrupt"  # Ctrl-C (SIGINT) reached this process
 CANCEL = "cancel"  # a run of this process was cancelled through the API
 
-# {"cause": INTERRUPT or CANCEL} once a run of this process was told to stop; "raised": True once the interrupt was
-# raised in the main thread, "caught": True once a `cancellable` run caught it
+# {"cause": INTERRUPT or CANCEL} once a run of this process was told to stop (kept for the command line to read);
+# "raised": True once the interrupt was raised in the main thread, "caught": True once a `cancellable` run caught it
 _stop: dict[str, object] = {}
 _watching = threading.Lock()  # held while a watcher runs: one per process, on the outermost run
 
@@ -49,9 +50,10 @@ def stop_cause() -> str | None:
 
 
 def raise_if_interrupt_lost() -> None:
-    """KeyboardInterrupt if one was raised in the main thread and no `cancellable` run has caught it: the code it
-    landed in swallowed it, and the work goes on. Call it where long work continues (training does, per batch)."""
-    if _stop.get("raised") and not _stop.get("caught"):
+    """KeyboardInterrupt if, in the watched run going on, one was raised in the main thread and no `cancellable` run
+    has caught it: the code it landed in swallowed it, and the work goes on. Call it where long work continues
+    (training does, per batch); a `cancellable` run whose body returns calls it too."""
+    if _watching.locked() and _stop.get("raised") and not _stop.get("caught"):
         raise KeyboardInterrupt
 
 
@@ -68,7 +70,9 @@ def cancellable(function: Callable[..., Any]) -> Callable[..., Any]:
             return function(*args, **kwargs)
         try:
             with _interrupt_records_its_cause(), _watched(_run_id()):
-                return function(*args, **kwargs)
+                result = function(*args, **kwargs)
+                raise_if_interrupt_lost()  # swallowed after the last check: the run still ends Cancelled
+                return result
         except KeyboardInterrupt:
             _stop.setdefault("cause", INTERRUPT)
             _stop["caught"] = True
@@ -76,6 +80,7 @@ def cancellable(function: Callable[..., Any]) -> Callable[..., Any]:
         except CancelledRun as child:  # a child run ended Cancelled: this run goes no further
             if stop_cause() is None:
                 raise
+            _stop["caught"] = True  # the interrupt reached a run (flows/train.py turns it into CancelledRun)
             said = str(child)  # the innermost training run's name is the one a user looks for
             return Cancelled(message=said if said.startswith("training run ") else f"{_run_name()} cancelled")
 
@@ -115,7 +120,7 @@ def _watched(run_id) -> Iterator[None]:
     if run_id is None or not _watching.acquire(blocking=False):
         yield
         return
-    _stop.clear()  # the outermost run of a new command (or test): no stop seen yet
+    _stop.clear()  # the outermost run of a new command (or test): no stop seen, raised or caught yet
     done = threading.Event()
     context = contextvars.copy_context()  # Prefect's settings (which API) live in context variables
     watcher = threading.Thread(target=context.run, args=(_watch, run_id, done), name="cancellation watch", daemon=True)
@@ -124,10 +129,10 @@ def _watched(run_id) -> Iterator[None]:
         yield
     finally:
         done.set()
-        watcher.join()
-        for mark in ("raised", "caught"):  # the cause stays, for the command line to read
-            _stop.pop(mark, None)
-        _watching.release()
+        try:
+            watcher.join()  # a cancel read just as the run ended may interrupt even this
+        finally:
+            _watching.release()
 
 
 def _watch(run_id, done: threading.Event) -> None:

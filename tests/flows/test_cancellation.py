@@ -37,7 +37,7 @@ def test_an_interrupt_swallowed_during_training_still_ends_the_run_cancelled(pre
     write_split_folder(tmp_path, rows={"train": 640, "valid": 64, "test": 64})
     swallower = SwallowsAnInterrupt()
 
-    @flow(name="trains")
+    @flow(name="trains", persist_result=False)
     @cancellable
     def trains() -> dict:
         return train_model(tmp_path, "synthetic", epochs=50, batch_size=32, extra_callbacks=[swallower])
@@ -50,3 +50,19 @@ def test_an_interrupt_swallowed_during_training_still_ends_the_run_cancelled(pre
     assert stop_cause() == INTERRUPT
     assert not list(tmp_path.glob("models/*/model.keras"))
     raise_if_interrupt_lost()  # the run over, nothing is left pending for whatever this process does next
+
+
+def test_an_interrupt_swallowed_after_the_last_check_still_ends_the_run_cancelled(prefect_api):
+    @flow(name="swallows at its end", persist_result=False)
+    @cancellable
+    def swallows_at_its_end() -> str:
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except:  # noqa: E722 (what the library code in question does)
+            pass
+        return "went on"
+
+    state = swallows_at_its_end(return_state=True)
+
+    assert state.is_cancelled(), state
+    assert stop_cause() == INTERRUPT

@@ -220,11 +220,12 @@ def test_a_pipeline_cancelled_mid_training_stops_there_and_its_training_subflow_
     parameters, _ = first_run
     parameters = {**parameters, "epochs": 1000}  # another model: training starts at once, every data stage Cached
     seen: dict[str, object] = {}
+    returned = threading.Event()
 
     def cancel_once_training() -> None:
         with get_client(sync_client=True) as client:
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and "pipeline" not in seen:
+            while time.monotonic() < deadline and "pipeline" not in seen and not returned.is_set():
                 running = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                     state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
                 training = [run for run in running if run.parameters.get("epochs") == 1000
@@ -233,7 +234,8 @@ def test_a_pipeline_cancelled_mid_training_stops_there_and_its_training_subflow_
                     seen["training"], seen["pipeline"] = sorted(training, key=lambda run: run.parent_task_run_id is None)
                 time.sleep(0.5)
             if "pipeline" not in seen:  # end the 1000 epochs now: the test fails on what it did not see
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                if not returned.is_set():
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                 return
             time.sleep(2)  # a few epochs in
             seen["cancelled at"] = time.monotonic()
@@ -241,7 +243,10 @@ def test_a_pipeline_cancelled_mid_training_stops_there_and_its_training_subflow_
 
     canceller = threading.Thread(target=contextvars.copy_context().run, args=(cancel_once_training,), daemon=True)
     canceller.start()
-    state = notmnist_pipeline(**parameters, return_state=True)
+    try:
+        state = notmnist_pipeline(**parameters, return_state=True)
+    finally:
+        returned.set()
     stopped_at = time.monotonic()
     canceller.join(timeout=10)
 
