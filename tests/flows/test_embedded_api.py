@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,10 +11,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from core.errors import PipelineError
 from flows.cli import _runs_flows, main
 from flows.embedded_api import EmbeddedAPI
+from tasks.stage import DataRootRecords, save_records_block
 from tests.flows.conftest import servers_started_here
 from tests.processes import alive
 
@@ -49,10 +52,21 @@ def test_the_embedded_api_answers_then_leaves_nothing_behind(monkeypatch, tmp_pa
         assert {name: os.environ[name] for name in settings} == settings  # for child processes too
         with urllib.request.urlopen(f"{api.url}/health", timeout=60) as response:  # a loaded machine
             assert response.status == 200
+        assert block_types(api.url) == []  # none registered at its start: no collection imported to find them
+        with temporary_settings({PREFECT_API_URL: api.url}):  # as a command's settings, read before the API started
+            save_records_block()  # what a flow saves registers its own type
+        assert block_types(api.url) == [DataRootRecords._block_type_slug]
     finally:
         api.stop()
     assert api.process.poll() is not None
     assert "PREFECT_API_URL" not in os.environ and "PREFECT_UI_URL" not in os.environ
+
+
+def block_types(api_url: str) -> list[str]:
+    request = urllib.request.Request(f"{api_url}/block_types/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return [block_type["slug"] for block_type in json.load(response)]
 
 
 def test_an_api_that_exits_says_so_and_what_to_do(monkeypatch, tmp_path):
