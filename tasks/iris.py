@@ -90,7 +90,7 @@ def fit_softmax_regression(
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """The seed's iris fit (SGD, shuffled mini-batches), from the same initial weights for a given seed."""
     make_deterministic(seed)
-    model = build_softmax_regression(len(FEATURES), len(SPECIES))
+    model = build_softmax_regression(len(FEATURES), len(SPECIES), seed=seed)
     model.compile(optimizer=make_optimizer("sgd", learning_rate), loss=VARIANTS[variant], metrics=["accuracy"])
     history = model.fit(features, _targets(labels, variant), batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0)
     return model, {name: [float(value) for value in values] for name, values in history.history.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import keras
 
 from core.errors import PipelineError
@@ -10,12 +12,25 @@ from core.errors import PipelineError
 OPTIMIZERS = {"adadelta": keras.optimizers.Adadelta, "sgd": keras.optimizers.SGD}
 
 
-def build_softmax_regression(input_features: int = 4, classes: int = 3) -> keras.Model:
+def kernel_initializers(seed: int | None, layers: int) -> list[keras.initializers.Initializer]:
+    """Each layer's kernel initializer (Glorot uniform, Keras' default), in the layers' order.
+
+    With `seed`, their seeds are those Keras itself draws from Python's global `random`, one per layer as it is made,
+    right after `keras.utils.set_random_seed(seed)`: the model is the one Keras gives undisturbed. They are drawn from
+    a generator of their own, since another thread's draw meanwhile would change them, and Prefect's event client
+    makes some (websockets' keepalive ping, every 20 s): a pipeline whose training started as one went out trained
+    another model. Without `seed`, Keras draws them."""
+    draws = random.Random(seed) if seed is not None else None
+    return [keras.initializers.GlorotUniform(draws.randint(1, int(1e9)) if draws else None) for _ in range(layers)]
+
+
+def build_softmax_regression(input_features: int = 4, classes: int = 3, *, seed: int | None = None) -> keras.Model:
     """The seed's iris model: Dense(classes) then softmax, i.e. multinomial logistic regression."""
+    (dense,) = kernel_initializers(seed, 1)
     return keras.Sequential(
         [
             keras.Input(shape=(input_features,), name="features"),
-            keras.layers.Dense(classes, name="dense"),
+            keras.layers.Dense(classes, kernel_initializer=dense, name="dense"),
             keras.layers.Activation("softmax", name="softmax"),
         ],
         name="softmax_regression",
@@ -27,15 +42,20 @@ def build_one_layer_cnn(
     classes: int = 10,
     filters: int = 32,
     kernel_size: tuple[int, int] = (3, 3),
+    *,
+    seed: int | None = None,
 ) -> keras.Model:
-    """The seed's MNIST/notMNIST model: Conv2D(valid) -> ReLU -> Flatten -> Dense -> softmax, no pooling."""
+    """The seed's MNIST/notMNIST model: Conv2D(valid) -> ReLU -> Flatten -> Dense -> softmax, no pooling; its
+    initial weights depend on `seed` alone (`kernel_initializers`)."""
+    convolution, dense = kernel_initializers(seed, 2)
     return keras.Sequential(
         [
             keras.Input(shape=input_shape, name="image"),
-            keras.layers.Conv2D(filters, kernel_size, padding="valid", name="convolution"),
+            keras.layers.Conv2D(filters, kernel_size, padding="valid", kernel_initializer=convolution,
+                                name="convolution"),
             keras.layers.Activation("relu", name="relu"),
             keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(classes, name="dense"),
+            keras.layers.Dense(classes, kernel_initializer=dense, name="dense"),
             keras.layers.Activation("softmax", name="softmax"),
         ],
         name="one_layer_cnn",

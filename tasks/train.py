@@ -125,7 +125,7 @@ def train_model(
         remove_temporaries_of(model_dir)  # a model folder a killed run was writing
         make_deterministic(seed)
         batches = open_splits(split_dir, manifest, experiment=experiment, batch_size=batch_size, seed=seed)
-        model = build_one_layer_cnn(classes=len(manifest["class_names"]))
+        model = build_one_layer_cnn(classes=len(manifest["class_names"]), seed=seed)
         trainer, inputs = training_input(model, batches)  # `model` itself, or fed on the device (JAX)
         optimizer = make_optimizer(OPTIMIZER, learning_rate)
         for compiled in [model] if trainer is model else [model, trainer]:  # the model saved is compiled too

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import threading
+
 import keras
 import numpy as np
 import pytest
@@ -33,6 +36,25 @@ def test_the_cnn_has_no_pooling_and_valid_padding_as_in_the_seed():
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds == ["Conv2D", "Activation", "Flatten", "Dense", "Activation"]
     assert model.layers[0].padding == "valid" and model.layers[0].filters == 32
+
+
+@pytest.mark.parametrize("build", [build_softmax_regression, build_one_layer_cnn], ids=["softmax-regression", "cnn"])
+def test_the_initial_weights_come_from_the_seed_alone_whatever_other_threads_draw(build):
+    """Keras seeds each layer's initializer from Python's global `random` as the layer is made; a thread drawing from
+    it meanwhile (websockets' keepalive ping, in Prefect's event client) must not change the model, which stays the
+    one Keras' own seeding gives undisturbed."""
+    keras.utils.set_random_seed(7)
+    undisturbed = build().get_weights()
+    keras.utils.set_random_seed(7)
+    ping = threading.Thread(target=random.getrandbits, args=(32,))
+    ping.start()
+    ping.join()
+    disturbed = build(seed=7).get_weights()
+    assert len(disturbed) == len(undisturbed) == len(build().weights)
+    for made, expected in zip(disturbed, undisturbed, strict=True):
+        np.testing.assert_array_equal(made, expected)
+    keras.utils.set_random_seed(8)
+    assert not np.array_equal(build(seed=8).get_weights()[0], disturbed[0])  # another seed, other weights
 
 
 @pytest.mark.parametrize("build", [build_softmax_regression, build_one_layer_cnn], ids=["softmax-regression", "cnn"])
