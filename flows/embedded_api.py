@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ from core.errors import PipelineError
 EXITED_AT_STARTUP, RELAUNCHES = 3, 2
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 STOP_SECONDS = 5  # what Prefect's own temporary server gets to shut down cleanly before it is killed
+SHOWN_BYTES = 20_000  # of the server's own output, where it failed
 # Prefect's temporary server's settings, and no block registration at start: that imports every installed Prefect
 # collection (prefect-dask imports Dask's distributed) to register block types no command here uses, costing 0.3-1.3 s
 # of the command's wait and 25 MiB, every command. A block a flow saves registers its own type; `prefect server start`
@@ -41,6 +43,7 @@ class EmbeddedAPI:
 
     def __init__(self) -> None:
         self.port = free_port()
+        self.output, self._shown = tempfile.TemporaryFile(), False
         self.process = self._launch()
         atexit.register(self.stop)  # registered before Prefect's own exit handlers, so it runs after them
 
@@ -53,15 +56,21 @@ class EmbeddedAPI:
         # No UI is served and the server ends with the command: no page of it to link to ("View at ...").
         return {"PREFECT_API_URL": self.url, "PREFECT_UI_URL": ""}
 
-    def _launch(self) -> subprocess.Popen:
-        # Prefect's own command for its temporary server (SubprocessASGIServer), the API without the UI; the package
-        # folder found without importing it.
+    def server_command(self) -> list[str]:
+        """Prefect's own command for its temporary server (SubprocessASGIServer), the API without the UI; the package
+        folder found without importing it."""
         package = Path(importlib.util.find_spec("prefect").origin).parent
+        return [sys.executable, "-m", "uvicorn", "--app-dir", str(package.parent), "--factory",
+                "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                "--log-level", "error", "--lifespan", "on"]
+
+    def _launch(self) -> subprocess.Popen:
+        # The server's output goes to a file of its own, shown only where the server fails (`_show_output`): its
+        # services, cancelled as it shuts down, logged tracebacks after the command's result ("Error flushing 1
+        # events"), which said nothing a user could act on.
         return subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(package.parent), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "error", "--lifespan", "on"],
-            env={**os.environ, **SERVER_SETTINGS},
+            self.server_command(), env={**os.environ, **SERVER_SETTINGS},
+            stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT,
             preexec_fn=_ends_with_parent if sys.platform == "linux" else None,  # no thread runs yet: safe
         )
 
@@ -85,6 +94,7 @@ class EmbeddedAPI:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.1)
+        self._show_output()
         if self.process.poll() is not None:
             raise PipelineError(
                 f"Prefect's embedded API exited with code {self.process.returncode} before it answered (its error is "
@@ -93,11 +103,23 @@ class EmbeddedAPI:
             )
         raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
 
+    def _show_output(self) -> None:
+        """The end of what the server wrote, on this command's stderr: once, and only where it failed."""
+        if self._shown or self.output.closed:
+            return
+        self._shown = True
+        self.output.seek(0, os.SEEK_END)
+        self.output.seek(max(0, self.output.tell() - SHOWN_BYTES))
+        if said := self.output.read().decode(errors="replace"):
+            print(said, end="" if said.endswith("\n") else "\n", file=sys.stderr, flush=True)
+
     def stop(self) -> None:
         """Shut the server down (cleanly when it lets itself be, else killed), after the logs and events Prefect
         still queues for it are sent; the variables go with it."""
         if self.process.poll() is None:
             send_what_prefect_queued()
+        elif self.process.returncode != 0:  # it ended on its own, during the command: what it said is the cause
+            self._show_output()
         if os.environ.get("PREFECT_API_URL") == self.url:
             for name in self.settings:
                 os.environ.pop(name, None)
@@ -108,6 +130,7 @@ class EmbeddedAPI:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.output.close()
 
 
 def start_if_unset() -> EmbeddedAPI | None:

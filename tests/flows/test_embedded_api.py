@@ -69,7 +69,7 @@ def block_types(api_url: str) -> list[str]:
         return [block_type["slug"] for block_type in json.load(response)]
 
 
-def test_an_api_that_exits_says_so_and_what_to_do(monkeypatch, tmp_path):
+def test_an_api_that_exits_says_so_and_what_to_do(monkeypatch, tmp_path, capfd):
     home = tmp_path / "prefect-home"
     home.write_text("a file where the Prefect home's folder should be")  # its database cannot be created
     monkeypatch.setenv("PREFECT_HOME", str(home))
@@ -79,6 +79,38 @@ def test_an_api_that_exits_says_so_and_what_to_do(monkeypatch, tmp_path):
             api.wait(180)
     finally:
         api.stop()
+    said = capfd.readouterr().err
+    assert "unable to open database file" in said, said[-3000:]  # "its error is above"
+    assert said.count("Application startup failed") == 1  # once, though the server is stopped after
+
+
+def fake_server(monkeypatch, script: str) -> EmbeddedAPI:
+    """An EmbeddedAPI whose server is `script`, run by Python, in place of Prefect's."""
+    monkeypatch.setattr(EmbeddedAPI, "server_command", lambda self: [sys.executable, "-c", script])
+    return EmbeddedAPI()
+
+
+def test_what_the_server_writes_as_the_command_stops_it_stays_off_the_terminal(monkeypatch, capfd):
+    """A server's services, cancelled as it shuts down, logged tracebacks after the command's result."""
+    api = fake_server(monkeypatch, "import signal, sys, time\n"
+                      "def stop(*_):\n    print('Error flushing 1 events', file=sys.stderr, flush=True)\n    sys.exit(0)\n"
+                      "signal.signal(signal.SIGTERM, stop)\nprint('started', file=sys.stderr, flush=True)\n"
+                      "time.sleep(60)")
+    deadline = time.monotonic() + 60
+    while not api.output.tell() and time.monotonic() < deadline:  # its output, written to the file it was given
+        api.output.seek(0, os.SEEK_END)
+        time.sleep(0.05)
+    api.stop()
+    assert api.process.returncode == 0  # it wrote its lines, and exited as asked
+    assert "Error flushing" not in capfd.readouterr().err
+
+
+def test_a_server_that_ends_during_the_command_shows_what_it_said(monkeypatch, capfd):
+    api = fake_server(monkeypatch, "import sys; print('database disk image is malformed', file=sys.stderr); sys.exit(3)")
+    api.process.wait(60)
+    api.stop()
+    api.stop()  # again, as the exit hook does
+    assert capfd.readouterr().err.count("database disk image is malformed") == 1
 
 
 def test_the_server_ends_when_the_command_is_killed(tmp_path):
