@@ -43,7 +43,7 @@ class EmbeddedAPI:
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.output, self._shown = tempfile.TemporaryFile(), False
+        self.output, self._shown = None, False
         self.process = self._launch()
         atexit.register(self.stop)  # registered before Prefect's own exit handlers, so it runs after them
 
@@ -65,14 +65,21 @@ class EmbeddedAPI:
                 "--log-level", "error", "--lifespan", "on"]
 
     def _launch(self) -> subprocess.Popen:
-        # The server's output goes to a file of its own, shown only where the server fails (`_show_output`): its
-        # services, cancelled as it shuts down, logged tracebacks after the command's result ("Error flushing 1
-        # events"), which said nothing a user could act on.
-        return subprocess.Popen(
-            self.server_command(), env={**os.environ, **SERVER_SETTINGS},
-            stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT,
-            preexec_fn=_ends_with_parent if sys.platform == "linux" else None,  # no thread runs yet: safe
-        )
+        # The server's output goes to a file of its own (one per launch), shown where it fails and, at the end, what
+        # it wrote while the command ran (`stop`): not what it writes as it is stopped, where its services, cancelled,
+        # logged tracebacks after the command's result ("Error flushing 1 events") that nobody could act on.
+        if self.output is not None:
+            self.output.close()
+        self.output = tempfile.TemporaryFile()
+        try:
+            return subprocess.Popen(
+                self.server_command(), env={**os.environ, **SERVER_SETTINGS},
+                stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT,
+                preexec_fn=_ends_with_parent if sys.platform == "linux" else None,  # no thread runs yet: safe
+            )
+        except BaseException:
+            self.output.close()
+            raise
 
     def wait(self, seconds: float) -> dict[str, str]:
         """Wait up to `seconds` for the API to answer; returns the Prefect settings that point at it, also given to
@@ -103,26 +110,27 @@ class EmbeddedAPI:
             )
         raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
 
-    def _show_output(self) -> None:
-        """The end of what the server wrote, on this command's stderr: once, and only where it failed."""
+    def _show_output(self, end: int | None = None) -> None:
+        """The last of what the server wrote (up to byte `end`), on this command's stderr, once. Read with `pread`: the
+        server writes at the file's shared position, which a seek here would move under it."""
         if self._shown or self.output.closed:
             return
         self._shown = True
-        self.output.seek(0, os.SEEK_END)
-        self.output.seek(max(0, self.output.tell() - SHOWN_BYTES))
-        if said := self.output.read().decode(errors="replace"):
+        end = os.fstat(self.output.fileno()).st_size if end is None else end
+        start = max(0, end - SHOWN_BYTES)
+        if said := os.pread(self.output.fileno(), end - start, start).decode(errors="replace"):
             print(said, end="" if said.endswith("\n") else "\n", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         """Shut the server down (cleanly when it lets itself be, else killed), after the logs and events Prefect
-        still queues for it are sent; the variables go with it."""
+        still queues for it are sent; the variables go with it. What the server wrote while the command ran (errors
+        it logged, why it ended) is shown then; what it writes as it is stopped is not."""
         if self.process.poll() is None:
             send_what_prefect_queued()
-        elif self.process.returncode != 0:  # it ended on its own, during the command: what it said is the cause
-            self._show_output()
         if os.environ.get("PREFECT_API_URL") == self.url:
             for name in self.settings:
                 os.environ.pop(name, None)
+        written = 0 if self.output.closed else os.fstat(self.output.fileno()).st_size
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -130,6 +138,8 @@ class EmbeddedAPI:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if written:
+            self._show_output(written)
         self.output.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -90,19 +91,43 @@ def fake_server(monkeypatch, script: str) -> EmbeddedAPI:
     return EmbeddedAPI()
 
 
-def test_what_the_server_writes_as_the_command_stops_it_stays_off_the_terminal(monkeypatch, capfd):
-    """A server's services, cancelled as it shuts down, logged tracebacks after the command's result."""
+def test_what_the_server_writes_as_it_is_stopped_stays_off_the_terminal_and_what_it_logged_before_does_not(
+    monkeypatch, capfd
+):
+    """A server's services, cancelled as it shuts down, logged tracebacks after the command's result; an error it logs
+    while the command runs (a request it failed) is the user's to see."""
     api = fake_server(monkeypatch, "import signal, sys, time\n"
                       "def stop(*_):\n    print('Error flushing 1 events', file=sys.stderr, flush=True)\n    sys.exit(0)\n"
-                      "signal.signal(signal.SIGTERM, stop)\nprint('started', file=sys.stderr, flush=True)\n"
-                      "time.sleep(60)")
+                      "signal.signal(signal.SIGTERM, stop)\n"
+                      "print('ERROR | database is locked', file=sys.stderr, flush=True)\ntime.sleep(60)")
     deadline = time.monotonic() + 60
-    while not api.output.tell() and time.monotonic() < deadline:  # its output, written to the file it was given
-        api.output.seek(0, os.SEEK_END)
+    while not os.fstat(api.output.fileno()).st_size and time.monotonic() < deadline:  # written to its own file
         time.sleep(0.05)
     api.stop()
     assert api.process.returncode == 0  # it wrote its lines, and exited as asked
-    assert "Error flushing" not in capfd.readouterr().err
+    said = capfd.readouterr().err
+    assert "Error flushing" not in said
+    assert said.count("ERROR | database is locked") == 1
+
+
+def test_a_server_relaunched_on_another_port_shows_only_what_the_last_one_said(monkeypatch, capfd):
+    scripts = iter([
+        "import sys; print('[Errno 98] address already in use', file=sys.stderr); sys.exit(3)",  # another took the port
+        "import sys; print('unable to open database file', file=sys.stderr); sys.exit(1)",
+    ])
+    monkeypatch.setattr(EmbeddedAPI, "server_command", lambda self: [sys.executable, "-c", next(scripts)])
+    api = EmbeddedAPI()
+    first_port = api.port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", first_port))
+        try:
+            with pytest.raises(PipelineError, match="exited with code 1 before it answered"):
+                api.wait(60)
+        finally:
+            api.stop()
+    assert api.port != first_port
+    said = capfd.readouterr().err
+    assert "unable to open database file" in said and "address already in use" not in said
 
 
 def test_a_server_that_ends_during_the_command_shows_what_it_said(monkeypatch, capfd):
