@@ -536,6 +536,11 @@ def _command(argv: list[str], word: str | None, api: EmbeddedAPI | None) -> int:
             return 130 if stop_cause() == INTERRUPT else 1
         if args.debug:
             traceback.print_exc()
+        elif api is not None and api.process.poll() is not None:  # the command's own API went away under it
+            api.stop()  # what it said, if anything, above this line
+            error = (f"Prefect's embedded API ended during the command (exit code {api.process.returncode}): rerun "
+                     "the same command, which resumes from the stages that finished; a server started with `prefect "
+                     "server start` (PREFECT_API_URL=http://127.0.0.1:4200/api) outlives commands")
         elif not isinstance(error, PipelineError) and out_of_space(error):  # met outside a stage and the flows
             error = disk_full(error, _working_folder(args), f"what `notmnist {args.command}` wrote")
         elif isinstance(error, OSError) and error.strerror:  # a path that cannot serve: say which and why

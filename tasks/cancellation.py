@@ -35,6 +35,9 @@ from prefect.exceptions import CancelledRun
 from prefect.states import Cancelled
 
 POLL_SECONDS = 1.0  # how soon a run started in a terminal notices it was cancelled through the API
+# How long a finished run waits for its watcher to end. A watcher asking an API that has gone away can be stuck in
+# one request (up to Prefect's request timeout): it is left behind then, and once its run is done it interrupts nothing.
+JOIN_SECONDS = 5.0
 INTERRUPT = "interrupt"  # Ctrl-C (SIGINT) reached this process
 CANCEL = "cancel"  # a run of this process was cancelled through the API
 
@@ -130,15 +133,18 @@ def _watched(run_id) -> Iterator[None]:
     finally:
         done.set()
         try:
-            watcher.join()  # a cancel read just as the run ended may interrupt even this
+            watcher.join(JOIN_SECONDS)  # a cancel read just as the run ended may interrupt even this
         finally:
             _watching.release()
 
 
 def _watch(run_id, done: threading.Event) -> None:
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-    with get_client(sync_client=True) as client:
+    # A poll the API does not answer is simply made again a second later: Prefect's own retries of a request (five,
+    # backing off to a minute in all, once it has connected) kept a run whose API went away from ending for minutes.
+    with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), get_client(sync_client=True) as client:
         while not done.wait(POLL_SECONDS):
             try:
                 state = client.read_flow_run(run_id).state

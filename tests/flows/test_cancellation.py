@@ -1,4 +1,5 @@
-"""A cancel or a Ctrl-C that the code it lands in swallows still stops the training.
+"""A cancel or a Ctrl-C that the code it lands in swallows still stops the training; a run whose API stops
+answering still ends.
 
 Keras, tracing a model's first step, builds ops inside bare `except:` clauses: an interrupt that lands there
 is lost, and a pipeline cancelled in that second trained on to its last epoch.
@@ -7,11 +8,16 @@ is lost, and a pipeline cancelled in that second trained on to its last epoch.
 from __future__ import annotations
 
 import signal
+import socket
+import time
+import uuid
 
 import keras
 from prefect import flow
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tasks.cancellation import INTERRUPT, cancellable, stop_cause
+from tasks import cancellation
+from tasks.cancellation import INTERRUPT, _watched, cancellable, stop_cause
 from tasks.train import train_model
 from tests.tasks.synthetic_splits import write_split_folder
 
@@ -65,3 +71,21 @@ def test_an_interrupt_swallowed_after_the_last_check_still_ends_the_run_cancelle
 
     assert state.is_cancelled(), state
     assert stop_cause() == INTERRUPT
+
+
+def test_a_run_whose_api_stops_answering_ends_without_waiting_on_its_watcher(monkeypatch):
+    """The watcher asks the API every second whether the run was cancelled. An API that went away left it in one
+    request for Prefect's timeout (60 s) and its retries, and the finished run waited for it: minutes, after a
+    pipeline's embedded API was killed."""
+    monkeypatch.setattr(cancellation, "JOIN_SECONDS", 0.5)
+    with socket.socket() as silent:  # takes connections (the system's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{silent.getsockname()[1]}/api"}):
+            watching = _watched(uuid.uuid4())
+            watching.__enter__()
+            time.sleep(1.5)  # the watcher's first request is under way, unanswered
+            started = time.monotonic()
+            watching.__exit__(None, None, None)
+            waited = time.monotonic() - started
+    assert waited < 5, waited  # before: the request's whole timeout and its retries

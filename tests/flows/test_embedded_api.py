@@ -153,3 +153,40 @@ def test_the_server_ends_when_the_command_is_killed(tmp_path):
     while alive(server) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(server)
+
+
+def test_a_command_whose_embedded_api_ends_under_it_says_so_and_what_to_do(monkeypatch, tmp_path, capfd):
+    """Killed mid-run (the machine short of memory, say), the API leaves the run's next request refused: the command
+    ends with one line naming the cause, not Prefect's connection error."""
+    import httpx
+
+    from flows import cli
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the session's server: restored after the test
+    started = []
+    answering = ("import http.server, sys\n"
+                 "class Health(http.server.BaseHTTPRequestHandler):\n"
+                 "    def do_GET(self):\n        self.send_response(200)\n        self.end_headers()\n"
+                 "    def log_message(self, *args):\n        pass\n"
+                 "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), Health).serve_forever()")
+    monkeypatch.setattr(EmbeddedAPI, "server_command",
+                        lambda self: started.append(self) or [sys.executable, "-c", answering, str(self.port)])
+
+    def killed_mid_run(args):
+        started[-1].process.kill()
+        started[-1].process.wait()
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(cli, "COMMANDS", tuple(
+        (name, killed_mid_run if name == "iris" else handler, text, options)
+        for name, handler, text, options in cli.COMMANDS
+    ))
+    assert main(["iris"]) == 1
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("notmnist")]
+    assert errors == [
+        "notmnist iris: error: Prefect's embedded API ended during the command (exit code -9): rerun the same "
+        "command, which resumes from the stages that finished; a server started with `prefect server start` "
+        "(PREFECT_API_URL=http://127.0.0.1:4200/api) outlives commands"
+    ]
+
