@@ -517,11 +517,13 @@ def _command(argv: list[str], word: str | None, api: EmbeddedAPI | None) -> int:
     if api is not None and get_current_settings().api.url:  # a profile or settings file names the API to use
         api.stop()
         api = None
+    answered = False  # whether the embedded API answered: an error after that may be its ending under the command
     try:
         if prepare := getattr(args, "prepare", None):  # needs no API: done while the embedded one starts
             prepare(args)
         if api is not None:
             embedded = api.wait(startup.get(STARTUP, STARTUP.value()))
+            answered = True
             startup |= {setting: embedded[setting.name] for setting in (PREFECT_API_URL, PREFECT_UI_URL)}
         with temporary_settings(updates=startup):
             result = args.handler(args)
@@ -536,7 +538,7 @@ def _command(argv: list[str], word: str | None, api: EmbeddedAPI | None) -> int:
             return 130 if stop_cause() == INTERRUPT else 1
         if args.debug:
             traceback.print_exc()
-        elif api is not None and api.process.poll() is not None:  # the command's own API went away under it
+        elif answered and api.process.poll() is not None:  # the command's own API went away under it
             api.stop()  # what it said, if anything, above this line
             error = (f"Prefect's embedded API ended during the command (exit code {api.process.returncode}): rerun "
                      "the same command, which resumes from the stages that finished; a server started with `prefect "

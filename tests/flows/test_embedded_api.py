@@ -182,11 +182,27 @@ def test_a_command_whose_embedded_api_ends_under_it_says_so_and_what_to_do(monke
         (name, killed_mid_run if name == "iris" else handler, text, options)
         for name, handler, text, options in cli.COMMANDS
     ))
-    assert main(["iris"]) == 1
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no API named, as in a new shell
+        assert main(["iris"]) == 1
     errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("notmnist")]
     assert errors == [
         "notmnist iris: error: Prefect's embedded API ended during the command (exit code -9): rerun the same "
         "command, which resumes from the stages that finished; a server started with `prefect server start` "
         "(PREFECT_API_URL=http://127.0.0.1:4200/api) outlives commands"
     ]
+
+
+def test_a_command_whose_embedded_api_cannot_start_says_why_not_to_rerun(monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the session's server: restored after the test
+    failing = "import sys; print('unable to open database file', file=sys.stderr); sys.exit(1)"
+    monkeypatch.setattr(EmbeddedAPI, "server_command", lambda self: [sys.executable, "-c", failing])
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["iris"]) == 1
+    said = capfd.readouterr().err
+    errors = [line for line in said.splitlines() if line.startswith("notmnist")]
+    assert "unable to open database file" in said
+    assert len(errors) == 1 and errors[0].startswith(
+        "notmnist iris: error: Prefect's embedded API exited with code 1 before it answered (its error is above)"
+    ), errors
 
