@@ -85,9 +85,14 @@ def test_an_api_that_exits_says_so_and_what_to_do(monkeypatch, tmp_path, capfd):
     assert said.count("Application startup failed") == 1  # once, though the server is stopped after
 
 
+def serve_with(monkeypatch, script: str) -> None:
+    """Every EmbeddedAPI made from now on runs `script`, by Python, in place of Prefect's server."""
+    monkeypatch.setattr(EmbeddedAPI, "server_command", lambda self: [sys.executable, "-c", script])
+
+
 def fake_server(monkeypatch, script: str) -> EmbeddedAPI:
     """An EmbeddedAPI whose server is `script`, run by Python, in place of Prefect's."""
-    monkeypatch.setattr(EmbeddedAPI, "server_command", lambda self: [sys.executable, "-c", script])
+    serve_with(monkeypatch, script)
     return EmbeddedAPI()
 
 
@@ -195,8 +200,7 @@ def test_a_command_whose_embedded_api_ends_under_it_says_so_and_what_to_do(monke
 def test_a_command_whose_embedded_api_cannot_start_says_why_not_to_rerun(monkeypatch, tmp_path, capfd):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the session's server: restored after the test
-    failing = "import sys; print('unable to open database file', file=sys.stderr); sys.exit(1)"
-    monkeypatch.setattr(EmbeddedAPI, "server_command", lambda self: [sys.executable, "-c", failing])
+    serve_with(monkeypatch, "import sys; print('unable to open database file', file=sys.stderr); sys.exit(1)")
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         assert main(["iris"]) == 1
     said = capfd.readouterr().err
