@@ -506,6 +506,7 @@ def _command(argv: list[str], word: str | None, api: EmbeddedAPI | None) -> int:
             handler.addFilter(_no_tracebacks)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.debug else logging.WARNING)  # one line per API call
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, get_current_settings, temporary_settings
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY as HEARTBEAT
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP
 
     from core.errors import PipelineError
@@ -525,6 +526,10 @@ def _command(argv: list[str], word: str | None, api: EmbeddedAPI | None) -> int:
             embedded = api.wait(startup.get(STARTUP, STARTUP.value()))
             answered = True
             startup |= {setting: embedded[setting.name] for setting in (PREFECT_API_URL, PREFECT_UI_URL)}
+            # No flow run heartbeats: they tell a standing server that a run still lives (its zombie detection), and
+            # this API ends with the command. Each flow run waited up to a second at its end for the heartbeat thread,
+            # which sleeps in whole seconds.
+            startup[HEARTBEAT] = None
         with temporary_settings(updates=startup):
             result = args.handler(args)
     except KeyboardInterrupt:

@@ -160,6 +160,44 @@ def test_the_server_ends_when_the_command_is_killed(tmp_path):
     assert not alive(server)
 
 
+# A server that answers every GET with 200: as far as a command's wait for its embedded API can tell, Prefect's.
+ANSWERING = ("import http.server, sys\n"
+             "class Health(http.server.BaseHTTPRequestHandler):\n"
+             "    def do_GET(self):\n        self.send_response(200)\n        self.end_headers()\n"
+             "    def log_message(self, *args):\n        pass\n"
+             "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), Health).serve_forever()")
+
+
+def command_sees(monkeypatch, setting) -> object:
+    """The value of Prefect `setting` that `notmnist iris` would run its flow with."""
+    from prefect.settings import get_current_settings
+
+    from flows import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "COMMANDS", tuple(
+        (name, (lambda args: seen.append(setting.value_from(get_current_settings())) or {}) if name == "iris"
+         else handler, text, options)
+        for name, handler, text, options in cli.COMMANDS
+    ))
+    assert main(["--json", "iris"]) == 0
+    return seen[0]
+
+
+def test_flow_runs_send_heartbeats_only_to_an_api_that_outlives_the_command(monkeypatch, tmp_path):
+    """Heartbeats serve a standing server's detection of runs whose process died; the embedded API dies with the
+    command. Each flow run waited up to a second at its end for its heartbeat thread to stop."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY as HEARTBEAT
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")  # a standing server's (never asked here)
+    assert command_sees(monkeypatch, HEARTBEAT) == HEARTBEAT.value() is not None  # Prefect's default
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setattr(EmbeddedAPI, "server_command", lambda self: [sys.executable, "-c", ANSWERING, str(self.port)])
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no API named, as in a new shell
+        assert command_sees(monkeypatch, HEARTBEAT) is None
+
+
 def test_a_command_whose_embedded_api_ends_under_it_says_so_and_what_to_do(monkeypatch, tmp_path, capfd):
     """Killed mid-run (the machine short of memory, say), the API leaves the run's next request refused: the command
     ends with one line naming the cause, not Prefect's connection error."""
@@ -170,13 +208,8 @@ def test_a_command_whose_embedded_api_ends_under_it_says_so_and_what_to_do(monke
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the session's server: restored after the test
     started = []
-    answering = ("import http.server, sys\n"
-                 "class Health(http.server.BaseHTTPRequestHandler):\n"
-                 "    def do_GET(self):\n        self.send_response(200)\n        self.end_headers()\n"
-                 "    def log_message(self, *args):\n        pass\n"
-                 "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), Health).serve_forever()")
     monkeypatch.setattr(EmbeddedAPI, "server_command",
-                        lambda self: started.append(self) or [sys.executable, "-c", answering, str(self.port)])
+                        lambda self: started.append(self) or [sys.executable, "-c", ANSWERING, str(self.port)])
 
     def killed_mid_run(args):
         started[-1].process.kill()
